@@ -1,0 +1,1 @@
+"""Bounce, feedback-loop and auto-reply classification."""

@@ -1,0 +1,318 @@
+"""The engine's configuration: one typed place, loaded from TOML.
+
+Every section is a dataclass; the loader checks each key against the field's
+type and refuses unknown keys, so a typo never passes silently. Errors are
+`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad configuration; str() is one line naming the problem."""
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:2525' -> ('127.0.0.1', 2525); '[::1]:25' -> ('::1', 25)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value.strip("[]"), default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} has no valid port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class EngineConfig:
+    workers: int = 0  # 0: one per core
+    hostname: str = "mta.localhost"
+    event_log: str = "./var/events.jsonl"
+    audit_log: str = "./var/audit.jsonl"
+    log_level: str = "info"
+
+
+@dataclass
+class SmtpConfig:
+    listen: str = "127.0.0.1:2525"
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    trusted_account: str = "default"
+    local_domains: list[str] = field(default_factory=list)
+    max_message_size: int = 26_214_400
+    max_recipients: int = 1000
+    max_command_line: int = 2048
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    commit_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 200
+    max_unknown_commands: int = 5
+    max_auth_failures: int = 5
+    auth_failure_window: float = 300.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    campaign_header: str = "X-Campaign-ID"
+
+
+@dataclass
+class SpoolConfig:
+    path: str = "./var/spool"
+    map_size: int = 8 * 1024**3
+    min_free_disk: int = 256 * 1024**2
+    max_map_use: float = 0.95
+    max_batch: int = 512
+
+
+@dataclass
+class HttpConfig:
+    listen: str = "127.0.0.1:8025"
+    admin_token: str = ""
+    public_url: str = "http://127.0.0.1:8025"
+
+
+@dataclass
+class DnsConfig:
+    nameservers: list[str] = field(default_factory=list)
+    timeout: float = 5.0
+    max_cname_depth: int = 8
+    cache_size: int = 100_000
+    negative_ttl_max: float = 3600.0
+
+
+@dataclass
+class DeliveryConfig:
+    port: int = 25
+    allow_loopback_mx: bool = False
+    source_address: str = ""
+    max_mx_addresses: int = 5
+    max_connections_per_destination: int = 20
+    max_messages_per_connection: int = 100
+    max_concurrent_deliveries: int = 2000
+    connection_idle_timeout: float = 30.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    retry_initial: float = 300.0
+    retry_max: float = 14_400.0
+    retry_jitter: float = 0.1
+    max_age: float = 432_000.0
+    helo_name: str = ""
+
+
+@dataclass
+class DkimKeyConfig:
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: str = "rsa-sha256"  # or "ed25519-sha256"
+
+
+@dataclass
+class DkimConfig:
+    keys: list[DkimKeyConfig] = field(default_factory=list)
+    fallback_domain: str = ""  # sign for this domain when the From: domain has no key
+    headers: list[str] = field(default_factory=list)  # empty: the built-in default list
+    expiration: float = 0.0  # seconds until x=; 0: no x= tag
+
+
+@dataclass
+class BounceConfig:
+    domain: str = "bounces.mta.localhost"  # VERP return paths and the unsubscribe mailto
+    fbl_domain: str = ""  # feedback-loop reports arrive here; empty: same as domain
+    verp_prefix: str = "b"
+    verp_secret: str = "change-me-verp-secret"
+
+
+@dataclass
+class ThrottleConfig:
+    shaping_file: str = "config/shaping.toml"
+    state_file: str = ""  # empty: inside the spool environment
+
+
+@dataclass
+class AccountConfig:
+    name: str
+    password_hash: str = ""
+    email: str = ""
+    plan: str = "standard"
+    subscriber_level: int = 0
+    sender_domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    accounts: list[AccountConfig] = field(default_factory=list)
+
+    def account(self, name: str) -> AccountConfig | None:
+        return next((a for a in self.accounts if a.name == name), None)
+
+
+# --- loading --------------------------------------------------------------
+
+_VALIDATORS: dict[tuple[str, str], typing.Callable[[Any], None]] = {}
+
+
+def _validator(section: str, key: str):
+    def register(fn):
+        _VALIDATORS[(section, key)] = fn
+        return fn
+
+    return register
+
+
+@_validator("smtp", "listen")
+@_validator("http", "listen")
+def _check_hostport(value: str) -> None:
+    parse_hostport(value)
+
+
+@_validator("smtp", "trusted_networks")
+def _check_networks(value: list[str]) -> None:
+    for net in value:
+        ipaddress.ip_network(net, strict=False)
+
+
+@_validator("dns", "nameservers")
+def _check_nameservers(value: list[str]) -> None:
+    for ns in value:
+        host, _ = parse_hostport(ns, 53)
+        ipaddress.ip_address(host)
+
+
+@_validator("delivery", "port")
+def _check_port(value: int) -> None:
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number (1-65535)")
+
+
+@_validator("smtp", "max_recipients")
+def _check_max_rcpt(value: int) -> None:
+    if value < 100:
+        raise ValueError("must be at least 100 (RFC 5321 4.5.3.1.8)")
+
+
+@_validator("dkim", "keys")
+def _check_dkim_keys(value: list[DkimKeyConfig]) -> None:
+    for key in value:
+        if key.algorithm not in ("rsa-sha256", "ed25519-sha256"):
+            raise ValueError(f"algorithm must be rsa-sha256 or ed25519-sha256, got {key.algorithm!r}")
+
+
+@_validator("engine", "log_level")
+def _check_level(value: str) -> None:
+    if value.lower() not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be debug, info, warning or error")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} has the wrong type: {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return build_section(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build_section(cls: type, table: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    section = where.split("]")[0].lstrip("[")
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {key!r} in {where}")
+        name = f"{where} {key}"
+        kwargs[key] = _coerce(value, hints[key], name)
+        check = _VALIDATORS.get((section, key))
+        if check is not None:
+            try:
+                check(kwargs[key])
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where} is missing required key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    top_fields = {f.name for f in dataclasses.fields(Config)}
+    for key, value in raw.items():
+        if key not in top_fields:
+            raise ConfigError(f"unknown section [{key}]")
+        kwargs[key] = _coerce(value, hints[key], f"[{key}]")
+    return Config(**kwargs)

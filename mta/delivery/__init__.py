@@ -1,0 +1,1 @@
+"""Outbound delivery: MX resolution, pooled SMTP connections, outcomes."""

@@ -1,0 +1,1 @@
+"""The durable spool (LMDB) and the delivery scheduler."""

@@ -1,0 +1,297 @@
+"""The durable spool: messages, per-destination delivery jobs and their indexes in LMDB.
+
+Layout (named databases in one environment):
+
+- ``msg``  message id -> msgpack record: envelope, account, campaign, bytes.
+- ``job``  job id (``<message id>.<n>``) -> one destination domain's recipients
+  of a message, with per-recipient state, attempts and next attempt time.
+- ``due``  ``be64(next attempt ms) + be16(domain hash) + job id`` -> b"": what is
+  due next; the domain hash lets each worker process take its own share of the
+  destinations without reading values.
+- ``dom``  ``domain + NUL + job id`` -> b"": the jobs of each destination domain.
+- ``held`` job id -> reason: jobs kept out of delivery (paused campaign, review).
+
+A message is stored once whatever its number of recipients. The spool knows
+nothing of SMTP; every write goes through `apply` so that callers can group
+many changes into one transaction (one fsync).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+DB_NAMES = ("msg", "job", "due", "dom", "held", "meta")
+_DUE = struct.Struct(">QH")
+
+# Recipient states inside a job record.
+QUEUED, DELIVERED, BOUNCED = "queued", "delivered", "bounced"
+
+
+class SpoolFullError(Exception):
+    """The spool or the disk under it has no room; nothing of the write is kept."""
+
+
+def new_message_id() -> str:
+    """Time-ordered, unique across processes: 12 hex digits of ms + 8 random."""
+    return f"{int(time.time() * 1000):012X}{os.urandom(4).hex().upper()}"
+
+
+def domain_hash(domain: str) -> int:
+    return zlib.crc32(domain.encode()) & 0xFFFF
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def due_key(when_ms: int, domain: str, job_id: bytes) -> bytes:
+    return _DUE.pack(when_ms, domain_hash(domain)) + job_id
+
+
+def split_due_key(key: bytes) -> tuple[int, int, bytes]:
+    when, dhash = _DUE.unpack_from(key)
+    return when, dhash, key[_DUE.size:]
+
+
+def dom_key(domain: str, job_id: bytes) -> bytes:
+    return domain.encode() + b"\0" + job_id
+
+
+def rcpt_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass
+class NewMessage:
+    """A message as intake hands it to the spool."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    account: str = ""
+    campaign: str = ""
+    client: str = ""
+    message_id_header: str = ""
+    id: str = field(default_factory=new_message_id)
+    received: float = field(default_factory=time.time)
+    hold: str = ""  # non-empty: keep every job out of delivery with this reason
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Spool:
+    """One LMDB environment; open it in each process after fork, never before."""
+
+    def __init__(self, path: str | os.PathLike[str], map_size: int = 8 * 1024**3,
+                 readonly: bool = False) -> None:
+        self.path = Path(path)
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not (self.path / "data.mdb").exists():
+            raise FileNotFoundError(f"no spool at {self.path}")
+        self.env = lmdb.open(
+            str(self.path), map_size=map_size, max_dbs=32, max_readers=512,
+            sync=True, metasync=True, writemap=False, readonly=readonly,
+            lock=True, readahead=False,
+        )
+        self.dbs: dict[str, Any] = {}
+        for name in DB_NAMES:
+            self.open_db(name)
+
+    def open_db(self, name: str, dupsort: bool = False) -> Any:
+        """A named database, created when missing (other parts add their own)."""
+        if name not in self.dbs:
+            if self.env.flags()["readonly"]:
+                with self.env.begin() as txn:
+                    exists = txn.get(name.encode()) is not None
+                self.dbs[name] = self.env.open_db(name.encode(), create=False) if exists else None
+            else:
+                self.dbs[name] = self.env.open_db(name.encode(), dupsort=dupsort)
+        return self.dbs[name]
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --- writes -----------------------------------------------------------
+
+    def apply(self, operations: list[Callable[[Any], Any]]) -> list[Any]:
+        """Run write operations in one transaction (one fsync); returns each one's result.
+
+        When the batch as a whole does not fit, each operation is retried in its own
+        transaction so that one large message does not fail the others. A result is
+        the operation's return value or the exception it raised.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                return [op(txn) for op in operations]
+        except Exception as exc:
+            if len(operations) == 1:
+                return [_as_full(exc)]
+        results: list[Any] = []
+        for op in operations:
+            try:
+                with self.env.begin(write=True) as txn:
+                    results.append(op(txn))
+            except Exception as exc:
+                results.append(_as_full(exc))
+        return results
+
+    def store_op(self, message: NewMessage) -> Callable[[Any], str]:
+        """An operation that stores a message and its delivery jobs."""
+
+        def store(txn: Any) -> str:
+            self.put_message(txn, message)
+            return message.id
+
+        return store
+
+    def put_message(self, txn: Any, m: NewMessage) -> None:
+        by_domain: dict[str, list[str]] = {}
+        for rcpt in m.recipients:
+            by_domain.setdefault(rcpt_domain(rcpt), []).append(rcpt)
+        mid = m.id.encode()
+        record = {
+            "id": m.id, "from": m.sender, "rcpts": m.recipients, "account": m.account,
+            "campaign": m.campaign, "received": m.received, "client": m.client,
+            "msgid": m.message_id_header, "size": len(m.data), "data": m.data,
+            "jobs": len(by_domain), **m.extra,
+        }
+        if not txn.put(mid, pack(record), db=self.dbs["msg"], overwrite=False):
+            raise ValueError(f"message {m.id} already in the spool")
+        now_ms = int(m.received * 1000)
+        for n, (domain, rcpts) in enumerate(by_domain.items()):
+            job_id = b"%s.%d" % (mid, n)
+            job = {
+                "msg": m.id, "domain": domain, "account": m.account, "campaign": m.campaign,
+                "rcpts": [[r, QUEUED, None, None] for r in rcpts],
+                "attempts": 0, "next": now_ms, "first": now_ms, "error": None,
+            }
+            self.put_job(txn, job_id, job, hold=m.hold)
+
+    def put_job(self, txn: Any, job_id: bytes, job: dict[str, Any], hold: str = "") -> None:
+        """Write a job and index it as due (or held)."""
+        txn.put(job_id, pack(job), db=self.dbs["job"])
+        txn.put(dom_key(job["domain"], job_id), b"", db=self.dbs["dom"])
+        if hold:
+            job["held"] = hold
+            txn.put(job_id, pack(job), db=self.dbs["job"])
+            txn.put(job_id, hold.encode(), db=self.dbs["held"])
+        else:
+            txn.put(due_key(job["next"], job["domain"], job_id), b"", db=self.dbs["due"])
+
+    def reschedule(self, txn: Any, job_id: bytes, job: dict[str, Any], old_next: int) -> None:
+        """Move a job to a new due time (job["next"]), updating the record."""
+        txn.delete(due_key(old_next, job["domain"], job_id), db=self.dbs["due"])
+        txn.put(job_id, pack(job), db=self.dbs["job"])
+        txn.put(due_key(job["next"], job["domain"], job_id), b"", db=self.dbs["due"])
+
+    def remove_job(self, txn: Any, job_id: bytes, job: dict[str, Any]) -> bool:
+        """Delete a finished job; deletes its message when it was the last. True if so."""
+        txn.delete(due_key(job["next"], job["domain"], job_id), db=self.dbs["due"])
+        txn.delete(dom_key(job["domain"], job_id), db=self.dbs["dom"])
+        txn.delete(job_id, db=self.dbs["held"])
+        txn.delete(job_id, db=self.dbs["job"])
+        mid = job["msg"].encode()
+        cursor = txn.cursor(db=self.dbs["job"])
+        prefix = mid + b"."
+        if cursor.set_range(prefix) and cursor.key().startswith(prefix):
+            return False
+        txn.delete(mid, db=self.dbs["msg"])
+        return True
+
+    def hold_job(self, txn: Any, job_id: bytes, job: dict[str, Any], reason: str) -> None:
+        """Take a queued job out of delivery (a paused campaign, a review)."""
+        txn.delete(due_key(job["next"], job["domain"], job_id), db=self.dbs["due"])
+        job["held"] = reason
+        txn.put(job_id, pack(job), db=self.dbs["job"])
+        txn.put(job_id, reason.encode(), db=self.dbs["held"])
+
+    def release_job(self, txn: Any, job_id: bytes, job: dict[str, Any], when_ms: int) -> None:
+        """Put a held job back in delivery, due at when_ms."""
+        txn.delete(job_id, db=self.dbs["held"])
+        job.pop("held", None)
+        job["next"] = when_ms
+        txn.put(job_id, pack(job), db=self.dbs["job"])
+        txn.put(due_key(when_ms, job["domain"], job_id), b"", db=self.dbs["due"])
+
+    # --- reads ------------------------------------------------------------
+
+    def read(self) -> Any:
+        return self.env.begin(buffers=False)
+
+    def get_job(self, txn: Any, job_id: bytes) -> dict[str, Any] | None:
+        raw = txn.get(job_id, db=self.dbs["job"])
+        return None if raw is None else unpack(raw)
+
+    def get_message(self, txn: Any, message_id: str) -> dict[str, Any] | None:
+        raw = txn.get(message_id.encode(), db=self.dbs["msg"])
+        return None if raw is None else unpack(raw)
+
+    def due(self, txn: Any, now_ms: int, start: bytes = b"",
+            accept: Callable[[int], bool] | None = None) -> Iterator[tuple[bytes, int, bytes]]:
+        """(due key, due ms, job id) for jobs due at or before now_ms, from `start` on."""
+        cursor = txn.cursor(db=self.dbs["due"])
+        if not cursor.set_range(start):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            when, dhash, job_id = split_due_key(key)
+            if when > now_ms:
+                return
+            if accept is None or accept(dhash):
+                yield key, when, job_id
+
+    def next_due_ms(self, txn: Any) -> int | None:
+        cursor = txn.cursor(db=self.dbs["due"])
+        return split_due_key(cursor.key())[0] if cursor.first() else None
+
+    def jobs(self, txn: Any) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        db = self.dbs["job"]
+        if db is None:
+            return
+        for key, raw in txn.cursor(db=db):
+            yield key, unpack(raw)
+
+    def messages(self, txn: Any) -> Iterator[dict[str, Any]]:
+        for _, raw in txn.cursor(db=self.dbs["msg"]):
+            yield unpack(raw)
+
+    def count(self, name: str) -> int:
+        db = self.dbs.get(name)
+        if db is None:
+            return 0
+        with self.env.begin() as txn:
+            return txn.stat(db)["entries"]
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes used inside the map, map size)."""
+        info, stat = self.env.info(), self.env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
+
+
+def _as_full(exc: BaseException) -> BaseException:
+    if isinstance(exc, lmdb.MapFullError) or (
+        isinstance(exc, (OSError, lmdb.DiskError)) and "space" in str(exc).lower()
+    ):
+        return SpoolFullError(str(exc))
+    return exc
+
+
+def job_state(job: dict[str, Any]) -> str:
+    """A job's queue state for stats: held, deferred (tried before) or queued."""
+    if job.get("held"):
+        return "held"
+    return "deferred" if job["attempts"] else "queued"
+

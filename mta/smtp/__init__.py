@@ -1,0 +1,1 @@
+"""SMTP intake: the listener upstream apps submit to."""

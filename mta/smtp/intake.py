@@ -1,0 +1,237 @@
+"""What the intake listener accepts: relay control, limits, accounts, durable storage.
+
+The SMTP protocol class asks this object at each step and sends the reply it
+returns (None means "go on"). Storage goes through the group committer, so
+the 250 after DATA is sent only once the message is committed with fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+from mta.config import Config
+from mta.queue.commit import GroupCommitter
+from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
+from mta.smtp.address import Address
+from mta.smtp.auth import PasswordChecker
+from mta.smtp.server import make_authenticator
+
+log = logging.getLogger("mta.intake")
+
+_HEADER_CACHE_SECONDS = 1.0
+
+
+class StorageGuard:
+    """Refuses new mail before the disk or the LMDB map is full; re-checks every second."""
+
+    def __init__(self, spool: Spool, min_free_disk: int, max_map_use: float) -> None:
+        self.spool = spool
+        self.min_free_disk = min_free_disk
+        self.max_map_use = max_map_use
+        self._checked = 0.0
+        self._ok = True
+        self.full_until = 0.0  # set when a commit failed for lack of space
+
+    def ok(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked >= _HEADER_CACHE_SECONDS:
+            self._checked = now
+            self._ok = self._measure()
+        return self._ok and now >= self.full_until
+
+    def _measure(self) -> bool:
+        try:
+            free = shutil.disk_usage(self.spool.path).free
+        except OSError:
+            return False
+        used, size = self.spool.usage()
+        return free >= self.min_free_disk and used < size * self.max_map_use
+
+    def commit_failed(self) -> None:
+        self.full_until = time.monotonic() + _HEADER_CACHE_SECONDS
+
+
+def header_value(headers: bytes, name: bytes) -> str:
+    """The first value of header `name` in a raw header block (unfolded), or ''."""
+    match = re.search(rb"(?im)^" + re.escape(name) + rb"[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)",
+                      headers)
+    if not match:
+        return ""
+    return re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip().decode("utf-8", "replace")
+
+
+def header_block(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[: end + 2]
+
+
+class Intake:
+    def __init__(self, cfg: Config, spool: Spool, committer: GroupCommitter,
+                 on_stored: Callable[[NewMessage], None] | None = None,
+                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.committer = committer
+        self.on_stored = on_stored
+        self.emit = emit or (lambda event: None)
+        self.guard = StorageGuard(spool, cfg.spool.min_free_disk, cfg.spool.max_map_use)
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
+        self._local_domains = {d.lower() for d in cfg.smtp.local_domains}
+        for domain in (cfg.bounce.domain, cfg.bounce.fbl_domain):
+            if domain:
+                self._local_domains.add(domain.lower())
+        self._passwords = PasswordChecker({a.name: a.password_hash for a in cfg.accounts})
+        self.authenticate = make_authenticator(self._check_password)
+        self._connections: dict[str, int] = {}
+        self._total_connections = 0
+        self._auth_failures: dict[str, list[float]] = {}
+        self._campaign_header = cfg.smtp.campaign_header.encode()
+        self.policy: Any = None  # the policy guard, when wired in
+
+    # --- connections -------------------------------------------------------
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    def connection_opened(self, ip: str) -> str | None:
+        if self._total_connections >= self.cfg.smtp.max_connections:
+            return "421 4.3.2 Too many connections, try again later"
+        if self._connections.get(ip, 0) >= self.cfg.smtp.max_connections_per_ip:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        self._connections[ip] = self._connections.get(ip, 0) + 1
+        self._total_connections += 1
+        return None
+
+    def connection_closed(self, ip: str) -> None:
+        self._total_connections -= 1
+        left = self._connections.get(ip, 1) - 1
+        if left > 0:
+            self._connections[ip] = left
+        else:
+            self._connections.pop(ip, None)
+
+    # --- authentication ------------------------------------------------------
+
+    def _check_password(self, ip: str, user: str, password: bytes) -> bool:
+        ok = self._passwords.check(user, password)
+        if not ok:
+            self._auth_failures.setdefault(ip, []).append(time.monotonic())
+        self.emit({"type": "Auth", "client": ip, "identity": user[:200], "ok": ok})
+        return ok
+
+    def auth_delay(self, ip: str) -> float | None:
+        """Seconds to wait before an AUTH attempt from ip; None: refuse outright."""
+        window = self.cfg.smtp.auth_failure_window
+        now = time.monotonic()
+        recent = [t for t in self._auth_failures.get(ip, []) if now - t < window]
+        self._auth_failures[ip] = recent
+        if len(recent) >= self.cfg.smtp.max_auth_failures:
+            return None
+        return min(0.25 * len(recent), 2.0)
+
+    def account_of(self, session: Any) -> str | None:
+        """The account a session sends for: its AUTH identity, or the trusted default."""
+        if session.authenticated and session.auth_data is not None:
+            return session.auth_data.login.decode("utf-8", "replace")
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        if self.is_trusted(peer):
+            return self.cfg.smtp.trusted_account
+        return None
+
+    # --- envelope ------------------------------------------------------------
+
+    def check_mail(self, session: Any, sender: Address, size: int) -> str | None:
+        if not self.guard.ok():
+            return "452 4.3.1 Insufficient system storage, try again later"
+        account = self.account_of(session)
+        if account is not None and not sender.is_null:
+            cfg = self.cfg.account(account)
+            if cfg is not None and cfg.sender_domains and sender.domain not in cfg.sender_domains:
+                return f"553 5.7.1 Sender domain {sender.domain} is not allowed for this account"
+        if self.policy is not None and account is not None:
+            return self.policy.check_mail(account, sender)
+        return None
+
+    def check_rcpt(self, session: Any, envelope: Any, rcpt: Address) -> str | None:
+        account = self.account_of(session)
+        if rcpt.domain in self._local_domains or rcpt.domain == session_hostname(self.cfg):
+            return None
+        if account is None:
+            return "550 5.7.1 Relay access denied"
+        if self.policy is not None:
+            return self.policy.check_rcpt(account, str(rcpt))
+        return None
+
+    # --- data ----------------------------------------------------------------
+
+    async def accept(self, session: Any, envelope: Any, content: bytes) -> str:
+        """Store the message durably; the reply to the final dot."""
+        headers = header_block(content)
+        account = self.account_of(session) or ""
+        message = NewMessage(
+            sender=envelope.mail_from, recipients=list(envelope.rcpt_tos), data=b"",
+            account=account, campaign=header_value(headers, self._campaign_header)[:200],
+            client=session.peer[0] if isinstance(session.peer, tuple) else "",
+            message_id_header=header_value(headers, b"Message-ID")[:500],
+            id=new_message_id(),
+        )
+        if self.policy is not None:
+            refusal = self.policy.check_message(message)
+            if refusal:
+                return refusal
+        message.data = self._received_header(session, message.id, envelope) + content
+        return await self._store(message)
+
+    async def _store(self, message: NewMessage) -> str:
+        try:
+            await asyncio.wait_for(asyncio.shield(
+                self.committer.submit(self.spool.store_op(message))),
+                self.cfg.smtp.commit_timeout)
+        except SpoolFullError:
+            self.guard.commit_failed()
+            return "452 4.3.1 Insufficient system storage, try again later"
+        except TimeoutError:
+            log.warning("commit of %s took longer than %.0fs", message.id,
+                        self.cfg.smtp.commit_timeout)
+            return "451 4.3.0 Storage too slow, try again later"
+        except Exception:
+            log.exception("could not store message %s", message.id)
+            return "451 4.3.0 Could not store the message, try again later"
+        self.emit({
+            "type": "Reception", "id": message.id, "account": message.account,
+            "campaign": message.campaign, "sender": message.sender,
+            "recipients": len(message.recipients), "size": len(message.data),
+        })
+        if self.on_stored is not None:
+            self.on_stored(message)
+        return f"250 2.0.0 Ok: queued as {message.id}"
+
+    def _received_header(self, session: Any, message_id: str, envelope: Any) -> bytes:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        helo = (session.host_name or "unknown").encode("ascii", "replace").decode()[:100]
+        helo = re.sub(r"[^\x21-\x7e]", "?", helo)
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        return (f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.engine.hostname} "
+                f"with {proto} id {message_id}{rcpt};\r\n\t{formatdate(localtime=False)}\r\n"
+                ).encode("utf-8", "replace")
+
+
+def session_hostname(cfg: Config) -> str:
+    return cfg.engine.hostname.lower()

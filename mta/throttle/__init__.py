@@ -1,0 +1,1 @@
+"""Traffic shaping and adaptive throttling per destination and provider."""

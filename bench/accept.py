@@ -1,0 +1,71 @@
+"""Accept-rate benchmark: N messages of about 4 KB over 20 sessions into a fresh engine.
+
+    python -m bench.accept [--count 20000] [--sessions 20] [--size 4096] [--workers 2]
+
+Starts `mta serve` on a temporary spool (fsync on, as always), submits the load,
+and prints the accepted rate and the engine's CPU time per message. Delivery
+is pointed at a closed port so only intake is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from bench.engine_proc import EngineProcess, free_port
+from bench.load import Submission, make_body, run_load
+
+
+def submissions(size: int, domains: int = 100):
+    body_cache: dict[int, bytes] = {}
+
+    def make(i: int) -> Submission:
+        rcpt = f"user{i}@d{i % domains}.test"
+        body = body_cache.get(i % 50)
+        if body is None:
+            body = body_cache[i % 50] = make_body(size, f"load {i}", "sender@bench.test", rcpt,
+                                                  campaign=f"c{i % 5}")
+        return Submission("sender@bench.test", [rcpt], body)
+
+    return make
+
+
+async def measure(count: int, sessions: int, size: int, workers: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="mta-bench-") as tmp:
+        port = free_port()
+        config = {
+            "engine": {"workers": workers, "event_log": f"{tmp}/events.jsonl",
+                       "log_level": "warning"},
+            "smtp": {"listen": f"127.0.0.1:{port}"},
+            "spool": {"path": f"{tmp}/spool"},
+            "delivery": {"port": 9, "retry_initial": 3600.0},
+            "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},
+        }
+        async with EngineProcess(Path(tmp), config) as engine:
+            cpu0 = engine.cpu_seconds()
+            result = await run_load("127.0.0.1", port, submissions(size), count, sessions)
+            cpu = engine.cpu_seconds() - cpu0
+    return {
+        "accepted": result.accepted, "refused": result.refused, "errors": result.errors,
+        "elapsed_s": round(result.elapsed, 2), "accepted_rate": round(result.rate, 1),
+        "engine_cpu_ms_per_msg": round(1000 * cpu / max(result.accepted, 1), 3),
+        "engine_cpu_cores": round(cpu / result.elapsed, 2) if result.elapsed else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    stats = asyncio.run(measure(args.count, args.sessions, args.size, args.workers))
+    print(" ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+if __name__ == "__main__":
+    main()

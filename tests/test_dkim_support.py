@@ -31,10 +31,14 @@ class KeyOnDisk:
     record: TxtRecord
 
 
+def cached_private_key(algorithm: str, n: int = 0) -> PrivateKey:
+    """Key number `n` for `algorithm` (RSA: 2048 bits), made once per session (RSA keygen is slow)."""
+    return _generate_once(algorithm, n)
+
+
 @functools.cache
-def cached_private_key(algorithm: str, n: int = 0, bits: int = 2048) -> PrivateKey:
-    """Key number `n` for `algorithm`, generated once per test session (RSA keygen is slow)."""
-    return generate_private_key(algorithm, bits)
+def _generate_once(algorithm: str, n: int) -> PrivateKey:
+    return generate_private_key(algorithm, 2048)
 
 
 def write_key(

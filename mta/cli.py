@@ -12,6 +12,7 @@ from mta.config import ConfigError
 COMMAND_MODULES = [
     "mta.commands.serve",
     "mta.commands.queue",
+    "mta.commands.dkim",
 ]
 
 

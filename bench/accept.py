@@ -41,7 +41,7 @@ async def measure(count: int, sessions: int, size: int, workers: int) -> dict[st
                        "log_level": "warning"},
             "smtp": {"listen": f"127.0.0.1:{port}"},
             "spool": {"path": f"{tmp}/spool"},
-            "delivery": {"port": 9, "retry_initial": 3600.0},
+            "delivery": {"enabled": False},
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},
         }
         async with EngineProcess(Path(tmp), config) as engine:

@@ -91,7 +91,13 @@ class DnsConfig:
 
 
 @dataclass
+class DomainDeliveryConfig:
+    tls: str = "opportunistic"  # or "required": never send to this domain in plain text
+
+
+@dataclass
 class DeliveryConfig:
+    enabled: bool = True  # false: accept and spool only (an intake-only node)
     port: int = 25
     allow_loopback_mx: bool = False
     source_address: str = ""
@@ -107,6 +113,7 @@ class DeliveryConfig:
     retry_jitter: float = 0.1
     max_age: float = 432_000.0
     helo_name: str = ""
+    domains: dict[str, DomainDeliveryConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,6 +224,13 @@ def _check_dkim_keys(value: list[DkimKeyConfig]) -> None:
             raise ValueError(f"algorithm must be rsa-sha256 or ed25519-sha256, got {key.algorithm!r}")
 
 
+@_validator("delivery", "domains")
+def _check_domain_policies(value: dict[str, DomainDeliveryConfig]) -> None:
+    for name, policy in value.items():
+        if policy.tls not in ("opportunistic", "required"):
+            raise ValueError(f"{name}: tls must be opportunistic or required")
+
+
 @_validator("engine", "log_level")
 def _check_level(value: str) -> None:
     if value.lower() not in {"debug", "info", "warning", "error"}:
@@ -255,7 +269,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {value!r}")
-        return value
+        _, value_tp = typing.get_args(tp)
+        return {k: _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is Any:

@@ -91,6 +91,10 @@ class Worker:
         self.committer = GroupCommitter(self.spool, cfg.spool.max_batch)
         self.committer.start()
         self.intake = Intake(cfg, self.spool, self.committer, emit=self.emit)
+        if cfg.delivery.enabled:
+            from mta.delivery.service import start_delivery
+
+            self.deliverer = start_delivery(self)
         for extension in worker_extensions:
             await extension(self)
         host, port = parse_hostport(cfg.smtp.listen)

@@ -293,9 +293,9 @@ def test_processing_slower_than_commit_timeout_answers_451(tmp_path: Path) -> No
     # commit_timeout 0 makes every commit "late": the reply must be 451, never a late 250.
     engine = start_engine(tmp_path, smtp={"commit_timeout": 0.0})
     try:
-        with smtplib.SMTP(engine.host, engine.port) as client:
-            with pytest.raises(smtplib.SMTPDataError) as err:
-                client.sendmail("a@shop.test", ["b@dest.test"], MSG)
+        with smtplib.SMTP(engine.host, engine.port) as client, pytest.raises(
+                smtplib.SMTPDataError) as err:
+            client.sendmail("a@shop.test", ["b@dest.test"], MSG)
         assert err.value.smtp_code == 451
     finally:
         engine.stop()

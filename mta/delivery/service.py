@@ -1,0 +1,81 @@
+"""Delivery in one worker: resolver, scheduler and deliverer wired together, with events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mta.config import Config, parse_hostport
+from mta.delivery.deliverer import Deliverer
+from mta.delivery.dsn import build_dsn, should_notify
+from mta.delivery.mx import MxResolver
+from mta.queue.outcome import AttemptOutcome, RcptResult
+from mta.queue.scheduler import Item, Scheduler
+from mta.queue.spool import NewMessage
+
+EVENT_TYPES = (("delivered", "Delivery"), ("deferred", "TransientFailure"),
+               ("bounced", "Bounce"), ("expired", "Expiration"))
+
+
+def bounce_domains(cfg: Config) -> set[str]:
+    return {d.lower() for d in (cfg.bounce.domain, cfg.bounce.fbl_domain) if d}
+
+
+def make_dsn_builder(cfg: Config) -> Any:
+    own = bounce_domains(cfg)
+
+    def build(message: dict[str, Any], failed: list[RcptResult], expired: bool
+              ) -> NewMessage | None:
+        if not should_notify(message["from"], own):
+            return None
+        return NewMessage(
+            sender="", recipients=[message["from"]],
+            data=build_dsn(message, failed, cfg.engine.hostname, expired=expired),
+            account=message.get("account", ""), extra={"dsn_for": message["id"]})
+
+    return build
+
+
+def outcome_events(item: Item, outcome: AttemptOutcome) -> list[dict[str, Any]]:
+    """One event per recipient result, as the event log records them."""
+    base = {"id": item.message["id"], "account": item.message.get("account", ""),
+            "campaign": item.message.get("campaign", ""), "domain": item.domain,
+            "attempt": item.job["attempts"]}
+    events = []
+    for attr, kind in EVENT_TYPES:
+        for r in getattr(outcome, attr):
+            event = {"type": kind, **base, "recipient": r.recipient, "mx": r.mx, "code": r.code,
+                     "status": r.enhanced, "reply": r.text[:500]}
+            if r.possible_duplicate:
+                event["possible_duplicate"] = True
+            events.append(event)
+    return events
+
+
+def start_delivery(worker: Any) -> Deliverer:
+    cfg: Config = worker.cfg
+    listen_host, listen_port = parse_hostport(cfg.smtp.listen)
+    # Our own listener is a loop target only where delivery would reach it.
+    own = {listen_host} if listen_port == cfg.delivery.port else set()
+    resolver = MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
+                          max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
+    deliverer = Deliverer(cfg, resolver)
+    deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
+
+    def on_outcome(item: Item, outcome: AttemptOutcome) -> None:
+        for event in outcome_events(item, outcome):
+            worker.emit(event)
+
+    scheduler = Scheduler(worker.spool, worker.committer, cfg.delivery, worker.index,
+                          worker.workers, dispatch=deliverer.dispatch, on_outcome=on_outcome,
+                          build_dsn=make_dsn_builder(cfg))
+    deliverer.scheduler = scheduler
+    worker.intake.on_stored = scheduler.notify_stored
+    scheduler.start()
+
+    async def close() -> None:
+        await scheduler.stop()
+        await deliverer.close()
+
+    worker.closers.append(close)
+    worker.scheduler = scheduler
+    return deliverer

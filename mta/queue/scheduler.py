@@ -1,0 +1,199 @@
+"""The scheduler: finds due jobs of this worker's destinations and records their outcomes.
+
+Each worker process owns the destinations whose domain hash falls in its share
+(hash % workers == index), so no two processes ever deliver to one domain and
+per-destination limits hold without shared counters. The scheduler reads the
+`due` index, hands each due job to `dispatch`, and applies the results of an
+attempt in one group-committed transaction: final recipients leave the job,
+deferred ones move to their next due time, a DSN joins the spool in the same
+transaction as the bounce that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mta.config import DeliveryConfig
+from mta.queue.commit import GroupCommitter
+from mta.queue.outcome import AttemptOutcome, RcptResult, apply_attempt
+from mta.queue.spool import NewMessage, Spool, domain_hash
+
+log = logging.getLogger("mta.scheduler")
+
+POLL_INTERVAL = 0.05  # finds mail another worker accepted for this worker's domains
+FULL_RESCAN_INTERVAL = 5.0
+RESCAN_MARGIN_MS = 2000
+
+
+@dataclass
+class Item:
+    """A due job handed to delivery, with its message."""
+
+    job_id: bytes
+    job: dict[str, Any]
+    message: dict[str, Any]
+    loaded: float
+
+    @property
+    def domain(self) -> str:
+        return self.job["domain"]
+
+
+DsnBuilder = Callable[[dict[str, Any], list[RcptResult], bool], NewMessage | None]
+
+
+class Scheduler:
+    def __init__(self, spool: Spool, committer: GroupCommitter, cfg: DeliveryConfig,
+                 index: int, workers: int, dispatch: Callable[[Item], None],
+                 on_outcome: Callable[[Item, AttemptOutcome], None],
+                 build_dsn: DsnBuilder) -> None:
+        self.spool = spool
+        self.committer = committer
+        self.cfg = cfg
+        self.index, self.workers = index, workers
+        self.dispatch = dispatch
+        self.on_outcome = on_outcome
+        self.build_dsn = build_dsn
+        self.in_flight: set[bytes] = set()
+        self._wakeup = asyncio.Event()
+        self._resume_ms = 0
+        self._last_full_scan = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.paused = False
+
+    def owns(self, domain: str) -> bool:
+        return domain_hash(domain) % self.workers == self.index
+
+    def _mine(self, dhash: int) -> bool:
+        return dhash % self.workers == self.index
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def notify_stored(self, message: NewMessage) -> None:
+        """Intake stored a message: look at once if any of its domains is ours."""
+        if any(self.owns(r.rpartition("@")[2].lower()) for r in message.recipients):
+            self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                next_due = self.scan()
+            except Exception:
+                log.exception("scheduler scan failed")
+                next_due = None
+            timeout = POLL_INTERVAL
+            if next_due is not None:
+                timeout = max(0.0, min(timeout, next_due / 1000 - time.time()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+
+    def scan(self) -> int | None:
+        """Dispatch due jobs up to capacity; the next due time (ms) seen, if any."""
+        if self.paused:
+            return None
+        capacity = self.cfg.max_concurrent_deliveries - len(self.in_flight)
+        if capacity <= 0:
+            return None
+        now = time.time()
+        now_ms = int(now * 1000)
+        if now - self._last_full_scan >= FULL_RESCAN_INTERVAL:
+            start_ms, self._last_full_scan = 0, now
+        else:
+            start_ms = max(0, self._resume_ms - RESCAN_MARGIN_MS)
+        items = []
+        last_ms = now_ms
+        with self.spool.read() as txn:
+            messages: dict[str, dict[str, Any]] = {}
+            for _, when, job_id in self.spool.due(txn, now_ms, struct.pack(">Q", start_ms),
+                                                  self._mine):
+                if job_id in self.in_flight:
+                    continue
+                job = self.spool.get_job(txn, job_id)
+                if job is None:
+                    continue
+                message = messages.get(job["msg"]) or self.spool.get_message(txn, job["msg"])
+                if message is None:
+                    continue
+                messages[job["msg"]] = message
+                self.in_flight.add(job_id)
+                items.append(Item(job_id, job, message, now))
+                if len(items) >= capacity:
+                    last_ms = when
+                    break
+        self._resume_ms = last_ms
+        for item in items:
+            self.dispatch(item)
+        return None if items else self._next_due_ms()
+
+    def _next_due_ms(self) -> int | None:
+        with self.spool.read() as txn:
+            return self.spool.next_due_ms(txn)
+
+    # --- outcomes ----------------------------------------------------------
+
+    async def complete(self, item: Item, results: list[RcptResult],
+                       retry_after: float | None = None) -> AttemptOutcome | None:
+        """Record an attempt's results durably, then release the job."""
+        now_ms = int(time.time() * 1000)
+
+        def record(txn: Any) -> AttemptOutcome | None:
+            return self._record(txn, item, results, now_ms, retry_after)
+
+        try:
+            outcome = await self.committer.submit(record)
+        except Exception:
+            log.exception("could not record the outcome of %s", item.job_id)
+            outcome = None
+        finally:
+            self.in_flight.discard(item.job_id)
+        if outcome is not None:
+            self.on_outcome(item, outcome)
+            if outcome.next_attempt_ms is not None and outcome.next_attempt_ms <= now_ms + 1000:
+                self.wake()
+        return outcome
+
+    def _record(self, txn: Any, item: Item, results: list[RcptResult], now_ms: int,
+                retry_after: float | None) -> AttemptOutcome | None:
+        """Runs in the spool writer thread: only the transaction and plain data here."""
+        job = self.spool.get_job(txn, item.job_id)
+        if job is None or job.get("held"):
+            return None  # removed or held by an operator meanwhile
+        old_next = job["next"]
+        outcome = apply_attempt(
+            job, results, now_ms, int(item.message["received"] * 1000), self.cfg.max_age,
+            (self.cfg.retry_initial, self.cfg.retry_max, self.cfg.retry_jitter), retry_after)
+        if outcome.bounced:
+            self._store_dsn(txn, item, outcome.bounced, expired=False)
+        if outcome.expired:
+            self._store_dsn(txn, item, outcome.expired, expired=True)
+        if outcome.next_attempt_ms is None:
+            self.spool.remove_job(txn, item.job_id, job)
+        else:
+            job["next"] = outcome.next_attempt_ms
+            self.spool.reschedule(txn, item.job_id, job, old_next)
+        item.job = job
+        return outcome
+
+    def _store_dsn(self, txn: Any, item: Item, failed: list[RcptResult], expired: bool) -> None:
+        dsn = self.build_dsn(item.message, failed, expired)
+        if dsn is not None:
+            self.spool.put_message(txn, dsn)

@@ -271,7 +271,7 @@ def _family(host: str) -> socket.AddressFamily:
 class DnsServer:
     """An authoritative DNS server on loopback (UDP and TCP on one port), run from threads."""
 
-    POLL_INTERVAL = 0.05
+    POLL_INTERVAL = 0.025
     BIND_ATTEMPTS = 20
 
     def __init__(
@@ -404,8 +404,13 @@ class DnsServer:
         raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {self.host}")
 
     def stop(self) -> None:
+        # shutdown() waits for the serve loop's next poll: wait for both at once.
+        stoppers = [threading.Thread(target=server.shutdown) for server in self._servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join(timeout=5)
         for server in self._servers:
-            server.shutdown()
             server.server_close()
         for thread in self._threads:
             thread.join(timeout=5)

@@ -8,6 +8,7 @@ from mta.config import Config, parse_hostport
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
 from mta.delivery.mx import MxResolver
+from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.queue.spool import NewMessage
@@ -51,6 +52,21 @@ def outcome_events(item: Item, outcome: AttemptOutcome) -> list[dict[str, Any]]:
     return events
 
 
+def dkim_transform(signer: DkimSigner) -> Any:
+    """Signs what is sent, last of the transforms, just before sending."""
+
+    def sign(item: Item, sender: str, data: bytes) -> tuple[str, bytes]:
+        return sender, signer.sign(data)
+
+    return sign
+
+
+def check_dkim_keys(cfg: Config) -> None:
+    """Stops `mta serve` at start, with one line, on a missing or bad key file."""
+    if cfg.dkim.keys:
+        DkimSigner.from_config(cfg.dkim)
+
+
 def start_delivery(worker: Any) -> Deliverer:
     cfg: Config = worker.cfg
     listen_host, listen_port = parse_hostport(cfg.smtp.listen)
@@ -59,6 +75,9 @@ def start_delivery(worker: Any) -> Deliverer:
     resolver = MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
                           max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
     deliverer = Deliverer(cfg, resolver)
+    worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
+    if worker.dkim_signer is not None:
+        deliverer.transforms.append(dkim_transform(worker.dkim_signer))
     deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
 
     def on_outcome(item: Item, outcome: AttemptOutcome) -> None:

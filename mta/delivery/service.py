@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mta.config import Config, parse_hostport
@@ -40,7 +41,8 @@ def outcome_events(item: Item, outcome: AttemptOutcome) -> list[dict[str, Any]]:
     """One event per recipient result, as the event log records them."""
     base = {"id": item.message["id"], "account": item.message.get("account", ""),
             "campaign": item.message.get("campaign", ""), "domain": item.domain,
-            "attempt": item.job["attempts"]}
+            "attempt": item.job["attempts"],
+            "age": round(time.time() - item.message["received"], 3)}
     events = []
     for attr, kind in EVENT_TYPES:
         for r in getattr(outcome, attr):

@@ -67,6 +67,9 @@ class Scheduler:
         self._last_full_scan = 0.0
         self._task: asyncio.Task[None] | None = None
         self.paused = False
+        # Asked before each dispatch: a reason to hold the job instead (a paused campaign).
+        self.hold_reason: Callable[[Item], str | None] | None = None
+        self._holding: set[asyncio.Task[None]] = set()
 
     def owns(self, domain: str) -> bool:
         return domain_hash(domain) % self.workers == self.index
@@ -141,8 +144,27 @@ class Scheduler:
                     break
         self._resume_ms = last_ms
         for item in items:
-            self.dispatch(item)
+            reason = self.hold_reason(item) if self.hold_reason is not None else None
+            if reason:
+                task = asyncio.get_running_loop().create_task(self.hold(item, reason))
+                self._holding.add(task)
+                task.add_done_callback(self._holding.discard)
+            else:
+                self.dispatch(item)
         return None if items else self._next_due_ms()
+
+    async def hold(self, item: Item, reason: str) -> None:
+        """Keep a due job out of delivery (not lost, not bounced) until it is released."""
+
+        def hold(txn: Any) -> None:
+            job = self.spool.get_job(txn, item.job_id)
+            if job is not None and not job.get("held"):
+                self.spool.hold_job(txn, item.job_id, job, reason)
+
+        try:
+            await self.committer.submit(hold)
+        finally:
+            self.in_flight.discard(item.job_id)
 
     def _next_due_ms(self) -> int | None:
         with self.spool.read() as txn:

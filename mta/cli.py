@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "mta.commands.serve",
     "mta.commands.queue",
     "mta.commands.dkim",
+    "mta.commands.throttle",
 ]
 
 

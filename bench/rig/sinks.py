@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -856,6 +857,7 @@ class AsyncioSink:
                 self._loop.run_until_complete(self.start_async())
             except BaseException as exc:
                 failure.append(exc)
+                self._loop.close()
                 started.set()
                 return
             started.set()
@@ -869,6 +871,7 @@ class AsyncioSink:
         started.wait(START_TIMEOUT)
         if failure:
             self._thread = None
+            self._loop = None
             raise failure[0]
         return self
 
@@ -942,11 +945,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any)")
     parser.add_argument("--faults", default="{}", help="SinkFaults as JSON")
     parser.add_argument("--hostname", default="sink.test")
-    parser.add_argument("--record", action="store_true", help="keep message bodies (memory!)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     sink = AsyncioSink(host.strip("[]"), int(port), faults=faults_from_json(args.faults),
-                       hostname=args.hostname, record=args.record, keep_received=0)
+                       hostname=args.hostname, record=False, keep_received=0)
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
@@ -1003,7 +1005,8 @@ class AsyncioSinkProcess:
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                       env=env)
         assert self._proc.stdout is not None
-        ready = self._proc.stdout.readline()  # "port=N", or EOF if it failed
+        readable, _, _ = select.select([self._proc.stdout], [], [], START_TIMEOUT)
+        ready = self._proc.stdout.readline() if readable else b""  # "port=N"; EOF on failure
         if not ready.startswith(b"port="):
             self.stop()
             raise RuntimeError(f"sink process did not start on {self.address}")

@@ -1,0 +1,248 @@
+"""parse_bounce: one e-mail in, one BounceResult out, never an exception."""
+
+from __future__ import annotations
+
+import re
+
+from mta.bounce import arf, autoreply, formats, prose
+from mta.bounce.addresses import find_addresses, is_address
+from mta.bounce.dsn import parse_fields, read_deliveries, settle_status
+from mta.bounce.mime import MailParts, from_message, load
+from mta.bounce.model import BounceResult, Delivery
+from mta.bounce.reason import find_reason, kind_of
+from mta.bounce.status import find_reply_code, find_status
+from mta.bounce.verp import looks_like_token, parse_return_path
+
+CAMPAIGN_HEADER = "x-campaign-id"
+_MESSAGE_ID_RE = re.compile(r"<([^<>\s]{3,250})>")
+_BOUNCE_SUBJECT_RE = re.compile(
+    r"(undeliver|undelivered|delivery (status )?notification|returned mail|mail delivery|"
+    r"failure notice|delivery fail|non[- ]?remis|non recapitabile|unzustellbar|"
+    r"mail system error|could not send|delivery report|delivery status|warning: )",
+    re.IGNORECASE,
+)
+
+
+def parse_bounce(data: bytes, verp_secret: bytes | None = None) -> BounceResult:
+    """Classify a bounce, feedback report or auto-reply given as a whole e-mail.
+
+    Never raises: anything unreadable comes back as kind "unknown". When
+    ``verp_secret`` is given, a valid VERP return path fills in the recipient
+    and message id that the bounce text does not name.
+    """
+    try:
+        return _parse(bytes(data), verp_secret)
+    except (RecursionError, MemoryError):
+        return BounceResult()
+    except Exception:  # noqa: BLE001 - the parser must never raise on hostile input
+        return BounceResult()
+
+
+def _parse(data: bytes, verp_secret: bytes | None) -> BounceResult:
+    parts = load(data)
+    deliveries = _deliveries(parts)
+    result = _result(deliveries, parts)
+    _identify(result, parts, verp_secret)
+    return result
+
+
+def _deliveries(parts: MailParts, depth: int = 0) -> list[Delivery]:
+    if arf.is_feedback(parts):
+        return arf.read_feedback(parts)
+    report_text = "\n".join(parts.texts)
+    report, quoted = prose.split_report(report_text)
+    if not parts.original and quoted:
+        parts.original = quoted
+    context = _context(parts, report)
+    special = formats.read(parts, report, context)
+    deliveries = _dsn_deliveries(parts, report)
+    texts = special or prose.scan(report, context)
+    if deliveries:
+        _enrich(deliveries, texts, report)
+        hint = formats.powermta_reason(parts)
+        for d in deliveries:
+            if hint and not d.reason:
+                d.reason, d.reason_is_final = hint, True
+        return deliveries
+    bounce = special is not None or _is_bounce(parts, report)
+    if texts and bounce:
+        _enrich(texts, texts, report)
+        return texts
+    if bounce and context.failed_recipients:
+        return [Delivery(recipient=r, diagnosis=report[:2000]) for r in context.failed_recipients]
+    inner = _attached_bounce(parts, depth)
+    if inner:
+        return inner
+    if not bounce and autoreply.is_autoreply(parts):
+        return [Delivery(recipient=autoreply.replier(parts), reason="vacation")]
+    return []
+
+
+def _attached_bounce(parts: MailParts, depth: int) -> list[Delivery]:
+    """A bounce forwarded as an attachment (message/rfc822) is read in place of the outer mail."""
+    if depth >= 2 or parts.attached is None:
+        return []
+    inner = from_message(parts.attached)
+    if not (inner.reports or "mailer-daemon" in inner.header("From").lower()):
+        return []
+    return _deliveries(inner, depth + 1)
+
+
+def _dsn_deliveries(parts: MailParts, report: str) -> list[Delivery]:
+    deliveries: list[Delivery] = []
+    for text in parts.reports:
+        deliveries.extend(read_deliveries(text))
+    if not deliveries:
+        deliveries = read_deliveries(report)
+    return deliveries
+
+
+_BOUNCE_TEXT_RE = re.compile(
+    r"could not be delivered|couldn't be delivered|undeliverable|undelivered mail|"
+    r"delivery (?:has )?failed|delivery to the following recipient|was not delivered|"
+    r"unable to deliver|permanent (?:fatal )?errors?|could not deliver|delivery failure|"
+    r"did not reach the following recipient|transcript of session follows|"
+    r"following address(?:es)? (?:had|failed)|returned mail|failed permanently|has been delayed",
+    re.IGNORECASE,
+)
+
+
+def _is_bounce(parts: MailParts, report: str) -> bool:
+    sender = parts.header("From").lower()
+    if any(
+        word in sender for word in ("mailer-daemon", "postmaster", "post_master", "mail delivery")
+    ):
+        return True
+    if parts.header("X-Failed-Recipients") or _BOUNCE_SUBJECT_RE.search(parts.header("Subject")):
+        return True
+    if parts.reports:
+        return True
+    if _BOUNCE_TEXT_RE.search(report[:20000]):
+        return True
+    if not parts.header("Return-Path").strip("<> "):
+        return bool(find_status(report) or find_reply_code(report))
+    return False
+
+
+def _context(parts: MailParts, report: str) -> prose.Context:
+    senders: set[str] = set()
+    for name in ("To", "From", "Reply-To", "Sender", "Cc"):
+        senders.update(a.lower() for a in find_addresses(parts.header(name)))
+    head = parts.original.split("\n\n", 1)[0]
+    for name, value in parse_fields(head):
+        if name in ("from", "return-path", "sender", "reply-to"):
+            senders.update(a.lower() for a in find_addresses(value))
+    for match in re.finditer(
+        r"(?i)(?:mail from:?|envelope-sender|envelope-from|return-path:?)\s*<?([^\s<>]+@[^\s<>]+)>?",
+        report,
+    ):
+        senders.update(a.lower() for a in find_addresses(match.group(1)))
+    failed = tuple(find_addresses(parts.header("X-Failed-Recipients")))
+    failed_set = {f.lower() for f in failed}
+    return prose.Context(sender_addresses=frozenset(senders - failed_set), failed_recipients=failed)
+
+
+def _enrich(deliveries: list[Delivery], texts: list[Delivery], report: str) -> None:
+    """Fill what a DSN leaves out (error text, command, recipient, hints) from the prose."""
+    by_address = {t.recipient.lower(): t for t in texts}
+    single = len(deliveries) == 1
+    for d in deliveries:
+        match = by_address.get(d.recipient.lower()) or by_address.get(d.alias.lower())
+        if match is None and single and len(texts) == 1:
+            match = texts[0]
+        if (not d.recipient or not is_address(d.recipient)) and match is not None:
+            d.recipient = match.recipient
+        if match is not None and match is not d:
+            if not d.diagnosis.strip() or d.diagnosis.strip().isdigit():
+                d.diagnosis = match.diagnosis
+            d.command = d.command or match.command or prose.command_in(match.diagnosis)
+            if match.reason and not d.reason:
+                d.reason, d.reason_is_final = match.reason, match.reason_is_final
+            d.action = d.action or match.action
+        d.command = d.command or prose.command_in(d.diagnosis)
+        if not d.command and single:
+            d.command = prose.command_in(report)
+
+
+def _result(deliveries: list[Delivery], parts: MailParts) -> BounceResult:
+    deliveries = [d for d in deliveries if d.recipient or d.reason or d.diagnosis or d.status]
+    if not deliveries:
+        return BounceResult()
+    for d in deliveries:
+        _finish(d)
+    first = deliveries[0]
+    recipients = [d.recipient for d in deliveries if d.recipient]
+    return BounceResult(
+        kind=kind_of(first.reason, first.status, first.reply_code, first.diagnosis),
+        reason=first.reason,
+        status=first.status or None,
+        recipient=first.recipient or None,
+        recipients=list(dict.fromkeys(recipients)),
+        feedback_type=first.feedback_type or None,
+        diagnostic=_short(first.diagnosis),
+        reply_code=first.reply_code or None,
+        command=first.command or None,
+        remote_host=first.remote_host or None,
+    )
+
+
+def _finish(d: Delivery) -> None:
+    if d.reason in ("feedback", "vacation"):
+        d.status = ""
+        return
+    settle_status(d)
+    d.reason = find_reason(d)
+
+
+def _short(text: str) -> str | None:
+    text = re.sub(r"\s+", " ", text or "").strip()
+    return text[:500] or None
+
+
+def _identify(result: BounceResult, parts: MailParts, verp_secret: bytes | None) -> None:
+    """Original Message-ID, campaign and VERP token, wherever the bounce quotes them."""
+    original = parts.original.split("\n\n", 1)[0]
+    fields = parse_fields(original)
+    for name, value in fields:
+        if name == "message-id" and result.message_id is None:
+            match = _MESSAGE_ID_RE.search(value)
+            result.message_id = match.group(1) if match else value.strip() or None
+        elif name == CAMPAIGN_HEADER and result.campaign is None:
+            result.campaign = value.strip() or None
+    if result.message_id is None:
+        for text in parts.reports:
+            for name, value in parse_fields(text):
+                if name in ("x-original-message-id", "original-message-id"):
+                    match = _MESSAGE_ID_RE.search(value)
+                    result.message_id = match.group(1) if match else value.strip() or None
+    address = _verp_address(parts, fields)
+    if address:
+        result.verp_token = address.split("@")[0].split("+", 1)[1]
+        _apply_verp(result, address, verp_secret)
+
+
+def _verp_address(parts: MailParts, original_fields: list[tuple[str, str]]) -> str:
+    candidates: list[str] = []
+    for name in ("To", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To"):
+        candidates.extend(find_addresses(parts.header(name)))
+    for name, value in original_fields:
+        if name in ("return-path", "sender", "errors-to"):
+            candidates.extend(find_addresses(value))
+    for address in candidates:
+        local = address.split("@")[0]
+        if "+" in local and looks_like_token(local.split("+", 1)[1]):
+            return address
+    return ""
+
+
+def _apply_verp(result: BounceResult, address: str, secret: bytes | None) -> None:
+    result.verp_address = address
+    if secret is None:
+        return
+    decoded = parse_return_path(secret, address)
+    if decoded is None:
+        return
+    result.verp_message_id, result.verp_recipient = decoded
+    if not result.recipient and not result.verp_recipient.startswith("#"):
+        result.recipient = result.verp_recipient
+        result.recipients = result.recipients or [result.verp_recipient]

@@ -75,7 +75,20 @@ def _deliveries(parts: MailParts, depth: int = 0) -> list[Delivery]:
         return inner
     if not bounce and autoreply.is_autoreply(parts):
         return [Delivery(recipient=autoreply.replier(parts), reason="vacation")]
+    if bounce and report.strip():
+        return [_unattributed(parts, report, context)]
     return []
+
+
+def _unattributed(parts: MailParts, report: str, context: prose.Context) -> Delivery:
+    """A bounce that names no recipient: its text still says why; the original's To says who."""
+    recipient = ""
+    for name, value in parse_fields(_original_head(parts.original)):
+        if name == "to":
+            found = [a for a in find_addresses(value) if a.lower() not in context.sender_addresses]
+            recipient = found[0] if len(found) == 1 else ""
+            break
+    return Delivery(recipient=recipient, diagnosis=report[:4000], command=prose.command_in(report))
 
 
 def _attached_bounce(parts: MailParts, depth: int) -> list[Delivery]:
@@ -128,8 +141,7 @@ def _context(parts: MailParts, report: str) -> prose.Context:
     senders: set[str] = set()
     for name in ("To", "From", "Reply-To", "Sender", "Cc"):
         senders.update(a.lower() for a in find_addresses(parts.header(name)))
-    head = parts.original.split("\n\n", 1)[0]
-    for name, value in parse_fields(head):
+    for name, value in parse_fields(_original_head(parts.original)):
         if name in ("from", "return-path", "sender", "reply-to"):
             senders.update(a.lower() for a in find_addresses(value))
     for match in re.finditer(
@@ -201,8 +213,7 @@ def _short(text: str) -> str | None:
 
 def _identify(result: BounceResult, parts: MailParts, verp_secret: bytes | None) -> None:
     """Original Message-ID, campaign and VERP token, wherever the bounce quotes them."""
-    original = parts.original.split("\n\n", 1)[0]
-    fields = parse_fields(original)
+    fields = parse_fields(_original_head(parts.original))
     for name, value in fields:
         if name == "message-id" and result.message_id is None:
             match = _MESSAGE_ID_RE.search(value)
@@ -219,6 +230,23 @@ def _identify(result: BounceResult, parts: MailParts, verp_secret: bytes | None)
     if address:
         result.verp_token = address.split("@")[0].split("+", 1)[1]
         _apply_verp(result, address, verp_secret)
+
+
+_HEADER_LINE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,60}:")
+
+
+def _original_head(original: str) -> str:
+    """The header block of the quoted original message (skipping a marker line or two)."""
+    lines = original.splitlines()
+    start = 0
+    while start < min(len(lines), 4) and not _HEADER_LINE_RE.match(lines[start]):
+        start += 1
+    head: list[str] = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        head.append(line)
+    return "\n".join(head)
 
 
 def _verp_address(parts: MailParts, original_fields: list[tuple[str, str]]) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from mta.config import Config
 from mta.delivery.client import ConnectFailure, Connection, ConnectSettings, Target, connect
+from mta.delivery.mx import Route, RouteError
 from mta.queue.outcome import RcptResult, all_recipients
 from mta.queue.scheduler import Item, Scheduler
 
@@ -26,7 +27,7 @@ log = logging.getLogger("mta.delivery")
 
 
 class Resolver(Protocol):
-    async def route(self, domain: str) -> Any: ...
+    async def route(self, domain: str) -> Route | RouteError: ...
 
 
 # A transform rewrites what is sent for an item: (item, sender, data) -> (sender, data).
@@ -80,8 +81,8 @@ class Deliverer:
         route = await self.resolver.route(item.domain)
         error = route_error(route)
         if error is not None:
-            code = 550 if error[0] else 451
-            await self._complete(item, [RcptResult(r, code, error[2], error[1])
+            code, status, text = error
+            await self._complete(item, [RcptResult(r, code, text, status)
                                         for r in all_recipients(item.job)])
             return
         targets = route_targets(route)
@@ -186,12 +187,12 @@ def connect_results(item: Item, failures: list[ConnectFailure]) -> list[RcptResu
     return [RcptResult(r, code, text, status, host) for r in all_recipients(item.job)]
 
 
-def route_error(route: Any) -> tuple[bool, str, str] | None:
-    """(permanent, status, text) when the route is an error, else None."""
-    if hasattr(route, "status") and hasattr(route, "permanent"):
-        return bool(route.permanent), route.status, route.text
+def route_error(route: Route | RouteError) -> tuple[int, str, str] | None:
+    """(reply code, enhanced status, text) when the route is an error, else None."""
+    if isinstance(route, RouteError):
+        return route.code, route.status, route.text
     return None
 
 
-def route_targets(route: Any) -> list[Target]:
+def route_targets(route: Route) -> list[Target]:
     return [Target(host.name, address) for host in route.hosts for address in host.addresses]

@@ -136,8 +136,10 @@ class DkimConfig:
 class BounceConfig:
     domain: str = "bounces.mta.localhost"  # VERP return paths and the unsubscribe mailto
     fbl_domain: str = ""  # feedback-loop reports arrive here; empty: same as domain
+    verp: bool = True  # outgoing mail gets a VERP return path on `domain`
     verp_prefix: str = "b"
     verp_secret: str = "change-me-verp-secret"
+    unparsed_dir: str = "./var/unparsed"  # reports the parser could not read, for an operator
 
 
 @dataclass

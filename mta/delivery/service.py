@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mta.bounce.reply import classify_reply
 from mta.config import Config, parse_hostport
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
+from mta.delivery.inbound import InboundHandler, verp_transform
 from mta.delivery.mx import MxResolver
 from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
@@ -37,8 +39,13 @@ def make_dsn_builder(cfg: Config) -> Any:
     return build
 
 
-def outcome_events(item: Item, outcome: AttemptOutcome) -> list[dict[str, Any]]:
-    """One event per recipient result, as the event log records them."""
+def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
+                   ) -> list[dict[str, Any]]:
+    """One event per recipient result, as the event log records them.
+
+    Failures carry the bounce taxonomy's kind (hard/soft) and reason; mail for
+    the engine's own domains is recorded as InboundProcessed, not as a delivery.
+    """
     base = {"id": item.message["id"], "account": item.message.get("account", ""),
             "campaign": item.message.get("campaign", ""), "domain": item.domain,
             "attempt": item.job["attempts"],
@@ -46,8 +53,11 @@ def outcome_events(item: Item, outcome: AttemptOutcome) -> list[dict[str, Any]]:
     events = []
     for attr, kind in EVENT_TYPES:
         for r in getattr(outcome, attr):
-            event = {"type": kind, **base, "recipient": r.recipient, "mx": r.mx, "code": r.code,
+            event = {"type": "InboundProcessed" if local else kind, **base,
+                     "recipient": r.recipient, "mx": r.mx, "code": r.code,
                      "status": r.enhanced, "reply": r.text[:500]}
+            if not r.delivered:
+                event["kind"], event["reason"] = classify_reply(r.code, r.enhanced, r.text)
             if r.possible_duplicate:
                 event["possible_duplicate"] = True
             events.append(event)
@@ -81,15 +91,19 @@ def start_delivery(worker: Any) -> Deliverer:
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))
     deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
+    if cfg.bounce.verp:
+        deliverer.transforms.insert(0, verp_transform(cfg))
 
     def on_outcome(item: Item, outcome: AttemptOutcome) -> None:
-        for event in outcome_events(item, outcome):
+        for event in outcome_events(item, outcome, item.domain in deliverer.local_domains):
             worker.emit(event)
 
     scheduler = Scheduler(worker.spool, worker.committer, cfg.delivery, worker.index,
                           worker.workers, dispatch=deliverer.dispatch, on_outcome=on_outcome,
                           build_dsn=make_dsn_builder(cfg))
     deliverer.scheduler = scheduler
+    worker.inbound = deliverer.local_handler = InboundHandler(
+        cfg, worker.spool, worker.emit, scheduler.complete)
     worker.intake.on_stored = scheduler.notify_stored
     scheduler.start()
 

@@ -10,6 +10,8 @@ Layout (named databases in one environment):
   destinations without reading values.
 - ``dom``  ``domain + NUL + job id`` -> b"": the jobs of each destination domain.
 - ``held`` job id -> reason: jobs kept out of delivery (paused campaign, review).
+- ``sent`` message id -> [account, campaign]: kept after delivery, so that a late
+  bounce or complaint naming the message is attributed to its campaign.
 
 A message is stored once whatever its number of recipients. The spool knows
 nothing of SMTP; every write goes through `apply` so that callers can group
@@ -30,7 +32,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-DB_NAMES = ("msg", "job", "due", "dom", "held", "meta")
+DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "meta")
 _DUE = struct.Struct(">QH")
 
 # Recipient states inside a job record.
@@ -171,6 +173,8 @@ class Spool:
         }
         if not txn.put(mid, pack(record), db=self.dbs["msg"], overwrite=False):
             raise ValueError(f"message {m.id} already in the spool")
+        if m.account or m.campaign:
+            txn.put(mid, pack([m.account, m.campaign]), db=self.dbs["sent"])
         now_ms = int(m.received * 1000)
         for n, (domain, rcpts) in enumerate(by_domain.items()):
             job_id = b"%s.%d" % (mid, n)
@@ -239,6 +243,12 @@ class Spool:
     def get_message(self, txn: Any, message_id: str) -> dict[str, Any] | None:
         raw = txn.get(message_id.encode(), db=self.dbs["msg"])
         return None if raw is None else unpack(raw)
+
+    def sent_origin(self, txn: Any, message_id: str) -> tuple[str, str] | None:
+        """(account, campaign) of a message accepted earlier, even if long delivered."""
+        db = self.dbs.get("sent")
+        raw = None if db is None else txn.get(message_id.encode(), db=db)
+        return None if raw is None else tuple(unpack(raw))  # type: ignore[return-value]
 
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
             accept: Callable[[int], bool] | None = None) -> Iterator[tuple[bytes, int, bytes]]:

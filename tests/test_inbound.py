@@ -1,0 +1,122 @@
+"""The inbound path: VERP return paths out, bounces and complaints back in, attributed."""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+
+from mta.bounce.verp import parse_return_path
+from tests.support import start_engine, wait_until
+from tests.test_delivery import events
+
+BOUNCE_DOMAIN = "bounces.shop.test"
+SECRET = "test-verp-secret"
+
+
+def engine_with_sink(tmp: Path, dns, sink):
+    dns.add_mx("dest.test", [(10, "mx.dest.test")])
+    dns.add_a("mx.dest.test", "127.0.0.2")
+    return start_engine(
+        tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+        delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True},
+        bounce={"domain": BOUNCE_DOMAIN, "verp_secret": SECRET,
+                "unparsed_dir": str(tmp / "unparsed")})
+
+
+def dsn_for(verp: str, recipient: str) -> bytes:
+    return f"""From: MAILER-DAEMON@mx.dest.test
+To: {verp}
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+Your message could not be delivered.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.dest.test
+
+Final-Recipient: rfc822; {recipient}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{recipient}>: Recipient address rejected: User unknown
+
+--B--
+""".replace("\n", "\r\n").encode()
+
+
+def arf_for(recipient: str, message_id: str) -> bytes:
+    return f"""From: fbl@isp.test
+To: fbl@{BOUNCE_DOMAIN}
+Subject: Abuse report
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="F"
+
+--F
+Content-Type: text/plain
+
+This is an abuse report.
+
+--F
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: isp-fbl/1.0
+Version: 1
+Original-Rcpt-To: {recipient}
+
+--F
+Content-Type: message/rfc822
+
+From: news@shop.test
+To: {recipient}
+Subject: spring sale
+Message-ID: <{message_id}@shop.test>
+X-Campaign-ID: spring
+
+hello
+--F--
+""".replace("\n", "\r\n").encode()
+
+
+def test_bounce_and_complaint_come_back_attributed(tmp_path, dns_server,
+                                                   asyncio_sink_factory) -> None:
+    sink = asyncio_sink_factory(host="127.0.0.2", record=True)
+    engine = engine_with_sink(tmp_path, dns_server, sink)
+    try:
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            client.sendmail("news@shop.test", ["gone@dest.test"],
+                            b"From: news@shop.test\r\nTo: gone@dest.test\r\nSubject: spring\r\n"
+                            b"X-Campaign-ID: spring\r\nMessage-ID: <m1@shop.test>\r\n\r\nhi\r\n")
+        assert wait_until(lambda: sink.accepted == 1, timeout=15)
+        verp = sink.received[0].mail_from
+        original_id = events(tmp_path, "Reception")[0]["id"]
+        assert verp.endswith("@" + BOUNCE_DOMAIN)
+        assert parse_return_path(SECRET.encode(), verp) == (original_id, "gone@dest.test")
+        # The remote MX bounces later, from an address that is not trusted: no AUTH needed
+        # for the bounce domain, and the report names no campaign: VERP attributes it.
+        with smtplib.SMTP(engine.host, engine.port, source_address=("127.0.0.3", 0)) as remote:
+            remote.sendmail("", [verp], dsn_for(verp, "gone@dest.test"))
+            remote.sendmail("fbl@isp.test", [f"fbl@{BOUNCE_DOMAIN}"],
+                            arf_for("angry@dest.test", "m2"))
+            remote.sendmail("x@isp.test", [f"postmaster@{BOUNCE_DOMAIN}"],
+                            b"Subject: hello\r\n\r\njust chatting\r\n")
+        assert wait_until(lambda: events(tmp_path, "Bounce") and events(tmp_path, "Complaint")
+                          and events(tmp_path, "Unparsed"), timeout=15)
+    finally:
+        engine.stop()
+    bounce = events(tmp_path, "Bounce")[0]
+    assert (bounce["source"], bounce["kind"], bounce["reason"], bounce["status"]) == (
+        "async", "hard", "userunknown", "5.1.1")
+    assert (bounce["id"], bounce["recipient"], bounce["campaign"], bounce["account"]) == (
+        original_id, "gone@dest.test", "spring", "default")
+    complaint = events(tmp_path, "Complaint")[0]
+    assert (complaint["recipient"], complaint["campaign"], complaint["feedback_type"]) == (
+        "angry@dest.test", "spring", "abuse")
+    assert len(list((tmp_path / "unparsed").glob("*.eml"))) == 1
+    # None of the inbound mail was relayed anywhere.
+    assert sink.accepted == 1

@@ -61,12 +61,13 @@ class EngineProcess:
     """`mta serve` in a directory of its own, with a config written from a dict."""
 
     def __init__(self, workdir: Path, config: dict[str, Any], workers: int | None = None,
-                 stderr: Any = None) -> None:
+                 stderr: Any = None, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.config = config
         self.config_path = self.workdir / "mta.toml"
         self.workers = workers
         self.stderr = stderr
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         host, _, port = config.get("smtp", {}).get("listen", "127.0.0.1:2525").rpartition(":")
         self.host, self.port = host, int(port)
@@ -78,7 +79,7 @@ class EngineProcess:
         cmd = [sys.executable, "-m", "mta", "serve", "--config", str(self.config_path)]
         if self.workers:
             cmd += ["--workers", str(self.workers)]
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **self.env)
         log = self.stderr or open(self.workdir / "engine.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log, env=env,
                                      start_new_session=True)

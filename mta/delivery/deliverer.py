@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +26,9 @@ from mta.queue.outcome import RcptResult, all_recipients
 from mta.queue.scheduler import Item, Scheduler
 
 log = logging.getLogger("mta.delivery")
+
+# Crash tests set MTA_FAILPOINT to kill the engine at a chosen point (see tests/test_crash.py).
+FAILPOINT = os.environ.get("MTA_FAILPOINT", "")
 
 
 class Resolver(Protocol):
@@ -140,6 +145,8 @@ class Deliverer:
                     self.open_connections += 1
                 sender, data = self._prepare(item)
                 results = await conn.send(sender, all_recipients(item.job), data)
+                if FAILPOINT == "after_remote_accept" and any(r.delivered for r in results):
+                    os.killpg(0, signal.SIGKILL)  # crash tests: the remote has it, we don't know
                 self._spawn(self._complete(item, results))
         finally:
             pool.workers -= 1

@@ -58,7 +58,7 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
                      "status": r.enhanced, "reply": r.text[:500]}
             if not r.delivered:
                 event["kind"], event["reason"] = classify_reply(r.code, r.enhanced, r.text)
-            if r.possible_duplicate:
+            if r.possible_duplicate or (item.maybe_sent and r.delivered):
                 event["possible_duplicate"] = True
             events.append(event)
     return events

@@ -40,6 +40,7 @@ class Item:
     job: dict[str, Any]
     message: dict[str, Any]
     loaded: float
+    maybe_sent: bool = False  # an earlier attempt was cut off (crash) mid-send
 
     @property
     def domain(self) -> str:
@@ -138,20 +139,47 @@ class Scheduler:
                     continue
                 messages[job["msg"]] = message
                 self.in_flight.add(job_id)
-                items.append(Item(job_id, job, message, now))
+                maybe_sent = txn.get(job_id, db=self.spool.dbs["sending"]) is not None
+                items.append(Item(job_id, job, message, now, maybe_sent))
                 if len(items) >= capacity:
                     last_ms = when
                     break
         self._resume_ms = last_ms
+        if items:
+            self._background(self._start(items))
+        return None if items else self._next_due_ms()
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
+
+    async def _start(self, items: list[Item]) -> None:
+        """Record that these jobs are being sent (so a crash mid-send is known), then go."""
+        to_send = []
         for item in items:
             reason = self.hold_reason(item) if self.hold_reason is not None else None
             if reason:
-                task = asyncio.get_running_loop().create_task(self.hold(item, reason))
-                self._holding.add(task)
-                task.add_done_callback(self._holding.discard)
+                self._background(self.hold(item, reason))
             else:
-                self.dispatch(item)
-        return None if items else self._next_due_ms()
+                to_send.append(item)
+        if not to_send:
+            return
+        sending = self.spool.dbs["sending"]
+
+        def mark(txn: Any) -> None:
+            for item in to_send:
+                txn.put(item.job_id, b"", db=sending)
+
+        try:
+            await self.committer.submit(mark)
+        except Exception:
+            log.exception("could not mark jobs as sending; retrying them later")
+            for item in to_send:
+                self.in_flight.discard(item.job_id)
+            return
+        for item in to_send:
+            self.dispatch(item)
 
     async def hold(self, item: Item, reason: str) -> None:
         """Keep a due job out of delivery (not lost, not bounced) until it is released."""
@@ -196,6 +224,7 @@ class Scheduler:
     def _record(self, txn: Any, item: Item, results: list[RcptResult], now_ms: int,
                 retry_after: float | None) -> AttemptOutcome | None:
         """Runs in the spool writer thread: only the transaction and plain data here."""
+        txn.delete(item.job_id, db=self.spool.dbs["sending"])
         job = self.spool.get_job(txn, item.job_id)
         if job is None or job.get("held"):
             return None  # removed or held by an operator meanwhile

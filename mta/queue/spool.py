@@ -10,6 +10,8 @@ Layout (named databases in one environment):
   destinations without reading values.
 - ``dom``  ``domain + NUL + job id`` -> b"": the jobs of each destination domain.
 - ``held`` job id -> reason: jobs kept out of delivery (paused campaign, review).
+- ``sending`` job id -> b"": an attempt is under way; found after a crash, it means
+  the remote may already have the message (the next delivery is a possible duplicate).
 - ``sent`` message id -> [account, campaign]: kept after delivery, so that a late
   bounce or complaint naming the message is attributed to its campaign.
 
@@ -32,7 +34,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "meta")
+DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "sending", "meta")
 _DUE = struct.Struct(">QH")
 
 # Recipient states inside a job record.
@@ -207,6 +209,7 @@ class Spool:
         txn.delete(due_key(job["next"], job["domain"], job_id), db=self.dbs["due"])
         txn.delete(dom_key(job["domain"], job_id), db=self.dbs["dom"])
         txn.delete(job_id, db=self.dbs["held"])
+        txn.delete(job_id, db=self.dbs["sending"])
         txn.delete(job_id, db=self.dbs["job"])
         mid = job["msg"].encode()
         cursor = txn.cursor(db=self.dbs["job"])

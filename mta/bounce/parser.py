@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mta.bounce import arf, autoreply, formats, prose
+from mta.bounce import arf, autoreply, formats, prose, providers
 from mta.bounce.addresses import find_addresses, is_address
 from mta.bounce.dsn import parse_fields, read_deliveries, settle_status
 from mta.bounce.mime import MailParts, from_message, load
@@ -180,8 +180,9 @@ def _result(deliveries: list[Delivery], parts: MailParts) -> BounceResult:
     deliveries = [d for d in deliveries if d.recipient or d.reason or d.diagnosis or d.status]
     if not deliveries:
         return BounceResult()
+    report = "\n".join(parts.texts)[:20000]
     for d in deliveries:
-        _finish(d)
+        _finish(d, report)
     first = deliveries[0]
     recipients = [d.recipient for d in deliveries if d.recipient]
     return BounceResult(
@@ -198,11 +199,17 @@ def _result(deliveries: list[Delivery], parts: MailParts) -> BounceResult:
     )
 
 
-def _finish(d: Delivery) -> None:
+def _finish(d: Delivery, report: str) -> None:
     if d.reason in ("feedback", "vacation"):
         d.status = ""
         return
     settle_status(d)
+    host = providers.remote_host(d, report)
+    d.remote_host = d.remote_host or host
+    if not d.reason_is_final:
+        hint = providers.provider_reason(d, host)
+        if hint:
+            d.reason, d.reason_is_final = hint, True
     d.reason = find_reason(d)
 
 

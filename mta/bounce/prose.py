@@ -112,6 +112,7 @@ def command_in(text: str) -> str:
     """The SMTP command a piece of bounce text says was rejected ('' if unsaid)."""
     if not text:
         return ""
+    text = re.sub(r"[ \t]*\n[ \t]*(?![>]{3}|<<<)", " ", text)
     for pattern in _COMMAND_CONTEXTS:
         match = pattern.search(text)
         if match:

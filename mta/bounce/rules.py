@@ -172,6 +172,10 @@ USERUNKNOWN = Phrases(
 # whatever the SMTP command or status code (Exchange, Lotus Domino/Notes, local agents).
 DIRECTORY = Phrases(
     contains=(
+        "because the address couldn't be found",
+        "** address not found **",
+        "the email address you entered couldn't be found",
+        " wasn't found at ",
         "the recipient name is not recognized",
         "not listed in domino directory",
         "not listed in public name & address book",
@@ -206,6 +210,9 @@ FILTERED = Phrases(
 
 MAILBOXFULL = Phrases(
     contains=(
+        "inbox is full",
+        "out of storage space",
+        "disk quota exceeded",
         "452 insufficient disk space",
         "account disabled temporarly for exceeding receiving limits",
         "boite du destinataire pleine",
@@ -243,6 +250,8 @@ MAILBOXFULL = Phrases(
 
 MESGTOOBIG = Phrases(
     contains=(
+        "that message size exceeds my databytes limit",
+        "i don't accept messages larger than",
         "exceeded maximum inbound message size",
         "exceeded the maximum incoming message size",
         "line limit exceeded",
@@ -263,6 +272,11 @@ EXCEEDLIMIT = Phrases(contains=("message header size exceeds limit", "message to
 
 SUSPEND = Phrases(
     contains=(
+        "the message exeeded the maximum size the user accepts",
+        "mailaddress is administrativly disabled",
+        "mailaddress is administrativley disabled",
+        "mailaddress is administratively disabled",
+        "mailaddress is administrativeley disabled",
         " is currently suspended",
         " temporary locked",
         "archived recipient",
@@ -463,6 +477,8 @@ REJECTED = Phrases(
 
 HOSTUNKNOWN = Phrases(
     contains=(
+        "** domain not found **",
+        "sorry, i couldn't find any host ",
         "domain does not exist",
         "domain is not reachable",
         "domain must exist",
@@ -482,7 +498,10 @@ HOSTUNKNOWN = Phrases(
         "invalid domain",
         "couldn't find any host named",
     ),
-    aligned=(("553 ", " does not exist"),),
+    aligned=(
+        ("because the domain ", " couldn't be found"),
+        ("553 ", " does not exist"),
+    ),
 )
 
 SPAMDETECTED = Phrases(
@@ -612,6 +631,8 @@ TOOMANYCONN = Phrases(
 
 BLOCKED = Phrases(
     contains=(
+        " but greeting failed.",
+        " but my name was rejected.",
         " said: 550 blocked",
         "//www.spamcop.net/bl.",
         "bad sender ip address",
@@ -754,6 +775,14 @@ POLICYVIOLATION = Phrases(
 
 SYSTEMERROR = Phrases(
     contains=(
+        "bad interpreter: no such file or directory",
+        "automatic homedir creator crashed",
+        "illegal value in ldap attribute",
+        "ldap attribute is not given but mandatory",
+        "timeout while performing search on ldap server",
+        "temporary failure in ldap lookup",
+        "unable to contact ldap server",
+        "unable to login into ldap server",
         "aliasing/forwarding loop broken",
         "can't create user output file",
         "could not load drd for domain",
@@ -784,6 +813,9 @@ SYSTEMERROR = Phrases(
 
 NETWORKERROR = Phrases(
     contains=(
+        "sorry, i wasn't able to establish an smtp connection",
+        "sorry. although i'm listed as a best-preference mx or a for that host",
+        "this message is looping",
         "could not connect and send the mail to",
         "dns records for the destination computer could not be found",
         "hop count exceeded - possible mail loop",
@@ -808,6 +840,7 @@ NETWORKERROR = Phrases(
 
 SYSTEMFULL = Phrases(
     contains=(
+        "requested action not taken: mailbox unavailable (not enough free space)",
         "mail system full",
         "requested mail action aborted: exceeded storage allocation",
     ),
@@ -815,6 +848,7 @@ SYSTEMFULL = Phrases(
 
 NOTACCEPT = Phrases(
     contains=(
+        "sorry, i couldn't find a mail exchanger or ip address",
         "does not accept mail (nullmx)",
         "host/domain does not accept mail",
         "host does not accept mail",

@@ -347,6 +347,132 @@ def test_delayed_dsn_is_soft_expired() -> None:
     assert (result.kind, result.reason, result.status) == ("soft", "expired", "4.4.1")
 
 
+def test_report_written_before_the_first_mime_boundary() -> None:
+    data = mail(
+        """
+        From: postmaster@example.org
+        Subject: WARNING: delayed mail.
+        Content-Type: multipart/report; report-type=delivery-status; boundary="=_c0"
+
+        This is a delivery status notification from mx.example.org,
+        running the Courier mail server.
+
+        <late@example.net>:
+            mx.example.net [192.0.2.22]:
+        >>> RCPT TO:<late@example.net>
+        <<< 450 4.1.7 <me@example.org>: Sender address rejected: unverified address
+
+        --=_c0
+        Content-Type: message/delivery-status
+
+        Final-Recipient: rfc822; late@example.net
+        Action: delayed
+        Status: 4.0.0
+        --=_c0--
+        """
+    )
+    result = parse_bounce(data)
+    assert (result.kind, result.reason, result.status) == ("soft", "rejected", "4.1.7")
+    assert result.command == "RCPT"
+
+
+def test_provider_wording_settles_unknown_user_after_data() -> None:
+    data = mail(
+        """
+        From: Mail Delivery Subsystem <MAILER-DAEMON@mx2.example.jp>
+        Subject: Returned mail: see transcript for details
+        Content-Type: multipart/report; report-type=delivery-status; boundary="S"
+
+        --S
+
+           ----- Transcript of session follows -----
+        ... while talking to mta6.am0.yahoodns.net.:
+        >>> DATA
+        <<< 554 delivery error: dd This user doesn't have a yahoo.com account (gone@yahoo.com) [0]
+        554 5.0.0 Service unavailable
+
+        --S
+        Content-Type: message/delivery-status
+
+        Final-Recipient: RFC822; gone@yahoo.com
+        Action: failed
+        Status: 5.0.0
+        Remote-MTA: DNS; mta6.am0.yahoodns.net
+        Diagnostic-Code: SMTP; 554 delivery error: dd This user doesn't have a yahoo.com account
+        --S--
+        """
+    )
+    result = parse_bounce(data)
+    assert (result.kind, result.reason, result.recipient) == (
+        "hard",
+        "userunknown",
+        "gone@yahoo.com",
+    )
+
+
+def test_qmail_unknown_host_is_hard_for_every_recipient() -> None:
+    data = mail(
+        """
+        From: MAILER-DAEMON@example.com
+        Subject: failure notice
+
+        Hi. This is the qmail-send program at example.com.
+        I'm afraid I wasn't able to deliver your message to the following addresses.
+
+        <alice@nohost.example>:
+        Sorry, I couldn't find any host by that name.
+
+        <bob@nohost.example>:
+        Sorry, I couldn't find any host by that name.
+        """
+    )
+    result = parse_bounce(data)
+    assert (result.kind, result.reason) == ("hard", "hostunknown")
+    assert result.recipients == ["alice@nohost.example", "bob@nohost.example"]
+
+
+def test_exim_address_shown_without_domain_uses_x_failed_recipients() -> None:
+    data = mail(
+        """
+        From: Mail Delivery System <Mailer-Daemon@mx.example.ru>
+        Subject: Mail delivery failed: returning message to sender
+        X-Failed-Recipients: kijitora@example.ed.jp
+
+        A message that you sent could not be delivered to one or more of its
+        recipients. This is a permanent error. The following address(es) failed:
+
+          kijitora
+            SMTP error from remote mail server after MAIL FROM:<me@example.ru> SIZE=1543:
+            host mx.example.jp [192.0.2.20]: 550 5.7.0 Please use the smtp server of your ISP.
+        """
+    )
+    result = parse_bounce(data)
+    assert (result.kind, result.reason, result.status) == ("soft", "blocked", "5.7.0")
+    assert result.recipient == "kijitora@example.ed.jp"
+
+
+def test_amazon_ses_notification_json() -> None:
+    body = json.dumps(
+        {
+            "notificationType": "Bounce",
+            "bounce": {
+                "bounceType": "Permanent",
+                "bounceSubType": "General",
+                "bouncedRecipients": [
+                    {"emailAddress": "nobody@example.com", "action": "failed", "status": "5.1.1",
+                     "diagnosticCode": "smtp; 550 5.1.1 user unknown"}
+                ],
+            },
+        }
+    )  # fmt: skip
+    data = (
+        "From: no-reply@sns.amazonaws.com\r\nSubject: AWS Notification Message\r\n\r\n" + body
+    ).encode()
+    result = parse_bounce(data)
+    assert (result.kind, result.reason, result.status) == ("hard", "userunknown", "5.1.1")
+    assert result.recipient == "nobody@example.com"
+
+
 ARF_ABUSE = mail(
     """
     From: feedback@arf.example.net

@@ -118,6 +118,7 @@ def _collect(part: email.message.Message, parts: MailParts, depth: int) -> None:
             parts.original = _original_text(part)
             parts.attached = _attached_message(part)
     elif isinstance(payload, list):
+        _preamble(part, parts)
         for child in payload:
             if isinstance(child, email.message.Message):
                 _collect(child, parts, depth + 1)
@@ -127,6 +128,18 @@ def _collect(part: email.message.Message, parts: MailParts, depth: int) -> None:
             text = html_to_text(text)
         if text.strip():
             parts.texts.append(text)
+
+
+_MIME_NOTICE_RE = re.compile(r"(?is)^\s*this is a (multi-part )?mime[- ]\S* message\.?\s*$")
+
+
+def _preamble(part: email.message.Message, parts: MailParts) -> None:
+    """Some MTAs (Courier, Sendmail) write the report before the first boundary."""
+    preamble = (part.preamble or "").strip()
+    if len(preamble) < 160 and "mime" in preamble.lower():
+        return
+    if preamble and not _MIME_NOTICE_RE.match(preamble):
+        parts.texts.append(preamble[:MAX_PART_CHARS])
 
 
 def _content_type(part: email.message.Message) -> str:

@@ -569,6 +569,22 @@ def test_rfc3834_vacation_reply() -> None:
     )
 
 
+def test_vacation_reply_mentioning_delivery_words_stays_an_autoreply() -> None:
+    data = mail(
+        """
+        From: Bob <bob@example.com>
+        Subject: Automatic reply: News
+        X-Autoreply: yes
+        Return-Path: <>
+
+        I am away until June. Mail that could not be delivered to my
+        assistant carol@example.com will be answered on my return.
+        """
+    )
+    result = parse_bounce(data)
+    assert (result.kind, result.recipient) == ("autoreply", "bob@example.com")
+
+
 def test_exim_bounce_marked_auto_replied_is_not_a_vacation() -> None:
     data = mail(
         """

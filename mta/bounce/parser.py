@@ -49,35 +49,48 @@ def _parse(data: bytes, verp_secret: bytes | None) -> BounceResult:
 def _deliveries(parts: MailParts, depth: int = 0) -> list[Delivery]:
     if arf.is_feedback(parts):
         return arf.read_feedback(parts)
-    report_text = "\n".join(parts.texts)
-    report, quoted = prose.split_report(report_text)
-    if not parts.original and quoted:
-        parts.original = quoted
+    report, quoted = prose.split_report("\n".join(parts.texts))
+    parts.original = parts.original or quoted
     context = _context(parts, report)
     special = formats.read(parts, report, context)
-    deliveries = _dsn_deliveries(parts, report)
     texts = special or prose.scan(report, context)
-    if deliveries:
-        _enrich(deliveries, texts, report)
-        hint = formats.powermta_reason(parts)
-        for d in deliveries:
-            if hint and not d.reason:
-                d.reason, d.reason_is_final = hint, True
-        return deliveries
-    bounce = special is not None or _is_bounce(parts, report)
-    if texts and bounce:
+    dsn = _dsn_deliveries(parts, report)
+    if dsn:
+        return _dsn_with_prose(dsn, texts, report, parts)
+    if special is not None or _is_bounce(parts, report):
+        return _prose_bounce(parts, texts, report, context, depth)
+    inner = _attached_bounce(parts, depth)
+    if inner:
+        return inner
+    if autoreply.is_autoreply(parts):
+        return [Delivery(recipient=autoreply.replier(parts), reason="vacation")]
+    return []
+
+
+def _dsn_with_prose(
+    dsn: list[Delivery], texts: list[Delivery], report: str, parts: MailParts
+) -> list[Delivery]:
+    _enrich(dsn, texts, report)
+    hint = formats.powermta_reason(parts)
+    for d in dsn:
+        if hint and not d.reason:
+            d.reason, d.reason_is_final = hint, True
+    return dsn
+
+
+def _prose_bounce(
+    parts: MailParts, texts: list[Delivery], report: str, context: prose.Context, depth: int
+) -> list[Delivery]:
+    """A bounce without a DSN part: the prose, X-Failed-Recipients, an attached bounce."""
+    if texts:
         _enrich(texts, texts, report)
         return texts
-    if bounce and context.failed_recipients:
+    if context.failed_recipients:
         return [Delivery(recipient=r, diagnosis=report[:2000]) for r in context.failed_recipients]
     inner = _attached_bounce(parts, depth)
     if inner:
         return inner
-    if not bounce and autoreply.is_autoreply(parts):
-        return [Delivery(recipient=autoreply.replier(parts), reason="vacation")]
-    if bounce and report.strip():
-        return [_unattributed(parts, report, context)]
-    return []
+    return [_unattributed(parts, report, context)] if report.strip() else []
 
 
 def _unattributed(parts: MailParts, report: str, context: prose.Context) -> Delivery:
@@ -121,20 +134,26 @@ _BOUNCE_TEXT_RE = re.compile(
 
 
 def _is_bounce(parts: MailParts, report: str) -> bool:
-    sender = parts.header("From").lower()
-    if any(
-        word in sender for word in ("mailer-daemon", "postmaster", "post_master", "mail delivery")
-    ):
+    """Bounce marks: a daemon sender, failure headers or subject, a DSN part, failure text."""
+    if _has_bounce_headers(parts):
         return True
-    if parts.header("X-Failed-Recipients") or _BOUNCE_SUBJECT_RE.search(parts.header("Subject")):
-        return True
-    if parts.reports:
-        return True
+    if autoreply.is_autoreply(parts):
+        return False
     if _BOUNCE_TEXT_RE.search(report[:20000]):
         return True
     if not parts.header("Return-Path").strip("<> "):
         return bool(find_status(report) or find_reply_code(report))
     return False
+
+
+def _has_bounce_headers(parts: MailParts) -> bool:
+    sender = parts.header("From").lower()
+    daemons = ("mailer-daemon", "postmaster", "post_master", "mail delivery")
+    if any(word in sender for word in daemons):
+        return True
+    if parts.header("X-Failed-Recipients") or _BOUNCE_SUBJECT_RE.search(parts.header("Subject")):
+        return True
+    return bool(parts.reports)
 
 
 def _context(parts: MailParts, report: str) -> prose.Context:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 
+from dkim import rfc822_parse
 from dkim.canonicalization import Relaxed
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mta.dkim.canon import (
     normalize_line_endings,
-    parse_header_fields,
+    normalize_message,
     relaxed_body,
+    relaxed_fields,
     relaxed_header,
     split_message,
 )
@@ -29,6 +31,10 @@ def test_normalize_line_endings_examples() -> None:
     assert normalize_line_endings(b"\n\r") == b"\r\n\r\n"
     assert normalize_line_endings(b"ok\r\n\r\n") == b"ok\r\n\r\n"
     assert normalize_line_endings(b"\x00\xff") == b"\x00\xff"
+    assert normalize_line_endings(b"") == b""
+    assert normalize_message(b"a\nb") == b"a\r\nb\r\n"
+    assert normalize_message(b"a\r\n\r\n") == b"a\r\n\r\n"
+    assert normalize_message(b"") == b""
 
 
 @given(raw_bytes)
@@ -37,6 +43,7 @@ def test_normalize_leaves_only_crlf_and_keeps_other_bytes(data: bytes) -> None:
     assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
     assert re.sub(rb"[\r\n]", b"", out) == re.sub(rb"[\r\n]", b"", data)
     assert normalize_line_endings(out) == out
+    assert normalize_message(data) == (out + b"\r\n" if data and not out.endswith(b"\r\n") else out)
 
 
 @given(crlf_text)
@@ -72,21 +79,35 @@ def test_split_message() -> None:
     assert split_message(b"A: 1\r\n\r\n") == (b"A: 1\r\n", b"")
 
 
-def test_parse_header_fields_keeps_folding_and_skips_lines_without_colon() -> None:
-    block = b"Subject: one\r\n two\r\n\tthree\r\nnot a field\r\nTo:x@y\r\n"
-    assert parse_header_fields(block) == [
-        (b"Subject", b" one\r\n two\r\n\tthree"),
-        (b"To", b"x@y"),
-    ]
+field_values = st.lists(
+    st.sampled_from([b"a", b"B", b" ", b"\t", b"  \t", b"\r\n ", b"\r\n\t", b"\xc3\xa9", b":", b";"]),
+    max_size=12,
+).map(b"".join)
+header_blocks = st.lists(
+    st.tuples(st.sampled_from([b"Subject", b"TO", b"x-Long-Name", b"From"]), field_values),
+    max_size=6,
+).map(lambda fields: b"".join(name + b":" + value + b"\r\n" for name, value in fields))
+
+
+@given(header_blocks)
+def test_relaxed_fields_match_dkimpy(block: bytes) -> None:
+    parsed, _ = rfc822_parse(block + b"\r\n")
+    expected = [(name, value) for name, value in Relaxed.canonicalize_headers(parsed)]
+    assert [(key, value + b"\r\n") for key, value in relaxed_fields(block)] == expected
+
+
+def test_relaxed_fields_unfold_and_skip_lines_without_colon() -> None:
+    block = b"Subject : one\r\n two\r\n\tthree  \r\nnot a field\r\nTo:x@y\r\n"
+    assert relaxed_fields(block) == [(b"subject", b"one two three"), (b"to", b"x@y")]
 
 
 def test_select_headers_bottom_up_with_from_oversigned() -> None:
-    fields = [(b"From", b" a@x"), (b"To", b" first"), (b"X", b" no"), (b"to", b" second")]
+    fields = [(b"from", b"a@x"), (b"to", b"first"), (b"x", b"no"), (b"to", b"second")]
 
-    names, data = select_headers(fields, [b"from", b"to", b"subject"])
+    names, data = select_headers(fields, {b"from", b"to", b"subject"})
 
-    assert names == [b"from", b"from", b"to", b"to"]
-    assert data == b"from:a@x\r\nto:second\r\nto:first\r\n"
+    assert names == [b"to", b"to", b"from", b"from"]
+    assert data == b"to:second\r\nto:first\r\nfrom:a@x\r\n"
 
 
 def test_folding_keeps_lines_short_and_content_intact() -> None:
@@ -101,8 +122,10 @@ def test_folding_keeps_lines_short_and_content_intact() -> None:
 
 
 def test_from_domain_variants() -> None:
-    assert from_domain([(b"From", b' "Doe, John" <John@Sub.Example.COM.>')]) == "sub.example.com"
-    assert from_domain([(b"from", b" plain@example.org (comment)")]) == "example.org"
-    assert from_domain([(b"From", " Jörg <j@bücher.example>".encode())]) == "xn--bcher-kva.example"
-    assert from_domain([(b"From", b" undisclosed")]) == ""
-    assert from_domain([(b"To", b" a@example.org")]) == ""
+    assert from_domain([(b"from", b'"Doe, John" <John@Sub.Example.COM.>')]) == "sub.example.com"
+    assert from_domain([(b"from", b"plain@example.org (comment)")]) == "example.org"
+    assert from_domain([(b"from", b"plain@example.org")]) == "example.org"
+    assert from_domain([(b"from", b'"a@b" <real@example.net>')]) == "example.net"
+    assert from_domain([(b"from", "Jörg <j@bücher.example>".encode())]) == "xn--bcher-kva.example"
+    assert from_domain([(b"from", b"undisclosed")]) == ""
+    assert from_domain([(b"to", b"a@example.org")]) == ""

@@ -72,8 +72,9 @@ def test_default_header_list_signs_present_fields_and_oversigns_from(tmp_path: P
 
     tags = tags_of(signer.sign(MESSAGE, now=NOW))
 
+    # Bottom-up, as a verifier pairs names with fields; X-Mailer is not in the default list.
     assert tags["h"].split(":") == [
-        "from", "from", "to", "subject", "list-unsubscribe", "list-unsubscribe-post",
+        "list-unsubscribe-post", "list-unsubscribe", "subject", "to", "from", "from",
     ]
     assert (tags["v"], tags["a"], tags["c"], tags["d"], tags["s"]) == (
         "1", "rsa-sha256", "relaxed/relaxed", "example.com", "s1",
@@ -88,7 +89,7 @@ def test_configured_headers_replace_the_default_but_keep_from(tmp_path: Path) ->
 
     signed = signer.sign(MESSAGE, now=NOW)
 
-    assert tags_of(signed)["h"].split(":") == ["from", "from", "subject", "x-mailer"]
+    assert tags_of(signed)["h"].split(":") == ["x-mailer", "subject", "from", "from"]
     assert dkimpy_results(signed, [key.record]) == {("example.com", "s1"): "pass"}
 
 
@@ -319,5 +320,8 @@ def test_duplicate_selector_and_keyless_fallback_are_refused(tmp_path: Path) -> 
         DkimSigner.from_config(DkimConfig(keys=[key, key]))
     with pytest.raises(ConfigError, match="fallback_domain 'other.org' has no"):
         DkimSigner.from_config(DkimConfig(keys=[key], fallback_domain="other.org"))
+    bad_selector = DkimKeyConfig("example.com", "s1; x=1", key.key_file)
+    with pytest.raises(ConfigError, match="selector 's1; x=1' is not a valid DNS name"):
+        DkimSigner.from_config(DkimConfig(keys=[bad_selector]))
     with pytest.raises(ConfigError, match="is not a header field name"):
         DkimSigner.from_config(DkimConfig(keys=[key], headers=["Bad Header:"]))

@@ -8,10 +8,11 @@ operation goes to OpenSSL, so a signature costs little more than that operation.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -21,12 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from mta.config import ConfigError, DkimConfig
 from mta.dkim.canon import (
     CRLF,
-    HeaderField,
-    ensure_final_crlf,
-    field_key,
-    normalize_line_endings,
-    parse_header_fields,
+    CanonicalField,
+    normalize_message,
     relaxed_body,
+    relaxed_fields,
     relaxed_header,
     split_message,
 )
@@ -49,9 +48,13 @@ DEFAULT_HEADERS: tuple[str, ...] = (
     "In-Reply-To",
     "References",
 )
-OVERSIGNED: frozenset[bytes] = frozenset({b"from"})
+OVERSIGNED: tuple[bytes, ...] = (b"from",)
 FOLD_WIDTH = 76
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII but colon (RFC 5322 ftext)
+_ANGLE_ADDR = re.compile(rb'<[^<>@"()\\]*@([^<>@"()\\\s]+)>[ \t]*\Z')
+_BARE_ADDR = re.compile(rb'\s*[^\s<>@"(),;:\\]+@([^\s<>@"(),;:\\]+)\s*')
 _PKCS1V15 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 
@@ -64,6 +67,24 @@ class SigningKey:
     selector: str
     algorithm: str  # "rsa-sha256" or "ed25519-sha256"
     key: PrivateKey
+
+    def __post_init__(self) -> None:
+        for what, name in (("domain", self.domain), ("selector", self.selector)):
+            if not _DNS_NAME.fullmatch(name):
+                raise ConfigError(f"dkim key {what} {name!r} is not a valid DNS name")
+
+    @functools.cached_property
+    def field_start(self) -> bytes:
+        """The DKIM-Signature field up to the tags this key adds (folded, as sent)."""
+        return (
+            f"DKIM-Signature: v=1; a={self.algorithm}; c=relaxed/relaxed; "
+            f"d={self.domain}; s={self.selector};\r\n\t"
+        ).encode()
+
+    @functools.cached_property
+    def canonical_start(self) -> bytes:
+        """`field_start` canonicalized with "relaxed"; the whitespace in it is ours, so known."""
+        return relaxed_header(*self.field_start.split(b":", 1))[:-2] + b" "
 
     def sign(self, data: bytes) -> bytes:
         """The raw signature of `data` (RFC 6376 3.7; RFC 8463: Ed25519 over the SHA-256)."""
@@ -89,7 +110,7 @@ class DkimSigner:
         self.fallback_domain = normalize_domain(fallback_domain) if fallback_domain else ""
         if self.fallback_domain and self.fallback_domain not in self._keys:
             raise ConfigError(f"dkim fallback_domain {fallback_domain!r} has no [[dkim.keys]] entry")
-        self.header_names = header_list(headers)
+        self.signed_names = header_set(headers)
         self.expiration = expiration
         self.signed = 0
         self.unsigned = 0
@@ -131,76 +152,77 @@ class DkimSigner:
 
         Unsigned (but normalized) when neither the From: domain nor the fallback has a key.
         """
-        message = ensure_final_crlf(normalize_line_endings(message))
+        message = normalize_message(message)
         header_block, body = split_message(message)
-        fields = parse_header_fields(header_block)
+        fields = relaxed_fields(header_block)
         domain = from_domain(fields)
         keys = self.keys_for(domain) if domain else []
         if not keys:
             self.unsigned += 1
             return message
         timestamp = int(time.time() if now is None else now)
-        signatures = sign_fields(fields, body, keys, self.header_names, timestamp, self.expiration)
+        signatures = sign_fields(fields, body, keys, self.signed_names, timestamp, self.expiration)
         self.signed += 1
         return b"".join(signatures) + message
 
 
 def sign_fields(
-    fields: Sequence[HeaderField],
+    fields: Sequence[CanonicalField],
     body: bytes,
     keys: Sequence[SigningKey],
-    header_names: Sequence[bytes],
+    signed_names: Collection[bytes],
     timestamp: int,
     expiration: float = 0.0,
 ) -> list[bytes]:
-    """One DKIM-Signature field (CRLF-terminated) per key, for a parsed CRLF message."""
-    names, signed_headers = select_headers(fields, header_names)
+    """One DKIM-Signature field (CRLF-terminated) per key, for a CRLF message's fields and body."""
+    names, signed_headers = select_headers(fields, signed_names)
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
     expires = max(timestamp + 1, int(timestamp + expiration)) if expiration > 0 else None
     tags = common_tags(names, body_hash, timestamp, expires)
-    return [signature_field(key, tags, signed_headers) for key in keys]
+    canonical_tags = tags.replace(b"\r\n\t", b" ")
+    return [signature_field(key, tags, canonical_tags, signed_headers) for key in keys]
 
 
 def select_headers(
-    fields: Sequence[HeaderField], header_names: Sequence[bytes]
+    fields: Sequence[CanonicalField], signed_names: Collection[bytes]
 ) -> tuple[list[bytes], bytes]:
     """The h= list and the canonicalized header data it covers (RFC 6376 5.4.2).
 
-    Each name is listed once per field present, taken from the bottom up; names in
-    OVERSIGNED are listed once more, so a field added later breaks the signature.
+    Fields are taken from the bottom up, which is how a verifier pairs a name
+    listed twice with its instances, so h= runs in reverse field order. Names in
+    OVERSIGNED are listed once more, so such a field added later breaks the signature.
     """
-    wanted = set(header_names)
-    present: dict[bytes, list[HeaderField]] = {}
-    for name, value in fields:
-        key = field_key(name)
-        if key in wanted:
-            present.setdefault(key, []).append((name, value))
     names: list[bytes] = []
     data: list[bytes] = []
-    for key in header_names:
-        instances = present.get(key, [])
-        names.extend([key] * (len(instances) + (key in OVERSIGNED)))
-        data.extend(relaxed_header(name, value) for name, value in reversed(instances))
+    for key, value in reversed(fields):
+        if key in signed_names:
+            names.append(key)
+            data.append(key + b":" + value + CRLF)
+    names += OVERSIGNED
     return names, b"".join(data)
 
 
 def common_tags(names: Sequence[bytes], body_hash: bytes, timestamp: int, expires: int | None) -> bytes:
     """The tags every signature of one message shares, from t= to bh= (folded)."""
     times = f"t={timestamp};" + (f" x={expires};" if expires is not None else "")
-    h_tag = fold_list(b"h=", names, b":")
-    return times.encode() + b"\r\n\t" + h_tag + b";\r\n\tbh=" + body_hash + b";"
+    return times.encode() + b"\r\n\t" + h_tag(tuple(names)) + b";\r\n\tbh=" + body_hash + b";"
 
 
-def signature_field(key: SigningKey, tags: bytes, signed_headers: bytes) -> bytes:
-    """The full DKIM-Signature field for one key, b= computed over headers + this field."""
-    head = (
-        f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; "
-        f"d={key.domain}; s={key.selector};\r\n\t"
-    ).encode() + tags + b"\r\n\tb="
-    name, _, value = head.partition(b":")
-    to_sign = signed_headers + relaxed_header(name, value)[:-2]
+@functools.lru_cache(maxsize=1024)
+def h_tag(names: tuple[bytes, ...]) -> bytes:
+    """The folded h= tag; messages from one template share it, hence the cache."""
+    return fold_list(b"h=", names, b":")
+
+
+def signature_field(key: SigningKey, tags: bytes, canonical_tags: bytes, signed_headers: bytes) -> bytes:
+    """The full DKIM-Signature field for one key, b= computed over headers + this field.
+
+    The field's own canonical form (b= empty, no final CRLF, RFC 6376 3.7) is put
+    together from canonical pieces rather than canonicalized again.
+    """
+    to_sign = signed_headers + key.canonical_start + canonical_tags + b" b="
     signature = base64.b64encode(key.sign(to_sign))
-    return head + fold_b64(signature) + CRLF
+    return key.field_start + tags + b"\r\n\tb=" + fold_b64(signature) + CRLF
 
 
 def fold_list(prefix: bytes, items: Sequence[bytes], sep: bytes) -> bytes:
@@ -219,27 +241,32 @@ def fold_b64(value: bytes, width: int = FOLD_WIDTH - 8) -> bytes:
     return b"\r\n\t".join(value[i : i + width] for i in range(0, len(value), width))
 
 
-def header_list(headers: Sequence[str]) -> tuple[bytes, ...]:
-    """The configured header names as lowercase bytes, From always included, no repeats."""
-    names: list[bytes] = []
-    for header in ("From", *headers):
+def header_set(headers: Sequence[str]) -> frozenset[bytes]:
+    """The configured header names as lowercase bytes, From always included."""
+    for header in headers:
         if not _HEADER_NAME.fullmatch(header):
             raise ConfigError(f"dkim headers: {header!r} is not a header field name")
-        key = header.lower().encode("ascii")
-        if key not in names:
-            names.append(key)
-    return tuple(names)
+    return frozenset(h.lower().encode("ascii") for h in ("From", *headers))
 
 
-def from_domain(fields: Sequence[HeaderField]) -> str:
+def from_domain(fields: Sequence[CanonicalField]) -> str:
     """The domain of the first address in the first From: field ('' if there is none)."""
-    for name, value in fields:
-        if field_key(name) == b"from":
-            text = value.replace(CRLF, b"").decode("utf-8", "replace")
-            for _, address in getaddresses([text]):
-                if "@" in address:
-                    return normalize_domain(address.rpartition("@")[2])
-            return ""
+    for key, value in fields:
+        if key == b"from":
+            return address_domain(value)
+    return ""
+
+
+def address_domain(value: bytes) -> str:
+    """The domain of the first address in a From: value, '' if it has none."""
+    if value.count(b"@") == 1:  # the common case, without the cost of a full parse
+        simple = _ANGLE_ADDR.search(value) or _BARE_ADDR.fullmatch(value)
+        if simple:
+            return normalize_domain(simple.group(1).decode("utf-8", "replace"))
+    text = value.replace(CRLF, b"").decode("utf-8", "replace")  # unfolded if not canonical
+    for _, address in getaddresses([text]):
+        if "@" in address:
+            return normalize_domain(address.rpartition("@")[2])
     return ""
 
 

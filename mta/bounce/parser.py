@@ -84,6 +84,9 @@ def _prose_bounce(
     """A bounce without a DSN part: the prose, X-Failed-Recipients, an attached bounce."""
     if texts:
         _enrich(texts, texts, report)
+        if prose.is_delay_notice(report):
+            for d in texts:
+                d.action = d.action or "delayed"
         return texts
     if context.failed_recipients:
         return [Delivery(recipient=r, diagnosis=report[:2000]) for r in context.failed_recipients]

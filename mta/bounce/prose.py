@@ -158,21 +158,47 @@ _CODE_LINE_RE = re.compile(
 
 
 def _add_evidence(deliveries: list[Delivery], lines: list[str]) -> None:
-    """Add the report's SMTP reply lines when a recipient's own block quotes none."""
+    """Add the report's SMTP reply lines a recipient's own block does not quote.
+
+    A single recipient gets the session transcript (``<<< 550 ...``) and, when its
+    block has no reply code, every line with one; each recipient gets the other
+    lines that name it.
+    """
+    single = len(deliveries) == 1
     for d in deliveries:
-        if _CODE_LINE_RE.search(d.diagnosis):
-            continue
+        has_code = bool(_CODE_LINE_RE.search(d.diagnosis))
         extra = [
             line.strip()
             for line in lines
             if line.strip()
             and line.strip() not in d.diagnosis
-            and (
-                d.recipient in line.lower() or (len(deliveries) == 1 and _CODE_LINE_RE.search(line))
-            )
+            and _is_evidence(line, d.recipient, single, has_code)
         ]
         if extra:
             d.diagnosis = "\n".join([d.diagnosis, *extra[:8]]).strip()
+
+
+def _is_evidence(line: str, recipient: str, single: bool, has_code: bool) -> bool:
+    if recipient in line.lower():
+        return not has_code
+    if not single:
+        return False
+    if line.lstrip().startswith("<<<"):
+        return True
+    return not has_code and bool(_CODE_LINE_RE.search(line))
+
+
+_DELAY_RE = re.compile(
+    r"this is a warning (?:message )?only|will be retried|delivery attempts will continue|"
+    r"still being retried|has not yet been delivered|has been delayed|delayed for more than|"
+    r"temporary failure report",
+    re.IGNORECASE,
+)
+
+
+def is_delay_notice(report: str) -> bool:
+    """True when the report says delivery is still being attempted (a delay warning)."""
+    return bool(_DELAY_RE.search(report[:20000]))
 
 
 def _usable(address: str, context: Context) -> bool:
@@ -236,7 +262,7 @@ def _following(lines: list[str], index: int, heads: dict[int, tuple[str, str]]) 
             break
         if not line.strip():
             blanks += 1
-            if out or blanks > 1:
+            if (out and not out[-1].endswith(":")) or blanks > 2:
                 break
             continue
         if _is_separator(line):

@@ -833,7 +833,6 @@ NETWORKERROR = Phrases(
         "unable to resolve route ",
         "unrouteable mail domain",
         "network error on destination mxs",
-        "host not reachable",
     ),
     aligned=(("dns error", "nxdomain"), ("dns error", "servfail"), ("dns error", "timed out")),
 )

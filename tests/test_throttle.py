@@ -283,6 +283,24 @@ def test_refused_connections_cut_connections_only() -> None:
     assert d.action == DEFER and "unreachable" in d.reason
 
 
+def test_refused_connection_backs_off_new_connections() -> None:
+    t = make(default={"max_connections": 10, "connection_rate": "unlimited"})
+    dest = t.destination("a.test", [])
+    for _ in range(5):  # five connections opened at once, all refused
+        assert t.try_connect(dest, 0.0) == 0.0
+    for _ in range(5):
+        t.record(dest, 421, "4.7.0", "Try again later", 0.1, connecting=True)
+        t.connection_closed(dest, 0.1)
+    assert t.try_connect(dest, 0.1) == pytest.approx(1.0)  # one event: retry_delay
+    assert t.try_connect(dest, 1.1) == 0.0
+    t.record(dest, CONNECTION_FAILED, None, "Connection reset", 1.2)
+    t.connection_closed(dest, 1.2)
+    assert t.try_connect(dest, 1.2) == pytest.approx(2.0)  # refused again: doubled
+    t.record(dest, 250, None, "Ok", 3.3)
+    t.record(dest, CONNECTION_FAILED, None, "Connection reset", 3.4)
+    assert t.try_connect(dest, 3.4) == pytest.approx(1.0)  # a success in between: reset
+
+
 def test_unlimited_rate_is_cut_from_the_measured_pace() -> None:
     t = make(default={"message_rate": "unlimited"})
     dest = t.destination("a.test", [])

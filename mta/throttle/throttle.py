@@ -3,7 +3,8 @@
 A worker process makes one `Throttle`. For each delivery the scheduler asks it:
 
 - ``dest = throttle.destination(domain, mx_hosts)`` which limits apply;
-- ``throttle.try_connect(dest, now)`` before opening a connection (0.0: go);
+- ``throttle.try_connect(dest, now)`` before opening a connection (0.0: go; after a
+  refused connection it asks to wait retry_delay, doubling while refusals continue);
 - ``throttle.try_send(dest, now, campaign, account)`` before each message (0.0: go);
 - ``throttle.record(dest, code, enhanced, text, now, campaign, account)`` with every reply
   (and with ``code=CONNECTION_FAILED`` for refused/reset connections), which returns the
@@ -114,6 +115,7 @@ class Scope:
     sent: int = 0
     deferred: int = 0
     connection_failures: int = 0  # in a row
+    connect_after: float = 0.0  # no new connection before this (after a refused one)
     accepted: Meter = field(default_factory=Meter)
     suspended: Hold | None = None
     cap: Hold | None = None  # a throttle rule's lower limits, until
@@ -204,6 +206,9 @@ class Throttle:
         held = self._held(scopes, now)
         if held:
             return held
+        backoff = max(sc.connect_after for sc in scopes) - now
+        if backoff > 0:
+            return backoff
         if any(sc.connections >= sc.max_connections() for sc in scopes):
             return WAIT_FOR_CLOSE
         wait = max((sc.conn_gcra.wait(now) for sc in scopes if sc.conn_gcra), default=0.0)
@@ -284,13 +289,22 @@ class Throttle:
             sc.conns.cut(now, self.settings)
         elif signal is Signal.SLOW_CONNECTIONS:
             sc.deferred += 1
-            sc.connection_failures += 1
             sc.conns.cut(now, self.settings)
+            self._back_off_connecting(sc, now)
         if sc.rate.value != before[0]:
             self._sync_rate(sc)
             self._change(sc, now, "rate", reason, old=before[0], new=sc.rate.value)
         if sc.conns.value != before[1]:
             self._change(sc, now, "connections", reason, old=before[1], new=sc.conns.value)
+
+    def _back_off_connecting(self, sc: Scope, now: float) -> None:
+        """No new connection for retry_delay, doubling with each refusal in a row;
+        refusals of connections opened before the backoff started count as one."""
+        if now < sc.connect_after:
+            return
+        sc.connection_failures += 1
+        backoff = self.settings.retry_delay * 2 ** min(sc.connection_failures - 1, 6)
+        sc.connect_after = now + backoff
 
     def _decide(self, sc: Scope, signal: Signal, code: int, now: float, campaign: str,
                 account: str, reason: str) -> Decision:

@@ -9,7 +9,12 @@ A worker process makes one `Throttle`. For each delivery the scheduler asks it:
 - ``throttle.record(dest, code, enhanced, text, now, campaign, account)`` with every reply
   (and with ``code=CONNECTION_FAILED`` for refused/reset connections), which returns the
   `Decision` of what to do with the message;
-- ``throttle.connection_closed(dest)`` once for every connection that try_connect allowed.
+- ``throttle.connection_closed(dest)`` once for every connection that try_connect allowed;
+- about once a second: ``save_snapshot(spool.env, worker, throttle.snapshot())`` (which
+  also expires suspensions, emits their "lifted" events and forgets idle destinations).
+
+Pass ``connecting=True`` to record() for replies to the greeting or EHLO: they are about
+connections (cut the connection count only), not about the message rate.
 
 Limits are kept per *scope*: a provider (all domains whose MX matches its suffixes) or a
 domain. A destination served by a provider is limited by the provider's scope, plus its

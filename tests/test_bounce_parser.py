@@ -654,6 +654,20 @@ def test_malformed_input_is_unknown_or_parsed_never_raises(data: bytes) -> None:
     assert result.kind in ("hard", "soft", "complaint", "autoreply", "unknown")
 
 
+def test_undecodable_header_bytes_come_back_as_valid_text() -> None:
+    data = (
+        b"From: MAILER-DAEMON@mx.example\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+        b"<bad@example.com>: host mx said: 550 5.1.1 user unknown\r\n--b\r\n"
+        b"Content-Type: message/rfc822\r\n\r\nMessage-ID: <\xff\xfe@x>\r\n"
+        b"X-Campaign-ID: c\xff1\r\n\r\nbody\r\n--b--\r\n"
+    )
+    result = parse_bounce(data)
+    assert result.kind == "hard"
+    assert result.campaign is not None and result.campaign.startswith("c")
+    json.dumps(vars(result), ensure_ascii=False).encode("utf-8")
+
+
 def test_deeply_nested_multiparts_are_bounded() -> None:
     data = b"Content-Type: text/plain\r\n\r\nuser unknown\r\n"
     for level in range(3000):
@@ -682,6 +696,7 @@ def test_huge_input_is_truncated_and_still_classified() -> None:
 def test_parse_bounce_never_raises_on_arbitrary_bytes(data: bytes) -> None:
     result = parse_bounce(data)
     assert result.kind in ("hard", "soft", "complaint", "autoreply", "unknown")
+    json.dumps(vars(result), ensure_ascii=False).encode("utf-8")  # valid text only
 
 
 @settings(max_examples=100, deadline=None)

@@ -43,7 +43,21 @@ def _parse(data: bytes, verp_secret: bytes | None) -> BounceResult:
     deliveries = _deliveries(parts)
     result = _result(deliveries, parts)
     _identify(result, parts, verp_secret)
+    return _printable(result)
+
+
+def _printable(result: BounceResult) -> BounceResult:
+    """Replace undecodable bytes (surrogate escapes from raw headers) so the result is valid text."""
+    for name, value in vars(result).items():
+        if isinstance(value, str):
+            setattr(result, name, _valid_text(value))
+        elif isinstance(value, list):
+            setattr(result, name, [_valid_text(v) for v in value])
     return result
+
+
+def _valid_text(value: str) -> str:
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _deliveries(parts: MailParts, depth: int = 0) -> list[Delivery]:

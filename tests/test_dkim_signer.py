@@ -17,6 +17,7 @@ from tests.test_dkim_support import (
     cached_private_key,
     dkimpy_results,
     opendkim_results,
+    sbin_tool,
     signature_ids,
     without_signatures,
     write_key,
@@ -186,6 +187,16 @@ def test_what_is_returned_is_signatures_plus_the_normalized_message(tmp_path: Pa
     )
 
 
+def test_message_without_body_signs_and_verifies(tmp_path: Path) -> None:
+    key = write_key(tmp_path, "example.com", "s1")
+    signer = DkimSigner.from_config(DkimConfig(keys=[key.config]))
+
+    signed = signer.sign(b"From: a@example.com\nSubject: headers only")
+
+    assert without_signatures(signed) == b"From: a@example.com\r\nSubject: headers only\r\n"
+    assert dkimpy_results(signed, [key.record]) == {("example.com", "s1"): "pass"}
+
+
 def test_pkcs1_rsa_and_dkimpy_raw_ed25519_key_files_load(tmp_path: Path) -> None:
     rsa_key = cached_private_key("rsa-sha256")
     pkcs1 = tmp_path / "pkcs1.key"
@@ -226,7 +237,7 @@ def test_pkcs1_rsa_and_dkimpy_raw_ed25519_key_files_load(tmp_path: Path) -> None
 
 def test_opendkim_genkey_keys_work(tmp_path: Path) -> None:
     subprocess.run(
-        ["opendkim-genkey", "-D", str(tmp_path), "-d", "example.com", "-s", "od", "-b", "2048"],
+        [sbin_tool("opendkim-genkey"), "-D", str(tmp_path), "-d", "example.com", "-s", "od", "-b", "2048"],
         check=True,
         timeout=60,
     )

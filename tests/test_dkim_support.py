@@ -87,9 +87,10 @@ def dkimpy_results(message: bytes, records: Iterable[TxtRecord]) -> Results:
     return results
 
 
-def opendkim_binary() -> str:
-    path = shutil.which("opendkim", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    assert path, "opendkim is not installed (Debian package opendkim; scripts/system-packages.sh)"
+def sbin_tool(name: str) -> str:
+    """The path of an OpenDKIM tool (in /usr/sbin, often not on a user's PATH); fails if missing."""
+    path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    assert path, f"{name} is not installed (Debian packages opendkim, opendkim-tools)"
     return path
 
 
@@ -108,7 +109,7 @@ def opendkim_results(message: bytes, records: Iterable[TxtRecord], workdir: Path
     msg = workdir / "message.eml"
     msg.write_bytes(message)
     run = subprocess.run(
-        [opendkim_binary(), "-x", str(conf), "-t", str(msg), "-vvv"],
+        [sbin_tool("opendkim"), "-x", str(conf), "-t", str(msg), "-vvv"],
         capture_output=True,
         text=True,
         timeout=30,

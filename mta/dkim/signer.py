@@ -29,7 +29,7 @@ from mta.dkim.canon import (
     relaxed_header,
     split_message,
 )
-from mta.dkim.keys import PrivateKey, load_private_key
+from mta.dkim.keys import ED25519_SHA256, RSA_SHA256, PrivateKey, load_private_key
 
 DEFAULT_HEADERS: tuple[str, ...] = (
     "From",
@@ -72,6 +72,10 @@ class SigningKey:
         for what, name in (("domain", self.domain), ("selector", self.selector)):
             if not _DNS_NAME.fullmatch(name):
                 raise ConfigError(f"dkim key {what} {name!r} is not a valid DNS name")
+        is_ed25519 = isinstance(self.key, ed25519.Ed25519PrivateKey)
+        if self.algorithm != (ED25519_SHA256 if is_ed25519 else RSA_SHA256):
+            raise ConfigError(f"dkim key {self.selector!r}: algorithm {self.algorithm!r} "
+                              f"does not match its {'Ed25519' if is_ed25519 else 'RSA'} key")
 
     @functools.cached_property
     def field_start(self) -> bytes:

@@ -22,6 +22,19 @@ class ConfigError(Exception):
     """A bad configuration; str() is one line naming the problem."""
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_path(value: str) -> Path:
+    """A file the project ships (config/shaping.toml, ...): relative to the current
+    directory when it is there, else to the project's own directory."""
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
+
+
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
     """'127.0.0.1:2525' -> ('127.0.0.1', 2525); '[::1]:25' -> ('::1', 25)."""
     host, sep, port = value.rpartition(":")

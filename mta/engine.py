@@ -54,9 +54,9 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 def check_startup(cfg: Config) -> None:
     """Everything that can fail at start fails here, with one line, before any fork."""
     tls_context(cfg)
-    from mta.delivery.service import check_dkim_keys
+    from mta.delivery.service import check_delivery_config
 
-    check_dkim_keys(cfg)
+    check_delivery_config(cfg)
     for extension in startup_checks:
         extension(cfg)
     host, port = parse_hostport(cfg.smtp.listen)

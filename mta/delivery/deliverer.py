@@ -1,9 +1,11 @@
 """Outbound delivery: routes each due job to a connection pool per destination.
 
-A destination is the resolved MX set of a domain, so domains hosted on the
-same servers share connections. Each pool runs up to a maximum of connection
-workers; a worker keeps its connection open for many messages (up to a
-maximum per connection) and closes it after an idle timeout.
+A pool serves one throttle destination (a provider, a domain with limits of its
+own, or the site: the MX host set serving a domain) on one resolved address
+set, so domains hosted on the same servers share connections and one budget. Each pool runs connection workers up to the throttle's current
+connection limit; a worker keeps its connection open for many messages (up to
+the limit per connection) and closes it after an idle timeout. The throttle is
+asked before every connection and every message, and told every reply.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ from mta.delivery.client import ConnectFailure, Connection, ConnectSettings, Tar
 from mta.delivery.mx import Route, RouteError
 from mta.queue.outcome import RcptResult, all_recipients
 from mta.queue.scheduler import Item, Scheduler
+from mta.throttle import CONNECTION_FAILED, WAIT_FOR_CLOSE, Destination, Throttle
+from mta.throttle.throttle import ScopeSpec
 
 log = logging.getLogger("mta.delivery")
 
 # Crash tests set MTA_FAILPOINT to kill the engine at a chosen point (see tests/test_crash.py).
 FAILPOINT = os.environ.get("MTA_FAILPOINT", "")
+SHORT_WAIT = 2.0  # a pace wait up to this long is slept through; longer ones go back to the spool
+SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
+SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
 
 
 class Resolver(Protocol):
@@ -43,6 +50,8 @@ Transform = Callable[[Item, str, bytes], tuple[str, bytes]]
 class Pool:
     key: tuple[str, ...]
     targets: list[Target]
+    dest: Destination
+    tls_required: bool = False
     queue: deque[Item] = field(default_factory=deque)
     workers: int = 0
     idle: int = 0
@@ -50,17 +59,18 @@ class Pool:
 
 
 class Deliverer:
-    def __init__(self, cfg: Config, resolver: Resolver, scheduler: Scheduler | None = None
-                 ) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver, throttle: Throttle,
+                 scheduler: Scheduler | None = None) -> None:
         self.cfg = cfg
         self.resolver = resolver
+        self.throttle = throttle
         self.scheduler: Scheduler | None = scheduler
         self.pools: dict[tuple[str, ...], Pool] = {}
         self.transforms: list[Transform] = []
         self.local_handler: Callable[[Item], Any] | None = None
         self.local_domains: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.open_connections = 0
+        self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         d = cfg.delivery
         self._settings = ConnectSettings(
             port=d.port, helo=d.helo_name or cfg.engine.hostname,
@@ -77,36 +87,62 @@ class Deliverer:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
 
     async def _route(self, item: Item) -> None:
         if item.domain in self.local_domains and self.local_handler is not None:
             await self.local_handler(item)
             return
         route = await self.resolver.route(item.domain)
-        error = route_error(route)
-        if error is not None:
-            code, status, text = error
-            await self._complete(item, [RcptResult(r, code, text, status)
+        if isinstance(route, RouteError):
+            await self._complete(item, [RcptResult(r, route.code, route.text, route.status)
                                         for r in all_recipients(item.job)])
             return
         targets = route_targets(route)
-        key = tuple(t.address for t in targets)
-        if item.domain in self._tls_required:
-            key = ("tls",) + key
+        dest = self.destination(item.domain, [h.name for h in route.hosts])
+        tls = item.domain in self._tls_required
+        key = (dest.name, "tls" if tls else "", *(t.address for t in targets))
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = Pool(key, targets)
+            pool = self.pools[key] = Pool(key, targets, dest, tls)
         pool.queue.append(item)
+        self._kick(pool)
+
+    def destination(self, domain: str, mx_hosts: list[str]) -> Destination:
+        """The throttle destination: a provider, a domain with limits of its own, or
+        else the site (the MX host set) that serves the domain, so that domains hosted
+        on the same servers share connections and one budget."""
+        dest = self.throttle.destination(domain, mx_hosts)
+        if dest.provider is None and domain not in self.throttle.shaping.domains:
+            site = "mx:" + ",".join(sorted(set(mx_hosts)))
+            # Several workers may deliver to one site (for different domains): share it.
+            spec = ScopeSpec("site", site, self.throttle.shaping.default, shared=True)
+            dest = Destination(domain, None, (spec,))
+        return dest
+
+    def _kick(self, pool: Pool) -> None:
+        """Wake an idle connection of the pool, or start one if the throttle may allow it."""
         if pool.idle:
             pool.wakeup.set()
-        elif pool.workers < self.cfg.delivery.max_connections_per_destination:
+        elif pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
+                                       self.throttle.max_connections(pool.dest))):
             pool.workers += 1
-            self._spawn(self._connection_worker(pool, item.domain in self._tls_required))
+            self._spawn(self._connection_worker(pool))
 
-    async def _complete(self, item: Item, results: list[RcptResult]) -> None:
+    async def _complete(self, item: Item, results: list[RcptResult],
+                        retry_after: float | None = None) -> None:
         assert self.scheduler is not None
-        await self.scheduler.complete(item, results)
+        await self.scheduler.complete(item, results, retry_after)
+
+    def _postpone(self, items: list[Item], seconds: float) -> None:
+        assert self.scheduler is not None
+        for item in items:
+            self._spawn(self.scheduler.postpone(item, seconds))
 
     # --- connections --------------------------------------------------------
 
@@ -127,37 +163,111 @@ class Deliverer:
                 pool.idle -= 1
         return pool.queue.popleft()
 
-    async def _connection_worker(self, pool: Pool, tls_required: bool) -> None:
+    async def _connection_worker(self, pool: Pool) -> None:
         conn: Connection | None = None
-        settings = self._settings
-        if tls_required:
-            settings = ConnectSettings(**{**settings.__dict__, "tls_required": True})
         try:
             while (item := await self._next_item(pool)) is not None:
                 if conn is None or not conn.usable or (
-                        conn.sent >= self.cfg.delivery.max_messages_per_connection):
+                        conn.sent >= self.throttle.messages_per_connection(pool.dest)):
                     if conn is not None:
-                        await self._close(conn)
-                    conn, failures = await connect(pool.targets, settings)
+                        await self._close(pool, conn)
+                    conn = await self._open(pool, item)
                     if conn is None:
-                        self._fail_pool(pool, item, failures)
                         return
-                    self.open_connections += 1
-                sender, data = self._prepare(item)
-                results = await conn.send(sender, all_recipients(item.job), data)
-                if FAILPOINT == "after_remote_accept" and any(r.delivered for r in results):
-                    os.killpg(0, signal.SIGKILL)  # crash tests: the remote has it, we don't know
-                self._spawn(self._complete(item, results))
+                if not await self._paced(pool, item):
+                    continue
+                if not await self._send(pool, conn, item):
+                    await self._close(pool, conn)
+                    conn = None
+                if self.throttle.over_connection_limit(pool.dest):
+                    return
         finally:
             pool.workers -= 1
             if conn is not None:
-                await self._close(conn)
+                await self._close(pool, conn)
             if pool.queue and pool.workers == 0:
-                pool.workers += 1
-                self._spawn(self._connection_worker(pool, tls_required))
+                self._kick(pool)
 
-    async def _close(self, conn: Connection) -> None:
-        self.open_connections -= 1
+    async def _open(self, pool: Pool, item: Item) -> Connection | None:
+        """A new connection for the pool, or None (the item was requeued or failed)."""
+        if not await self._connection_slot(pool):
+            pool.queue.appendleft(item)
+            return None
+        settings = self._settings
+        if pool.tls_required:
+            settings = ConnectSettings(**{**settings.__dict__, "tls_required": True})
+        conn, failures = await connect(pool.targets, settings)
+        for failure in failures:
+            self.throttle.record(pool.dest, failure.code or CONNECTION_FAILED, failure.enhanced,
+                                 failure.text, connecting=True)
+        if conn is None:
+            self.throttle.connection_closed(pool.dest)
+            self._fail_pool(pool, item, failures)
+            return None
+        name = pool.dest.name
+        self.open_connections[name] = self.open_connections.get(name, 0) + 1
+        return conn
+
+    async def _connection_slot(self, pool: Pool) -> bool:
+        """Wait until the throttle allows a new connection; False: leave it to others."""
+        waited = 0.0
+        while True:
+            wait = self.throttle.try_connect(pool.dest)
+            if wait == 0:
+                return True
+            if wait == WAIT_FOR_CLOSE:
+                if pool.workers > 1 or waited >= SLOT_PATIENCE:
+                    if pool.workers <= 1:
+                        self._postpone(list(pool.queue), SHORT_WAIT)
+                        pool.queue.clear()
+                    return False
+                wait = SLOT_POLL
+            elif wait > SHORT_WAIT:  # suspended, or connections refused: back to the spool
+                self._postpone(list(pool.queue), wait)
+                pool.queue.clear()
+                return False
+            await asyncio.sleep(wait)
+            waited += wait
+
+    async def _paced(self, pool: Pool, item: Item) -> bool:
+        """Wait for the message's turn at the destination's pace; False if postponed."""
+        campaign, account = item.message.get("campaign", ""), item.message.get("account", "")
+        while (wait := self.throttle.try_send(pool.dest, None, campaign, account)) > 0:
+            if wait > SHORT_WAIT:
+                self._postpone([item], wait)
+                return False
+            await asyncio.sleep(wait)
+        return True
+
+    async def _send(self, pool: Pool, conn: Connection, item: Item) -> bool:
+        """Send one item; False when the connection should not be used again."""
+        sender, data = self._prepare(item)
+        results = await conn.send(sender, all_recipients(item.job), data)
+        if FAILPOINT == "after_remote_accept" and any(r.delivered for r in results):
+            os.killpg(0, signal.SIGKILL)  # crash tests: the remote has it, we don't know
+        retry_after, keep = self._learn(pool, item, results)
+        self._spawn(self._complete(item, results, retry_after))
+        return keep and conn.usable
+
+    def _learn(self, pool: Pool, item: Item, results: list[RcptResult]
+               ) -> tuple[float | None, bool]:
+        """Tell the throttle each distinct reply; (retry after, keep the connection)."""
+        campaign, account = item.message.get("campaign", ""), item.message.get("account", "")
+        now = time.time()
+        retry_at: float | None = None
+        keep = True
+        for code, status, text in {(r.code, r.enhanced, r.text) for r in results}:
+            decision = self.throttle.record(pool.dest, code or CONNECTION_FAILED, status, text,
+                                            now, campaign, account)
+            if decision.retry_at is not None:
+                retry_at = max(retry_at or 0.0, decision.retry_at)
+                keep = False
+        return (None if retry_at is None else max(0.0, retry_at - now)), keep
+
+    async def _close(self, pool: Pool, conn: Connection) -> None:
+        name = pool.dest.name
+        self.open_connections[name] = max(0, self.open_connections.get(name, 1) - 1)
+        self.throttle.connection_closed(pool.dest)
         await conn.close()
 
     def _fail_pool(self, pool: Pool, item: Item, failures: list[ConnectFailure]) -> None:
@@ -183,22 +293,15 @@ class Deliverer:
 
 def connect_results(item: Item, failures: list[ConnectFailure]) -> list[RcptResult]:
     """Per-recipient results when no connection could be had."""
-    last = failures[-1] if failures else None
-    permanent = bool(failures) and all(500 <= f.code < 600 for f in failures)
-    if last is None:
-        code, text, status, host = 0, "no address to connect to", "4.4.4", ""
-    else:
-        code, text, status, host = last.code, last.text, last.enhanced, last.target.host
-    if permanent:
-        code = last.code if last else 550
-    return [RcptResult(r, code, text, status, host) for r in all_recipients(item.job)]
-
-
-def route_error(route: Route | RouteError) -> tuple[int, str, str] | None:
-    """(reply code, enhanced status, text) when the route is an error, else None."""
-    if isinstance(route, RouteError):
-        return route.code, route.status, route.text
-    return None
+    if not failures:
+        return [RcptResult(r, 0, "no address to connect to", "4.4.4")
+                for r in all_recipients(item.job)]
+    last = failures[-1]
+    code = last.code
+    if 500 <= code < 600 and not all(500 <= f.code < 600 for f in failures):
+        code = 0  # one MX refused for good, another only failed: try again later
+    return [RcptResult(r, code, last.text, last.enhanced if code else "4.4.1", last.target.host)
+            for r in all_recipients(item.job)]
 
 
 def route_targets(route: Route) -> list[Target]:

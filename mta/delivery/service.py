@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
 from mta.bounce.reply import classify_reply
-from mta.config import Config, parse_hostport
+from mta.config import Config, parse_hostport, shipped_path
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
 from mta.delivery.inbound import InboundHandler, verp_transform
@@ -15,6 +17,9 @@ from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.queue.spool import NewMessage
+from mta.throttle import Throttle, load_shaping, snapshot_op
+
+log = logging.getLogger("mta.delivery")
 
 EVENT_TYPES = (("delivered", "Delivery"), ("deferred", "TransientFailure"),
                ("bounced", "Bounce"), ("expired", "Expiration"))
@@ -73,10 +78,22 @@ def dkim_transform(signer: DkimSigner) -> Any:
     return sign
 
 
-def check_dkim_keys(cfg: Config) -> None:
-    """Stops `mta serve` at start, with one line, on a missing or bad key file."""
+def check_delivery_config(cfg: Config) -> None:
+    """Stops `mta serve` at start, with one line, on a bad DKIM key or shaping file."""
     if cfg.dkim.keys:
         DkimSigner.from_config(cfg.dkim)
+    load_shaping(shipped_path(cfg.throttle.shaping_file))
+
+
+async def save_throttle_state(worker: Any, throttle: Throttle, interval: float = 1.0) -> None:
+    """Keeps `mta throttle status` current: this worker's snapshot, once a second."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await worker.committer.submit(
+                snapshot_op(worker.spool.env, worker.index, throttle.snapshot()))
+        except Exception:
+            log.exception("could not save the throttle snapshot")
 
 
 def start_delivery(worker: Any) -> Deliverer:
@@ -86,7 +103,9 @@ def start_delivery(worker: Any) -> Deliverer:
     own = {listen_host} if listen_port == cfg.delivery.port else set()
     resolver = MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
                           max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
-    deliverer = Deliverer(cfg, resolver)
+    throttle = Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), worker.index, worker.workers,
+                        on_event=lambda event: worker.emit({"type": "ThrottleChange", **event}))
+    deliverer = Deliverer(cfg, resolver, throttle)
     worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))
@@ -107,7 +126,10 @@ def start_delivery(worker: Any) -> Deliverer:
     worker.intake.on_stored = scheduler.notify_stored
     scheduler.start()
 
+    snapshots = asyncio.get_running_loop().create_task(save_throttle_state(worker, throttle))
+
     async def close() -> None:
+        snapshots.cancel()
         await scheduler.stop()
         await deliverer.close()
 

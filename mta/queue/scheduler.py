@@ -194,6 +194,24 @@ class Scheduler:
         finally:
             self.in_flight.discard(item.job_id)
 
+    async def postpone(self, item: Item, seconds: float) -> None:
+        """Put a job back, due in `seconds`, without counting an attempt (it was not tried:
+        its destination is suspended or over its pace)."""
+        due_ms = int((time.time() + max(0.0, seconds)) * 1000)
+
+        def move(txn: Any) -> None:
+            txn.delete(item.job_id, db=self.spool.dbs["sending"])
+            job = self.spool.get_job(txn, item.job_id)
+            if job is not None and not job.get("held"):
+                old = job["next"]
+                job["next"] = due_ms
+                self.spool.reschedule(txn, item.job_id, job, old)
+
+        try:
+            await self.committer.submit(move)
+        finally:
+            self.in_flight.discard(item.job_id)
+
     def _next_due_ms(self) -> int | None:
         with self.spool.read() as txn:
             return self.spool.next_due_ms(txn)

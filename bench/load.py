@@ -89,7 +89,7 @@ class SmtpSession:
         try:
             self.writer.write(b"QUIT\r\n")
             await asyncio.wait_for(self.reply(), 2)
-        except (OSError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ConnectionError):
             pass
         self.writer.close()
 

@@ -36,6 +36,7 @@ FAILPOINT = os.environ.get("MTA_FAILPOINT", "")
 SHORT_WAIT = 2.0  # a pace wait up to this long is slept through; longer ones go back to the spool
 SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
 SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
+HOST_FAILURE_MEMORY = 300.0  # an MX address that failed is tried after the others this long
 
 
 class Resolver(Protocol):
@@ -71,6 +72,7 @@ class Deliverer:
         self.local_domains: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
+        self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
         d = cfg.delivery
         self._settings = ConnectSettings(
             port=d.port, helo=d.helo_name or cfg.engine.hostname,
@@ -196,8 +198,12 @@ class Deliverer:
         settings = self._settings
         if pool.tls_required:
             settings = ConnectSettings(**{**settings.__dict__, "tls_required": True})
-        conn, failures = await connect(pool.targets, settings)
+        conn, failures = await connect(self._healthy_first(pool.targets), settings)
+        now = time.monotonic()
+        if len(self._failed_hosts) > 10_000:
+            self._failed_hosts = {a: t for a, t in self._failed_hosts.items() if t > now}
         for failure in failures:
+            self._failed_hosts[failure.target.address] = now + HOST_FAILURE_MEMORY
             self.throttle.record(pool.dest, failure.code or CONNECTION_FAILED, failure.enhanced,
                                  failure.text, connecting=True)
         if conn is None:
@@ -207,6 +213,11 @@ class Deliverer:
         name = pool.dest.name
         self.open_connections[name] = self.open_connections.get(name, 0) + 1
         return conn
+
+    def _healthy_first(self, targets: list[Target]) -> list[Target]:
+        """Addresses that failed lately go last (a stable sort keeps MX preference)."""
+        now = time.monotonic()
+        return sorted(targets, key=lambda t: self._failed_hosts.get(t.address, 0.0) > now)
 
     async def _connection_slot(self, pool: Pool) -> bool:
         """Wait until the throttle allows a new connection; False: leave it to others."""

@@ -233,3 +233,43 @@ def test_smtp_sink_421_on_connect_defers_never_bounces(tmp_path, dns_server,
         engine.stop()
     deferred = events(tmp_path, "TransientFailure")[0]
     assert deferred["code"] == 421 and not events(tmp_path, "Bounce")
+
+
+def test_full_spool_refuses_then_resumes_when_delivery_frees_space(
+        tmp_path, dns_server, asyncio_sink_factory) -> None:
+    faults = SinkFaults(mail_reply="451 4.3.0 not now")
+    sink = asyncio_sink_factory(host="127.0.0.2", faults=faults)
+    dns_server.add_mx("full.test", [(10, "mx.full.test")])
+    dns_server.add_a("mx.full.test", "127.0.0.2")
+    engine = start_engine(
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 1.0},
+        spool={"map_size": 2 * 1024 * 1024, "max_map_use": 0.8},
+        delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True,
+                  "retry_initial": 0.5, "retry_max": 0.5, "retry_jitter": 0.0})
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20
+    try:
+        refused = None
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            for i in range(200):
+                try:
+                    client.sendmail(SENDER, [f"u{i}@full.test"], body)
+                except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+                    refused = exc
+                    break
+        assert refused is not None and refused.smtp_code == 452
+        assert b"4.3.1" in refused.smtp_error
+        accepted = len(events(tmp_path, "Reception"))
+        faults.mail_reply = ""  # the remote takes mail again: the queue drains
+        assert wait_until(lambda: len(events(tmp_path, "Delivery")) == accepted, timeout=30)
+
+        def intake_resumed() -> bool:
+            try:
+                submit(engine, ["after@full.test"], "after")
+                return True
+            except smtplib.SMTPException:
+                return False
+
+        assert wait_until(intake_resumed, timeout=10, interval=0.5)
+    finally:
+        engine.stop()
+    assert not events(tmp_path, "Bounce")

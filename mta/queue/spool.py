@@ -289,9 +289,17 @@ class Spool:
             return txn.stat(db)["entries"]
 
     def usage(self) -> tuple[int, int]:
-        """(bytes used inside the map, map size)."""
-        info, stat = self.env.info(), self.env.stat()
-        return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
+        """(bytes in use inside the map, map size). Pages freed by deletions count as free
+        (LMDB reuses them), so intake resumes by itself when delivered mail leaves."""
+        stat = self.env.stat()
+        kinds = ("branch_pages", "leaf_pages", "overflow_pages")
+        pages = sum(stat[k] for k in kinds)
+        with self.env.begin() as txn:
+            for db in self.dbs.values():
+                if db is not None:
+                    db_stat = txn.stat(db)
+                    pages += sum(db_stat[k] for k in kinds)
+        return pages * stat["psize"], self.env.info()["map_size"]
 
 
 def _as_full(exc: BaseException) -> BaseException:

@@ -92,6 +92,13 @@ class HttpConfig:
     listen: str = "127.0.0.1:8025"
     admin_token: str = ""
     public_url: str = "http://127.0.0.1:8025"
+    enabled: bool = True  # false: no HTTP listener at all (metrics are still recorded)
+    operator_tokens: dict[str, str] = field(default_factory=dict)  # operator name -> token
+    metrics_dir: str = ""  # prometheus multiprocess files; empty: a fresh temporary dir
+    sample_interval: float = 1.0  # live gauges (connections, in flight) sampled this often
+    queue_sample_interval: float = 2.0  # queue depth recomputed at most this often
+    max_auth_failures: int = 10  # bad admin tokens per client address within the window: 429
+    auth_failure_window: float = 60.0
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""What the admin API and the dashboard do, without HTTP: reads, actions, audit.
+
+Reads go to LMDB directly (worker 0's read-only transactions, in a thread when they
+scan); writes go through worker 0's group committer (inside the `PolicyAdmin`).
+Figures that cost a scan (queue depth, campaigns, throttle snapshots) are sampled:
+recomputed at most every `[http] queue_sample_interval` seconds, and never more
+often than 20 times the last scan took, so a huge queue costs a bounded share of CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from mta.audit import AuditLog, action_record
+from mta.commands.queue import _jobs_of, message_summary, queue_stats
+from mta.http.policy_port import PolicyAdmin
+from mta.metrics import outcome_totals
+from mta.queue.spool import Spool
+
+SCAN_SHARE = 20  # wait at least this many times the last scan's duration before the next
+TOP_DESTINATIONS = 10
+TOP_THROTTLE_ROWS = 20
+
+
+class Sampler:
+    """A cached async computation, recomputed when stale; callers share one run."""
+
+    def __init__(self, compute: Callable[[], Awaitable[Any]], min_interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.compute = compute
+        self.min_interval = min_interval
+        self.clock = clock
+        self.value: Any = None
+        self._at = -float("inf")
+        self._interval = min_interval
+        self._running: asyncio.Future[Any] | None = None
+
+    def stale(self) -> bool:
+        return self.clock() - self._at >= self._interval
+
+    def invalidate(self) -> None:
+        self._at = -float("inf")
+
+    async def get(self) -> Any:
+        if not self.stale():
+            return self.value
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._refresh())
+        running = self._running
+        try:
+            return await asyncio.shield(running)
+        finally:
+            if running.done() and self._running is running:
+                self._running = None
+
+    async def _refresh(self) -> Any:
+        started = self.clock()
+        self.value = await self.compute()
+        took = self.clock() - started
+        self._at = self.clock()
+        self._interval = max(self.min_interval, SCAN_SHARE * took)
+        return self.value
+
+
+def load_throttle_rows(spool: Spool) -> list[dict[str, Any]]:
+    """Every worker's throttle snapshot rows; [] without the throttle package."""
+    try:
+        from mta.throttle import load_snapshots
+    except ImportError:
+        return []
+    return load_snapshots(spool.env)
+
+
+def message_detail(spool: Spool, message_id: str) -> dict[str, Any] | None:
+    with spool.read() as txn:
+        message = spool.get_message(txn, message_id)
+        if message is None:
+            return None
+        jobs = [dict(job, job=key.decode()) for key, job in _jobs_of(spool, txn, message_id)]
+    return message_summary(message) | {"jobs": jobs}
+
+
+def message_list(spool: Spool, limit: int) -> list[dict[str, Any]]:
+    rows = []
+    with spool.read() as txn:
+        for message in spool.messages(txn):
+            rows.append(message_summary(message))
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+def storage_figures(spool: Spool) -> dict[str, int]:
+    used, size = spool.usage()
+    try:
+        free = shutil.disk_usage(spool.path).free
+    except OSError:
+        free = 0
+    return {"used_bytes": used, "map_bytes": size, "disk_free_bytes": free}
+
+
+def busiest_destinations(queue: dict[str, Any], throttle: list[dict[str, Any]]
+                         ) -> list[dict[str, Any]]:
+    """The domains with the most jobs waiting, each with its throttle state if known."""
+    states = {row["destination"]: row for row in throttle}
+    rows = []
+    for domain, counts in list(queue.get("by_domain", {}).items())[:TOP_DESTINATIONS]:
+        row = states.get(domain, {})
+        rows.append({"destination": domain, "waiting": sum(counts.values()), **counts,
+                     "throttle": row.get("state", "normal"), "reason": row.get("reason", ""),
+                     "until": row.get("until")})
+    return rows
+
+
+def throttle_summary(rows: list[dict[str, Any]], limit: int = TOP_THROTTLE_ROWS
+                     ) -> list[dict[str, Any]]:
+    """Rows merged across workers per destination, busiest (most sent) first."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["kind"], row["destination"])
+        if key not in merged:
+            merged[key] = {k: row.get(k) for k in (
+                "destination", "kind", "state", "reason", "until", "rate", "connections",
+                "max_connections", "sent", "deferred")}
+            continue
+        into = merged[key]
+        for k in ("connections", "max_connections", "sent", "deferred"):
+            into[k] = (into[k] or 0) + (row.get(k) or 0)
+        into["rate"] = None if into["rate"] is None or row.get("rate") is None else (
+            into["rate"] + row["rate"])
+        if row.get("state") != "normal":
+            into["state"], into["reason"] = row["state"], row.get("reason")
+    return sorted(merged.values(), key=lambda r: -(r["sent"] or 0))[:limit]
+
+
+class Admin:
+    def __init__(self, cfg: Any, spool: Spool, policy: Callable[[], PolicyAdmin],
+                 audit: AuditLog | None = None, metrics_registry: Any = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self._policy = policy  # looked up at each use: the guard may be wired in later
+        self.audit = audit
+        self.metrics_registry = metrics_registry
+        interval = cfg.http.queue_sample_interval
+        self.queue_sampler = Sampler(lambda: asyncio.to_thread(queue_stats, spool), interval)
+        self.campaign_sampler = Sampler(lambda: self.policy.campaigns(), interval)
+        self.throttle_sampler = Sampler(
+            lambda: asyncio.to_thread(load_throttle_rows, spool), min(interval, 1.0))
+
+    @property
+    def policy(self) -> PolicyAdmin:
+        return self._policy()
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def queue(self) -> dict[str, Any]:
+        return await asyncio.to_thread(queue_stats, self.spool)
+
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(message_detail, self.spool, message_id)
+
+    async def messages(self, limit: int) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(message_list, self.spool, limit)
+
+    async def throttle(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(load_throttle_rows, self.spool)
+
+    async def campaigns(self) -> dict[str, Any]:
+        return {"thresholds": self.policy.thresholds(), "campaigns": await self.policy.campaigns()}
+
+    async def dashboard(self) -> dict[str, Any]:
+        queue = await self.queue_sampler.get()
+        campaigns = await self.campaign_sampler.get()
+        throttle = await self.throttle_sampler.get()
+        return {
+            "time": time.time(),
+            "totals": outcome_totals(self.metrics_registry),
+            "queue": {k: queue[k] for k in ("total", "jobs", "recipients", "by_state")},
+            "storage": storage_figures(self.spool),
+            "destinations": busiest_destinations(queue, throttle),
+            "throttle": throttle_summary(throttle),
+            "thresholds": self.policy.thresholds(),
+            "campaigns": campaigns,
+        }
+
+    # --- actions ---------------------------------------------------------------------------
+
+    async def act(self, who: tuple[str, str], action: str, obj: str,
+                  run: Callable[[], Awaitable[Any]], **details: Any) -> Any:
+        """Run an operator action and record it in the audit log, whatever the result."""
+        client, identity = who
+        try:
+            result = await run()
+        except Exception as exc:
+            self._record(action_record(client, identity, action, obj,
+                                       f"error: {type(exc).__name__}: {exc}", **details))
+            raise
+        self._record(action_record(client, identity, action, obj, "ok", **details))
+        self.queue_sampler.invalidate()
+        self.campaign_sampler.invalidate()
+        return result
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.record(record)
+
+    # --- scrape-time metrics ---------------------------------------------------------------
+
+    async def refresh_for_scrape(self) -> None:
+        await asyncio.gather(self.queue_sampler.get(), self.campaign_sampler.get(),
+                             self.throttle_sampler.get())
+
+    def collector(self) -> ScrapeCollector:
+        return ScrapeCollector(self)
+
+
+class ScrapeCollector:
+    """Figures worker 0 samples from LMDB, in the /metrics output (prometheus Collector)."""
+
+    def __init__(self, admin: Admin) -> None:
+        self.admin = admin
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from queue_families(self.admin.queue_sampler.value)
+        yield from storage_families(storage_figures(self.admin.spool))
+        yield from throttle_families(self.admin.throttle_sampler.value or [])
+        paused = GaugeMetricFamily("mta_campaigns_paused", "Campaigns paused now")
+        paused.add_metric([], sum(1 for c in self.admin.campaign_sampler.value or []
+                                  if c.get("paused")))
+        yield paused
+
+
+def queue_families(stats: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+    if stats is None:
+        return
+    depth = GaugeMetricFamily("mta_queue_depth", "Delivery jobs in the spool by state",
+                              labels=["state"])
+    for state in ("queued", "deferred", "held"):
+        depth.add_metric([state], stats["by_state"].get(state, 0))
+    yield depth
+    yield GaugeMetricFamily("mta_queue_messages", "Messages in the spool", value=stats["total"])
+    yield GaugeMetricFamily("mta_queue_recipients", "Recipients waiting for delivery",
+                            value=stats["recipients"])
+
+
+def storage_families(figures: dict[str, int]) -> Iterator[GaugeMetricFamily]:
+    yield GaugeMetricFamily("mta_spool_used_bytes", "Bytes used inside the spool's LMDB map",
+                            value=figures["used_bytes"])
+    yield GaugeMetricFamily("mta_spool_map_size_bytes", "Largest size the spool may grow to",
+                            value=figures["map_bytes"])
+    yield GaugeMetricFamily("mta_spool_disk_free_bytes", "Free bytes on the spool's disk",
+                            value=figures["disk_free_bytes"])
+
+
+def throttle_families(rows: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    states = GaugeMetricFamily("mta_throttle_destinations",
+                               "Throttle scopes by kind and state (summed over workers)",
+                               labels=["kind", "state"])
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["kind"], row["state"])
+        counts[key] = counts.get(key, 0) + 1
+    for (kind, state), count in sorted(counts.items()):
+        states.add_metric([kind, state], count)
+    yield states
+    rate = GaugeMetricFamily("mta_throttle_provider_rate",
+                             "Current message rate limit per provider (messages/s)",
+                             labels=["provider"])
+    conns = GaugeMetricFamily("mta_throttle_provider_max_connections",
+                              "Current connection limit per provider", labels=["provider"])
+    for row in throttle_summary([r for r in rows if r["kind"] == "provider"], len(rows)):
+        if row["rate"] is not None:
+            rate.add_metric([row["destination"]], row["rate"])
+        conns.add_metric([row["destination"]], row["max_connections"] or 0)
+    yield rate
+    yield conns

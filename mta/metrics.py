@@ -1,0 +1,321 @@
+"""Prometheus metrics, correct across the engine's worker processes.
+
+How it works with N workers (prometheus-client's multiprocess mode):
+
+- The supervisor calls `prepare_metrics_dir(cfg)` before it forks: it points
+  ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory. Every worker's counters,
+  histograms and gauges are memory-mapped files there, one set per process.
+- The supervisor calls `metrics_process_dead(pid)` when a worker exits, so the
+  live gauges (mode ``livesum``) of a dead worker stop counting; its counters stay,
+  so totals never go backwards when a worker is restarted.
+- Each worker calls `start_metrics(worker)`: an `EngineMetrics` fed by its event log
+  (`EngineMetrics.on_event`) and a sampler task for its live figures (open
+  connections per provider, deliveries in flight, DKIM signatures, spool commits).
+- Worker 0 serves ``/metrics`` (mta.http): a `MultiProcessCollector` over the
+  directory, plus figures sampled at scrape time from LMDB (queue depth, spool
+  size, free disk, throttle state, paused campaigns; see mta.http.admin).
+
+Outcome counters are labelled by destination *provider* (the throttle's shaping file
+groups MX hosts into providers), never by recipient domain, so cardinality stays
+bounded; a destination no provider claims is "other".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+log = logging.getLogger("mta.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OTHER = "other"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                   3600.0, 14_400.0, 86_400.0, 432_000.0)
+OUTCOMES = {"Delivery": "delivered", "TransientFailure": "deferred", "Bounce": "bounced",
+            "Expiration": "expired"}
+FEEDBACK_KINDS = frozenset({"hard", "soft", "unknown"})
+_PROVIDER_CACHE_MAX = 10_000
+
+
+# --- the multiprocess directory (supervisor side) ----------------------------------------
+
+def prepare_metrics_dir(cfg: Any) -> str:
+    """Point prometheus-client at a fresh directory; call before forking the workers.
+
+    `[http] metrics_dir` when set (its old files are removed), else a new temporary
+    directory (remove it with `cleanup_metrics_dir` when the engine stops)."""
+    path = cfg.http.metrics_dir or tempfile.mkdtemp(prefix="mta-metrics-")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        os.unlink(stale)
+    os.environ[MULTIPROC_ENV] = path
+    # prometheus-client picks its value class when first imported; pick it again.
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+    return path
+
+
+def metrics_process_dead(pid: int) -> None:
+    """A worker exited: its live gauges stop counting (its counters are kept)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            mark_process_dead(pid, path)
+
+
+def cleanup_metrics_dir(cfg: Any, path: str) -> None:
+    """Remove the directory `prepare_metrics_dir` made (a configured one is kept)."""
+    if not cfg.http.metrics_dir:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def multiprocess_enabled() -> bool:
+    path = os.environ.get(MULTIPROC_ENV)
+    return bool(path) and os.path.isdir(path or "")
+
+
+def render(local: CollectorRegistry | None, extra: Iterable[Any] = ()) -> bytes:
+    """The Prometheus text exposition: every process's metrics plus `extra` collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    if multiprocess_enabled():
+        MultiProcessCollector(registry)
+    elif local is not None:
+        registry.register(_Forward(local))
+    for collector in extra:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+class _Forward:
+    """This process's registry as one collector of another registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        return self.registry.collect()
+
+
+# --- providers ---------------------------------------------------------------------------
+
+class ProviderNames:
+    """MX host -> provider label, by the throttle's shaping file (cached, bounded)."""
+
+    def __init__(self, shaping: Any = None) -> None:
+        self.shaping = shaping
+        self._cache: dict[tuple[str, str], str] = {}
+
+    def of(self, mx_hosts: list[str], domain: str = "") -> str:
+        if self.shaping is None:
+            return OTHER
+        key = (mx_hosts[0] if mx_hosts else "", domain)
+        name = self._cache.get(key)
+        if name is None:
+            provider = self.shaping.provider(domain, [h for h in mx_hosts if h])
+            name = provider.name if provider is not None else OTHER
+            if len(self._cache) >= _PROVIDER_CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = name
+        return name
+
+
+def load_provider_names(cfg: Any, throttle: Any = None) -> ProviderNames:
+    """The running throttle's shaping, else the shaping file, else no providers."""
+    shaping = getattr(throttle, "shaping", None)
+    if shaping is None:
+        try:
+            from mta.throttle import load_shaping
+
+            shaping = load_shaping(cfg.throttle.shaping_file)
+        except Exception:  # no throttle package, or no usable shaping file: all "other"
+            shaping = None
+    return ProviderNames(shaping)
+
+
+# --- one worker's metrics ----------------------------------------------------------------
+
+def feedback_kind(event: dict[str, Any]) -> str | None:
+    """The `mta_feedback_total` kind of an event, or None when it is no feedback."""
+    kind = event.get("type")
+    if kind == "Bounce":
+        sub = event.get("kind")
+        return f"{sub}_bounce" if sub in FEEDBACK_KINDS else "bounce"
+    return {"Complaint": "complaint", "Unsubscribe": "unsubscribe",
+            "AutoReply": "autoreply"}.get(str(kind))
+
+
+class EngineMetrics:
+    """The metrics one worker process records; `on_event` is its EventLog listener."""
+
+    def __init__(self, providers: ProviderNames | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.providers = providers or ProviderNames()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.received = Counter("mta_messages_received", "Messages accepted (250 after DATA)",
+                                registry=r)
+        self.received_rcpts = Counter("mta_recipients_received",
+                                      "Recipients of the messages accepted", registry=r)
+        self.outcomes = {
+            outcome: Counter(f"mta_messages_{outcome}",
+                             f"Recipient outcomes: {outcome}, by destination provider",
+                             ["provider"], registry=r)
+            for outcome in OUTCOMES.values()}
+        self.latency = Histogram("mta_delivery_latency_seconds",
+                                 "Seconds from acceptance to delivery, per recipient",
+                                 ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.feedback = Counter("mta_feedback", "Bounces, complaints, unsubscribes, auto-replies"
+                                " by kind", ["kind"], registry=r)
+        self.smtp_auth = Counter("mta_smtp_auth", "SMTP AUTH attempts by result", ["result"],
+                                 registry=r)
+        self.campaign_pauses = Counter("mta_campaign_pauses",
+                                       "Campaign pauses (by the policy guard or an operator)", registry=r)
+        self.connections = Gauge("mta_open_connections",
+                                 "Outbound SMTP connections open or opening, by provider",
+                                 ["provider"], multiprocess_mode="livesum", registry=r)
+        self.in_flight = Gauge("mta_deliveries_in_flight", "Delivery attempts under way",
+                               multiprocess_mode="livesum", registry=r)
+        self.dkim = Counter("mta_dkim_signatures", "Outgoing messages signed or left unsigned",
+                            ["result"], registry=r)
+        self.commits = Counter("mta_spool_commits", "Spool write transactions (fsyncs)",
+                               registry=r)
+        self.commit_ops = Counter("mta_spool_commit_operations",
+                                  "Spool writes grouped into those transactions", registry=r)
+        self._seen: dict[str, float] = {}
+        self._providers_open: set[str] = set()
+        self._init_labels()
+
+    def _init_labels(self) -> None:
+        """Series that exist from the start at 0, so dashboards show 0, not "no data"."""
+        for counter in self.outcomes.values():
+            counter.labels(OTHER)
+        for result in ("ok", "failed"):
+            self.smtp_auth.labels(result)
+        for result in ("signed", "unsigned"):
+            self.dkim.labels(result)
+        for kind in ("hard_bounce", "soft_bounce", "complaint", "unsubscribe"):
+            self.feedback.labels(kind)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        outcome = OUTCOMES.get(str(kind))
+        if outcome is not None:
+            self._outcome(outcome, event)
+        elif kind == "Reception":
+            self.received.inc()
+            self.received_rcpts.inc(int(event.get("recipients") or 0))
+        elif kind == "Auth":
+            self.smtp_auth.labels("ok" if event.get("ok") else "failed").inc()
+        elif kind == "CampaignPaused":
+            self.campaign_pauses.inc()
+        feedback = feedback_kind(event)
+        if feedback is not None:
+            self.feedback.labels(feedback).inc()
+
+    def _outcome(self, outcome: str, event: dict[str, Any]) -> None:
+        provider = self.providers.of([str(event.get("mx") or "")], str(event.get("domain", "")))
+        self.outcomes[outcome].labels(provider).inc()
+        if outcome == "delivered" and isinstance(event.get("age"), int | float):
+            self.latency.labels(provider).observe(max(0.0, float(event["age"])))
+
+    # --- sampled figures -----------------------------------------------------------------
+
+    def sample(self, worker: Any) -> None:
+        """Live figures of one worker: connections, in-flight, DKIM, commits."""
+        deliverer = getattr(worker, "deliverer", None)
+        if deliverer is not None:
+            self.set_connections(pool_connections(deliverer, self.providers))
+        scheduler = getattr(worker, "scheduler", None)
+        if scheduler is not None:
+            self.in_flight.set(len(scheduler.in_flight))
+        signer = getattr(worker, "dkim_signer", None)
+        if signer is not None:
+            self._advance("signed", signer.signed, self.dkim.labels("signed"))
+            self._advance("unsigned", signer.unsigned, self.dkim.labels("unsigned"))
+        committer = getattr(worker, "committer", None)
+        if committer is not None:
+            self._advance("commits", committer.commits, self.commits)
+            self._advance("operations", committer.operations, self.commit_ops)
+
+    def set_connections(self, by_provider: dict[str, int]) -> None:
+        for provider in self._providers_open - by_provider.keys():
+            self.connections.labels(provider).set(0)
+        for provider, count in by_provider.items():
+            self.connections.labels(provider).set(count)
+        self._providers_open |= by_provider.keys()
+
+    def _advance(self, name: str, total: float, counter: Any) -> None:
+        """Turn a plain running total kept by another part into counter increments."""
+        delta = total - self._seen.get(name, 0.0)
+        if delta > 0:
+            counter.inc(delta)
+        self._seen[name] = total
+
+
+def pool_connections(deliverer: Any, providers: ProviderNames) -> dict[str, int]:
+    """Connection workers (open or opening connections) of the delivery pools, by provider."""
+    counts: dict[str, int] = {}
+    for pool in list(deliverer.pools.values()):
+        if pool.workers:
+            name = providers.of([t.host for t in pool.targets])
+            counts[name] = counts.get(name, 0) + pool.workers
+    return counts
+
+
+async def _sample_forever(metrics: EngineMetrics, worker: Any, interval: float) -> None:
+    while True:
+        try:
+            metrics.sample(worker)
+        except Exception:  # a half-built worker must not stop the sampling
+            log.debug("metrics sampling failed", exc_info=True)
+        await asyncio.sleep(interval)
+
+
+def start_metrics(worker: Any) -> EngineMetrics:
+    """Record a worker's metrics: attach the event listener and start the sampler."""
+    cfg = worker.cfg
+    metrics = EngineMetrics(load_provider_names(cfg, getattr(worker, "throttle", None)))
+    worker.events.listeners.append(metrics.on_event)
+    worker.metrics = metrics
+    task = asyncio.get_running_loop().create_task(
+        _sample_forever(metrics, worker, cfg.http.sample_interval))
+
+    async def close() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    worker.closers.append(close)
+    return metrics
+
+
+
+
+# --- reading the figures back (dashboard) ------------------------------------------------
+
+def collect_families(local: CollectorRegistry | None) -> Iterable[Any]:
+    """Every process's metric families (or this process's, without multiprocess mode)."""
+    if multiprocess_enabled():
+        return MultiProcessCollector(None).collect()
+    return local.collect() if local is not None else []
+
+
+def outcome_totals(local: CollectorRegistry | None) -> dict[str, float]:
+    """Engine-wide totals: received, delivered, deferred, bounced, expired."""
+    totals = dict.fromkeys(("received", *OUTCOMES.values()), 0.0)
+    for family in collect_families(local):
+        name = family.name.removeprefix("mta_messages_")
+        if family.name.startswith("mta_messages_") and name in totals:
+            totals[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -71,6 +72,7 @@ class SmtpConfig:
     max_connections: int = 10_000
     max_connections_per_ip: int = 200
     max_unknown_commands: int = 5
+    greet_pause: float = 1.0  # untrusted clients that talk before the 220 get 554; 0: off
     max_auth_failures: int = 5
     auth_failure_window: float = 300.0
     tls_cert: str = ""
@@ -259,6 +261,64 @@ def _check_level(value: str) -> None:
         raise ValueError("must be debug, info, warning or error")
 
 
+# Values that end up in message headers or SMTP commands: CR, LF and NUL in any string
+# of the config are refused at load (header injection), and these keys must also have
+# the syntax of what they become. A string key that may hold several lines (a footer
+# text, say) must be listed in MULTILINE_KEYS.
+MULTILINE_KEYS: set[tuple[str, str]] = {("policy", "footer_text"), ("policy", "footer_html")}
+_DOMAIN_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")  # RFC 5322 ftext
+
+
+def _check_text(value: str) -> None:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("must not contain CR, LF or NUL")
+
+
+@_validator("engine", "hostname")
+@_validator("bounce", "domain")
+@_validator("dkim", "domain")
+@_validator("dkim", "selector")
+def _check_domain_name(value: str) -> None:
+    if not _DOMAIN_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a domain name")
+
+
+@_validator("delivery", "helo_name")
+@_validator("bounce", "fbl_domain")
+@_validator("dkim", "fallback_domain")
+def _check_optional_domain(value: str) -> None:
+    if value:
+        _check_domain_name(value)
+
+
+@_validator("smtp", "local_domains")
+@_validator("accounts", "sender_domains")
+def _check_domain_list(value: list[str]) -> None:
+    for item in value:
+        _check_domain_name(item)
+
+
+@_validator("smtp", "campaign_header")
+def _check_field_name(value: str) -> None:
+    if not _FIELD_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a header field name")
+
+
+@_validator("bounce", "verp_prefix")
+def _check_local_part(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+)*",
+                        value):
+        raise ValueError(f"{value!r} is not a valid local part")
+
+
+@_validator("http", "public_url")
+def _check_url(value: str) -> None:
+    if not re.fullmatch(r"https?://[\x21-\x7e]+", value) or any(c in value for c in "<>\"'"):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
@@ -302,6 +362,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _check_strings(value: Any) -> None:
+    """CR, LF and NUL are refused in every string (header and command injection)."""
+    if isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k)
+            _check_strings(v)
+
+
 def build_section(cls: type, table: dict[str, Any], where: str) -> Any:
     """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -314,11 +387,13 @@ def build_section(cls: type, table: dict[str, Any], where: str) -> Any:
         name = f"{where} {key}"
         kwargs[key] = _coerce(value, hints[key], name)
         check = _VALIDATORS.get((section, key))
-        if check is not None:
-            try:
+        try:
+            if (section, key) not in MULTILINE_KEYS:
+                _check_strings(kwargs[key])
+            if check is not None:
                 check(kwargs[key])
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     missing = [
         n for n, f in fields.items()
         if n not in kwargs

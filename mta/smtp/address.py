@@ -23,6 +23,7 @@ _ROUTE = re.compile(rf"@{_DOMAIN.pattern}(?:,@{_DOMAIN.pattern})*:")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _XTEXT_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNDECODABLE = re.compile(r"[\ud800-\udfff]")  # bytes that were not UTF-8 (surrogateescape)
 
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -61,6 +62,8 @@ def parse_path(text: str, allow_null: bool = False) -> tuple[Address, dict[str, 
     """Parse `<path> [params]` as given after `MAIL FROM:` or `RCPT TO:`."""
     if _CONTROL.search(text):
         raise AddressError("501 5.5.2 Control characters are not allowed in commands")
+    if _UNDECODABLE.search(text):
+        raise AddressError("501 5.5.2 Invalid UTF-8 in command")
     text = text.strip()
     if not text.startswith("<"):
         raise AddressError("501 5.5.4 Syntax: the address must be enclosed in <>")

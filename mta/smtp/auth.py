@@ -12,6 +12,8 @@ import base64
 import hashlib
 import hmac
 import os
+from collections import Counter
+from collections.abc import Iterable
 
 _DEFAULT_LOG_N, _DEFAULT_R, _DEFAULT_P = 14, 8, 1
 
@@ -56,12 +58,13 @@ class PasswordChecker:
         self._hashes = hashes
         self._key = os.urandom(32)
         self._verified: set[bytes] = set()
+        self._dummy = _dummy_like(hashes.values())
 
     def check(self, user: str, password: bytes) -> bool:
         encoded = self._hashes.get(user)
         if not encoded:
             # Spend the same time for unknown users as for known ones.
-            verify_password(password, _DUMMY_HASH)
+            verify_password(password, self._dummy)
             return False
         token = hmac.digest(self._key, user.encode() + b"\0" + password + encoded.encode(),
                             "sha256")
@@ -74,3 +77,12 @@ class PasswordChecker:
 
 
 _DUMMY_HASH = "scrypt$14$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def _dummy_like(hashes: Iterable[str]) -> str:
+    """A hash no password matches, with the cost of the accounts' own (the most common
+    one), so an unknown user costs the same time as a known one with a wrong password."""
+    costs = Counter("$".join(h.split("$")[1:4]) for h in hashes if h.count("$") == 5)
+    if not costs:
+        return _DUMMY_HASH
+    return f"scrypt${costs.most_common(1)[0][0]}$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="

@@ -14,10 +14,11 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from email.utils import formatdate
+from email.utils import formatdate, getaddresses
 from typing import Any
 
 from mta.config import Config
+from mta.dkim.signer import address_domain, normalize_domain
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
 from mta.smtp.address import Address
@@ -68,6 +69,32 @@ def header_value(headers: bytes, name: bytes) -> str:
     return re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip().decode("utf-8", "replace")
 
 
+def header_values(headers: bytes, name: bytes) -> list[bytes]:
+    """Every value of header `name` in a raw header block, unfolded."""
+    return [re.sub(rb"\r\n[ \t]+", b" ", m.group(1)).strip() for m in re.finditer(
+        rb"(?im)^" + re.escape(name) + rb"[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)", headers)]
+
+
+def from_domains(headers: bytes) -> set[str]:
+    """The domains of the From: addresses, read both as the DKIM signer reads them (the
+    key it signs with) and as a full address-list parser does."""
+    domains: set[str] = set()
+    for value in header_values(headers, b"From"):
+        domains.add(address_domain(value))
+        for _, address in getaddresses([value.decode("utf-8", "replace")]):
+            if "@" in address:
+                domains.add(normalize_domain(address.rpartition("@")[2]))
+    domains.discard("")
+    return domains
+
+
+def sender_routed(local: str) -> bool:
+    """True for a local part carrying a route of its own (user%host, host!user, "u@h")."""
+    if local.startswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return any(c in local for c in "@%!")
+
+
 def header_block(data: bytes) -> bytes:
     end = data.find(b"\r\n\r\n")
     return data if end < 0 else data[: end + 2]
@@ -94,6 +121,11 @@ class Intake:
         self._total_connections = 0
         self._auth_failures: dict[str, list[float]] = {}
         self._campaign_header = cfg.smtp.campaign_header.encode()
+        # Sender domains an account claims are closed to the other accounts.
+        self._claimed: dict[str, set[str]] = {}
+        for acct in cfg.accounts:
+            for domain in acct.sender_domains:
+                self._claimed.setdefault(normalize_domain(domain), set()).add(acct.name)
         self.policy: Any = None  # the policy guard, when wired in
 
     # --- connections -------------------------------------------------------
@@ -152,20 +184,48 @@ class Intake:
 
     # --- envelope ------------------------------------------------------------
 
+    def sender_domain_allowed(self, session: Any, domain: str) -> bool:
+        """May this session send as `domain`? An account with `sender_domains` only as
+        those; an authenticated account never as a domain (or subdomain) another claims."""
+        account = self.account_of(session)
+        if account is None:
+            return True
+        domain = normalize_domain(domain)
+        cfg = self.cfg.account(account)
+        if cfg is not None and cfg.sender_domains:
+            return domain in {normalize_domain(d) for d in cfg.sender_domains}
+        if not session.authenticated:
+            return True  # trusted networks are the operator's own: the account may be shared
+        labels = domain.split(".")
+        for i in range(len(labels)):
+            owners = self._claimed.get(".".join(labels[i:]))
+            if owners and account not in owners:
+                return False
+        return True
+
+    def _sender_rules_apply(self, session: Any) -> bool:
+        account = self.account_of(session)
+        if account is None:
+            return False
+        cfg = self.cfg.account(account)
+        return bool(cfg is not None and cfg.sender_domains
+                    or session.authenticated and self._claimed)
+
     def check_mail(self, session: Any, sender: Address, size: int) -> str | None:
         if not self.guard.ok():
             return "452 4.3.1 Insufficient system storage, try again later"
         account = self.account_of(session)
-        if account is not None and not sender.is_null:
-            cfg = self.cfg.account(account)
-            if cfg is not None and cfg.sender_domains and sender.domain not in cfg.sender_domains:
-                return f"553 5.7.1 Sender domain {sender.domain} is not allowed for this account"
+        if (account is not None and not sender.is_null
+                and not self.sender_domain_allowed(session, sender.domain)):
+            return f"553 5.7.1 Sender domain {sender.domain} is not allowed for this account"
         if self.policy is not None and account is not None:
             return self.policy.check_mail(account, sender)
         return None
 
     def check_rcpt(self, session: Any, envelope: Any, rcpt: Address) -> str | None:
         account = self.account_of(session)
+        if account is None and sender_routed(rcpt.local):
+            return "550 5.7.1 Relay access denied (sender-specified routing)"
         if rcpt.domain in self._local_domains or rcpt.domain == session_hostname(self.cfg):
             return None
         if account is None:
@@ -179,6 +239,10 @@ class Intake:
     async def accept(self, session: Any, envelope: Any, content: bytes) -> str:
         """Store the message durably; the reply to the final dot."""
         headers = header_block(content)
+        if self._sender_rules_apply(session):  # the From: domain picks the DKIM key
+            for domain in sorted(from_domains(headers)):
+                if not self.sender_domain_allowed(session, domain):
+                    return f"550 5.7.1 From: domain {domain[:100]} is not allowed for this account"
         account = self.account_of(session) or ""
         message = NewMessage(
             sender=envelope.mail_from, recipients=list(envelope.rcpt_tos), data=b"",

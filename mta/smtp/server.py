@@ -124,6 +124,8 @@ class IntakeSMTP(SMTP):
             self._close()
             return
         self._counted = True
+        if not await self._greet_pause():
+            return
         await self.push(f"220 {self.hostname} ESMTP ready")
         unknown = 0
         while self.transport is not None:
@@ -160,6 +162,24 @@ class IntakeSMTP(SMTP):
             except Exception:
                 log.exception("SMTP session error from %s", self._peer_ip)
                 await self.push("451 4.3.0 Internal error, try again later")
+
+    async def _greet_pause(self) -> bool:
+        """Hold the 220 back from untrusted clients for `greet_pause` seconds, as Postfix's
+        postscreen does; a client that talks (or hangs up) first is cut off. True: go on."""
+        pause = self.intake.cfg.smtp.greet_pause
+        if pause <= 0 or self.intake.is_trusted(self._peer_ip):
+            return True
+        try:
+            talked = await asyncio.wait_for(self._fill(), pause)
+        except TimeoutError:
+            return True
+        except ConnectionError:
+            talked = False
+        if talked:
+            log.info("pre-greet traffic from %s", self._peer_ip)
+            await self.push("554 5.5.1 Protocol error: talking before the greeting")
+        self._close()
+        return False
 
     # --- commands ----------------------------------------------------------
 

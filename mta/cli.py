@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "mta.commands.queue",
     "mta.commands.dkim",
     "mta.commands.throttle",
+    "mta.commands.admin",
 ]
 
 

@@ -9,7 +9,8 @@
 - ``/`` is the dashboard: static HTML and JS with no data in them; the page asks the
   operator for a token once and keeps it in the tab's sessionStorage (gone when the
   tab closes, never in a cookie, so no CSRF; never in a URL, so never in a log).
-- ``/unsubscribe/{token}``: RFC 8058 one-click (POST); GET shows a confirmation page.
+- ``/unsubscribe/{token}`` (`[policy] unsubscribe_path`): RFC 8058 one-click (POST);
+  GET shows a confirmation page with a button that POSTs.
 """
 
 from __future__ import annotations
@@ -310,14 +311,20 @@ async def post_unsubscribe(request: web.Request) -> web.Response:
 API = "/api/v1"
 
 
-def add_routes(app: web.Application) -> None:
+def unsubscribe_path(cfg: Any) -> str:
+    """Where one-click links point: `[policy] unsubscribe_path` (default /unsubscribe/)."""
+    path = getattr(getattr(cfg, "policy", None), "unsubscribe_path", "/unsubscribe/")
+    return "/" + path.strip("/")
+
+
+def add_routes(app: web.Application, cfg: Any) -> None:
     r = app.router
     r.add_get("/", get_index)
     r.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
     r.add_get("/metrics", get_metrics)
     r.add_get("/healthz", get_health)
-    r.add_get("/unsubscribe/{token}", get_unsubscribe)
-    r.add_post("/unsubscribe/{token}", post_unsubscribe)
+    r.add_get(unsubscribe_path(cfg) + "/{token}", get_unsubscribe)
+    r.add_post(unsubscribe_path(cfg) + "/{token}", post_unsubscribe)
     r.add_get(f"{API}/dashboard", get_dashboard)
     r.add_get(f"{API}/queue", get_queue)
     r.add_get(f"{API}/messages", get_messages)
@@ -340,5 +347,5 @@ def add_routes(app: web.Application) -> None:
 def build_app(st: HttpState) -> web.Application:
     app = web.Application(middlewares=[page_headers, api_guard], client_max_size=1024**2)
     app[STATE] = st
-    add_routes(app)
+    add_routes(app, st.admin.cfg)
     return app

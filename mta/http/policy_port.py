@@ -23,10 +23,23 @@ from typing import Any, Protocol, runtime_checkable
 
 from mta.queue.spool import QUEUED, Spool, job_state
 
-# The contract's figures (DESIGN.md), shown when the guard gives none.
+# The contract's figures (DESIGN.md), when the config has no [policy] section.
 DEFAULT_THRESHOLDS = {"hard_bounce": 0.08, "complaint": 0.005, "unsubscribe": 0.01,
                       "min_volume": 200}
-OPERATOR_PAUSE = "campaign paused by an operator"
+
+
+def campaign_hold(account: str, campaign: str) -> str:
+    """The `held` reason of a paused campaign's jobs (the same as the policy guard's)."""
+    return f"campaign:{account}/{campaign}"
+
+
+def config_thresholds(cfg: Any) -> dict[str, float]:
+    """Thresholds as fractions, from `[policy]` (percent) when the config has it."""
+    policy = getattr(cfg, "policy", None)
+    if policy is None:
+        return dict(DEFAULT_THRESHOLDS)
+    return {"hard_bounce": policy.hard_bounce_rate / 100, "complaint": policy.complaint_rate / 100,
+            "unsubscribe": policy.unsubscribe_rate / 100, "min_volume": policy.min_volume}
 
 
 class PolicyUnavailable(Exception):
@@ -79,8 +92,8 @@ def campaign_rows(spool: Spool) -> list[dict[str, Any]]:
             key = (job.get("account", ""), job["campaign"])
             row = rows.setdefault(key, blank_campaign(*key))
             row[job_state(job)] += 1
-            if job.get("held") == OPERATOR_PAUSE:
-                row["paused"], row["reason"] = True, OPERATOR_PAUSE
+            if job.get("held") == campaign_hold(*key):
+                row["paused"], row["reason"] = True, "paused by an operator"
     return sorted(rows.values(), key=lambda r: (r["account"], r["campaign"]))
 
 
@@ -181,7 +194,7 @@ class SpoolPolicy:
         self.emit = emit
 
     def thresholds(self) -> dict[str, float]:
-        return dict(DEFAULT_THRESHOLDS)
+        return config_thresholds(self.cfg)
 
     async def campaigns(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(campaign_rows, self.spool)
@@ -200,14 +213,15 @@ class SpoolPolicy:
 
     async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
         ids = await self._jobs(account, campaign)
-        held = await self.submit(hold_op(self.spool, ids, OPERATOR_PAUSE))
+        held = await self.submit(hold_op(self.spool, ids, campaign_hold(account, campaign)))
         self.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
-                   "reason": reason or OPERATOR_PAUSE, "held": held, "by": "operator"})
+                   "reason": reason or "paused by an operator", "held": held, "by": "operator"})
         return await self.campaign(account, campaign)
 
     async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
         ids = await self._jobs(account, campaign)
-        released = await self.submit(release_op(self.spool, ids, OPERATOR_PAUSE))
+        released = await self.submit(
+            release_op(self.spool, ids, campaign_hold(account, campaign)))
         self.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
                    "released": released})
         return await self.campaign(account, campaign)

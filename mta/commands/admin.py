@@ -1,0 +1,245 @@
+"""`mta admin ...`: operate a running engine through its admin API.
+
+The address is `[http] listen` from the config (or --url), the token `[http]
+admin_token` (or --token, or the MTA_ADMIN_TOKEN environment variable). Each
+command prints a table, or the API's JSON with --json. `mta queue stats|list|show`
+read the spool directly instead and work on a stopped engine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.config import ConfigError
+from mta.http.client import AdminClient, ApiError, base_url, segment
+
+Run = Callable[[AdminClient, argparse.Namespace], Any]
+Show = Callable[[Any], None]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("admin", help="operate a running engine through its admin API")
+    asub = p.add_subparsers(dest="admin_command", required=True)
+    for name, help_text, add_args, run, show in COMMANDS:
+        cmd = asub.add_parser(name, help=help_text)
+        add_config_arg(cmd)
+        cmd.add_argument("--url", help="engine's HTTP address (default: from [http] listen)")
+        cmd.add_argument("--token", help="admin token (default: $MTA_ADMIN_TOKEN, then "
+                                         "[http] admin_token)")
+        cmd.add_argument("--json", action="store_true", help="print the API's JSON")
+        add_args(cmd)
+        cmd.set_defaults(func=make_runner(run, show))
+
+
+def make_runner(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
+    def runner(args: argparse.Namespace) -> int:
+        try:
+            result = run(client_from(args), args)
+        except ApiError as exc:
+            return fail(str(exc))
+        if args.json:
+            print_json(result)
+        else:
+            show(result)
+        return 0
+
+    return runner
+
+
+def client_from(args: argparse.Namespace) -> AdminClient:
+    url, token = args.url, args.token or os.environ.get("MTA_ADMIN_TOKEN", "")
+    if not url or not token:
+        try:
+            cfg = config_from(args)
+        except ConfigError:
+            if not (url and token):
+                raise
+        else:
+            url = url or base_url(cfg.http.listen)
+            token = token or cfg.http.admin_token
+    if not token:
+        raise ApiError("no admin token: pass --token, set MTA_ADMIN_TOKEN or [http] admin_token")
+    return AdminClient(url, token)
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+def no_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def campaign_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("account")
+    p.add_argument("campaign")
+    p.add_argument("action", nargs="?", choices=["pause", "resume", "drop"])
+    p.add_argument("--reason", default="", help="why (pause), kept in the audit log")
+
+
+def account_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("action", nargs="?", choices=["suspend", "resume"])
+    p.add_argument("--reason", default="")
+
+
+def suppression_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("account")
+    p.add_argument("action", nargs="?", choices=["add", "remove"])
+    p.add_argument("address", nargs="?")
+    p.add_argument("--reason", default="operator")
+
+
+def job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job id as `mta admin held` shows it")
+
+
+def message_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id")
+
+
+# --- calls -----------------------------------------------------------------------------------
+
+def run_campaign(c: AdminClient, args: argparse.Namespace) -> Any:
+    path = f"campaigns/{segment(args.account)}/{segment(args.campaign)}"
+    if args.action is None:
+        return c.get(path)
+    return c.post(f"{path}/{args.action}", {"reason": args.reason} if args.reason else {})
+
+
+def run_account(c: AdminClient, args: argparse.Namespace) -> Any:
+    path = f"accounts/{segment(args.name)}"
+    return c.get(path) if args.action is None else c.post(f"{path}/{args.action}",
+                                                          {"reason": args.reason})
+
+
+def run_suppression(c: AdminClient, args: argparse.Namespace) -> Any:
+    path = f"suppression/{segment(args.account)}"
+    if args.action is None:
+        return c.get(path)
+    if not args.address:
+        raise ApiError(f"suppression {args.action} needs an ADDRESS")
+    if args.action == "add":
+        return c.post(path, {"address": args.address, "reason": args.reason})
+    return c.delete(f"{path}/{segment(args.address)}")
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def show_status(d: dict[str, Any]) -> None:
+    t, q = d["totals"], d["queue"]
+    print("received {received:.0f}  delivered {delivered:.0f}  deferred {deferred:.0f}  "
+          "bounced {bounced:.0f}  expired {expired:.0f}".format(**t))
+    print(f"queue: {q['total']} messages, {q['jobs']} jobs "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(q['by_state'].items())) or 'empty'}), "
+          f"{q['recipients']} recipients waiting")
+    paused = [c for c in d["campaigns"] if c.get("paused")]
+    print(f"paused campaigns: {', '.join(c['account'] + '/' + c['campaign'] for c in paused) or 'none'}")
+
+
+def show_queue(s: dict[str, Any]) -> None:
+    print(f"messages: {s['total']}  delivery jobs: {s['jobs']}  recipients waiting: "
+          f"{s['recipients']}")
+    print_table(["state", "jobs"], sorted(s["by_state"].items()))
+
+
+def show_message(m: dict[str, Any]) -> None:
+    for key in ("id", "from", "account", "campaign", "msgid", "size", "client"):
+        print(f"{key:9} {m.get(key)}")
+    print_table(["recipient", "state", "code", "reply", "attempts", "held"], [
+        [r[0], r[1], r[2], (r[3] or "")[:60], job["attempts"], job.get("held", "")]
+        for job in m["jobs"] for r in job["rcpts"]])
+
+
+def campaign_row(c: dict[str, Any]) -> list[Any]:
+    r = c.get("rates", {})
+    return [c["account"], c["campaign"], "paused" if c.get("paused") else "active",
+            c.get("delivered"), pct(r.get("hard_bounce")), pct(r.get("complaint")),
+            pct(r.get("unsubscribe")), c.get("queued"), c.get("held"), c.get("reason", "")]
+
+
+CAMPAIGN_HEADERS = ["account", "campaign", "state", "delivered", "hard", "complaints",
+                    "unsubs", "queued", "held", "reason"]
+
+
+def show_campaigns(d: dict[str, Any]) -> None:
+    t = d["thresholds"]
+    print(f"thresholds: hard bounces {pct(t['hard_bounce'])}, complaints "
+          f"{pct(t['complaint'])}, unsubscribes {pct(t['unsubscribe'])}")
+    print_table(CAMPAIGN_HEADERS, [campaign_row(c) for c in d["campaigns"]])
+
+
+def show_campaign(c: dict[str, Any]) -> None:
+    print_table(CAMPAIGN_HEADERS, [campaign_row(c)])
+
+
+def show_throttle(d: dict[str, Any]) -> None:
+    print_table(["destination", "kind", "worker", "state", "rate/s", "conns", "sent", "until",
+                 "reason"], [
+        [r["destination"], r["kind"], r.get("worker"), r["state"],
+         "unlimited" if r.get("rate") is None else f"{r['rate']:.2f}",
+         f"{r.get('connections')}/{r.get('max_connections')}", r.get("sent"),
+         time.strftime("%H:%M:%S", time.localtime(r["until"])) if r.get("until") else "",
+         r.get("reason", "")] for r in d["rows"]])
+
+
+def show_suppression(d: dict[str, Any]) -> None:
+    if "entries" not in d:
+        print_json(d)
+        return
+    print_table(["address", "reason", "added"],
+                [[e.get("address"), e.get("reason"), e.get("added", e.get("time"))]
+                 for e in d["entries"]])
+
+
+def show_held(rows: list[dict[str, Any]]) -> None:
+    print_table(["job", "reason", "account", "campaign", "domain", "recipients"], [
+        [r["job"], r["reason"], r["account"], r["campaign"], r["domain"],
+         len(r["recipients"])] for r in rows])
+
+
+def show_accounts(rows: list[dict[str, Any]]) -> None:
+    print_table(["name", "plan", "email", "subscriber level", "suspended"], [
+        [a["name"], a.get("plan"), a.get("email"), a.get("subscriber_level"),
+         a.get("suspended")] for a in rows])
+
+
+def show_account(a: dict[str, Any]) -> None:
+    show_accounts([a])
+
+
+def show_result(result: Any) -> None:
+    print_json(result)
+
+
+COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Run, Show]] = [
+    ("status", "what flows, the queue, paused campaigns", no_args,
+     lambda c, a: c.get("dashboard"), show_status),
+    ("queue", "queue counts by state", no_args, lambda c, a: c.get("queue"), show_queue),
+    ("show", "one message with its per-recipient state", message_args,
+     lambda c, a: c.get(f"messages/{segment(a.id)}"), show_message),
+    ("campaigns", "campaigns and their rates against the thresholds", no_args,
+     lambda c, a: c.get("campaigns"), show_campaigns),
+    ("campaign", "one campaign; pause, resume or drop it", campaign_args, run_campaign,
+     show_campaign),
+    ("throttle", "each destination's throttle state", no_args,
+     lambda c, a: c.get("throttle"), show_throttle),
+    ("suppression", "an account's suppression list; add or remove an address",
+     suppression_args, run_suppression, show_suppression),
+    ("held", "mail held for review or by a pause", no_args, lambda c, a: c.get("held"),
+     show_held),
+    ("release", "release a held job into delivery", job_args,
+     lambda c, a: c.post(f"held/{segment(a.job)}/release"), show_result),
+    ("reject", "reject (remove) a held job", job_args,
+     lambda c, a: c.post(f"held/{segment(a.job)}/reject"), show_result),
+    ("accounts", "the accounts", no_args, lambda c, a: c.get("accounts"), show_accounts),
+    ("account", "one account; suspend or resume it", account_args, run_account,
+     show_account),
+]

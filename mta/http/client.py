@@ -1,0 +1,71 @@
+"""A small synchronous client of the admin API, for the `mta` command line."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote
+
+TIMEOUT = 30.0
+
+
+class ApiError(Exception):
+    """The engine answered with an error, or could not be reached; str() says which."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def base_url(listen: str) -> str:
+    """http://HOST:PORT for a `[http] listen` address (0.0.0.0 / :: become loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str, timeout: float = TIMEOUT) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}/api/v1/{path.lstrip('/')}", data=data,
+                                     method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise ApiError(error_text(exc.code, exc.read()), exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(f"cannot reach the engine at {self.url}: {reason}") from None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, body if body is not None else {})
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def error_text(status: int, payload: bytes) -> str:
+    try:
+        message = json.loads(payload).get("error", "")
+    except (ValueError, AttributeError):
+        message = payload.decode("utf-8", "replace")[:200]
+    return f"HTTP {status}: {message}" if message else f"HTTP {status}"

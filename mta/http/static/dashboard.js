@@ -110,11 +110,8 @@ function drawChart() {
     line.setAttribute("class", `k-${k}`);
     return line;
   });
-  const label = document.createElementNS(SVG, "text");
-  label.setAttribute("x", "4");
-  label.setAttribute("y", "12");
-  label.textContent = `max ${fmtRate(top)}/s`;
-  svg.replaceChildren(...lines, label);
+  $("chart-max").textContent = `top of the chart: ${fmtRate(top)}/s`;
+  svg.replaceChildren(...lines);
 }
 
 // A bar for a rate, with the threshold drawn as a line; red at or past the threshold.
@@ -153,6 +150,7 @@ function drawCampaigns(data) {
   });
   const paused = data.campaigns.filter((c) => c.paused);
   $("no-paused").hidden = paused.length > 0;
+  $("paused").hidden = paused.length === 0;
   fillTable("paused", paused, (c) => {
     const row = el("tr");
     row.dataset.campaign = campaignKey(c);

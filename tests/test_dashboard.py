@@ -1,0 +1,113 @@
+"""The dashboard in headless Chromium (Selenium, the system chromium + chromedriver)."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_http_support import TOKEN, HttpEngine, call, start_http_engine
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+pytestmark = pytest.mark.skipif(
+    not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+    reason="needs Debian's chromium and chromium-driver (scripts/system-packages.sh)")
+selenium = pytest.importorskip("selenium")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+WAIT = 20  # seconds, for the page to show what is expected
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 "--window-size=1400,1200"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def send(engine: HttpEngine, campaign: str, count: int, start: int = 0) -> None:
+    with smtplib.SMTP(engine.host, engine.port) as client:
+        for n in range(start, start + count):
+            rcpt = f"u{n}@d{n % 3}.test"
+            client.sendmail("a@shop.test", [rcpt],
+                            f"From: a@shop.test\r\nTo: {rcpt}\r\nSubject: {n}\r\n"
+                            f"X-Campaign-ID: {campaign}\r\n\r\nhello\r\n".encode())
+
+
+def text(driver: webdriver.Chrome, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def number(driver: webdriver.Chrome, element_id: str) -> int:
+    return int(text(driver, element_id).replace(",", ""))
+
+
+def test_dashboard_shows_the_api_figures_and_resumes_a_paused_campaign(
+        tmp_path: Path, browser: webdriver.Chrome) -> None:
+    engine = start_http_engine(tmp_path / "engine", workers=2)
+    try:
+        send(engine, "spring", 4)
+        send(engine, "summer", 3, start=100)
+        call(engine.url + "/api/v1/campaigns/default/summer/pause", "POST",
+             body={"reason": "test"})
+        browser.get(engine.url + "/")
+        wait = WebDriverWait(browser, WAIT)
+        wait.until(lambda d: d.find_element(By.ID, "login").is_displayed())
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+        wait.until(lambda d: d.find_element(By.ID, "board").is_displayed()
+                   and text(d, "received-total") == "7")
+
+        assert not browser.find_element(By.ID, "login").is_displayed()
+        api = call(engine.url + "/api/v1/dashboard")[1]
+        assert number(browser, "received-total") == api["totals"]["received"] == 7
+        assert number(browser, "queue-total") == api["queue"]["total"] == 7
+        assert number(browser, "queue-held") == api["queue"]["by_state"]["held"] == 3
+        assert number(browser, "queue-queued") == api["queue"]["by_state"]["queued"] == 4
+        assert number(browser, "queue-recipients") == api["queue"]["recipients"] == 7
+        destinations = [row.text.split()[0] for row in
+                        browser.find_elements(By.CSS_SELECTOR, "#destinations tbody tr")]
+        assert destinations == [d["destination"] for d in api["destinations"]]
+        spring = browser.find_element(By.CSS_SELECTOR, '#campaigns tr[data-campaign="default/spring"]')
+        assert len(spring.find_elements(By.CSS_SELECTOR, "line.threshold")) == 3
+        assert "8.00 %" in spring.text  # the hard-bounce threshold drawn and labelled
+        assert sessionStorage_token(browser) == TOKEN
+
+        send(engine, "spring", 2, start=200)  # the page refreshes by itself
+        wait.until(lambda d: text(d, "received-total") == "9")
+
+        paused_row = '#paused tr[data-campaign="default/summer"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, paused_row))
+        browser.save_screenshot(str(tmp_path / "dashboard-paused.png"))
+        browser.find_element(By.CSS_SELECTOR, f"{paused_row} button.resume").click()
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, paused_row))
+        summer = call(engine.url + "/api/v1/campaigns/default/summer")[1]
+        assert not summer["paused"] and summer["held"] == 0 and summer["queued"] == 3
+        wait.until(lambda d: text(d, "queue-held") == "0")
+        assert browser.find_element(By.ID, "no-paused").is_displayed()
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    finally:
+        engine.stop()
+
+
+def sessionStorage_token(driver: webdriver.Chrome) -> str:  # noqa: N802
+    return driver.execute_script("return sessionStorage.getItem('mta-admin-token');")

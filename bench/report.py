@@ -22,7 +22,7 @@ class Sample:
     accepted: int
     delivered: int
     queue: int | None
-    rss: int | None  # bytes, the target's processes together
+    memory: int | None  # bytes (PSS), the target's processes together
     cpu: float | None  # CPU seconds of the target's processes since the load started
 
 
@@ -39,11 +39,11 @@ class RunResult:
     e2e_seconds: float = 0.0  # first submission to the last complete delivery at the sinks
     expected: int = 0  # accepted messages the sinks should receive
     delivered: int = 0  # ... and did receive, every recipient
-    other_arrivals: int = 0  # messages at the sinks that are not the load's (DSNs, ...)
+    other_arrivals: dict[str, int] = field(default_factory=dict)  # not the load's, by Subject
     accept_latencies: list[float] = field(default_factory=list)  # s, MAIL to 250 after DATA
     e2e_latencies: list[float] = field(default_factory=list)  # s, 250 to arrival at the sink
     cpu_seconds: float | None = None
-    peak_rss: int | None = None
+    peak_memory: int | None = None  # bytes (PSS)
     peak_queue: int | None = None
     samples: list[Sample] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -73,7 +73,7 @@ class RunResult:
             **{f"e2e_{k}_ms": v for k, v in e2e.items()},
             "cpu_seconds": _round(self.cpu_seconds, 2),
             "cpu_ms_per_msg": _round(self.cpu_per_message_ms(), 3),
-            "peak_rss_mib": _round(self.peak_rss / 2**20 if self.peak_rss else None, 1),
+            "peak_memory_mib": _round(self.peak_memory / 2**20 if self.peak_memory else None, 1),
             "peak_queue": self.peak_queue,
         }
 
@@ -122,11 +122,14 @@ def format_report(result: RunResult) -> str:
         f" = {s['e2e_rate']} msg/s end to end" + ("" if result.drained else "  (NOT DRAINED)"),
         "latency ms  " + _latency_row("accept", result.accept_latencies),
         "            " + _latency_row("accept-to-delivered (at the sink)", result.e2e_latencies),
-        f"engine      CPU {_show(s['cpu_seconds'], 's')} ({_show(s['cpu_ms_per_msg'], 'ms/msg')}),"
-        f" peak RSS {_show(s['peak_rss_mib'], 'MiB')}, peak queue {_show(s['peak_queue'], '')}",
+        f"processes   CPU {_show(s['cpu_seconds'], 's')} ({_show(s['cpu_ms_per_msg'], 'ms/msg')}),"
+        f" peak memory {_show(s['peak_memory_mib'], 'MiB')} (PSS),"
+        f" peak queue {_show(s['peak_queue'], '')}",
     ]
     if result.other_arrivals:
-        lines.append(f"other mail at the sinks (DSNs, notices): {result.other_arrivals}")
+        top = sorted(result.other_arrivals.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"other mail at the sinks (DSNs, notices): "
+                     f"{sum(result.other_arrivals.values())}, e.g. {dict(top)}")
     lines += [f"note        {note}" for note in result.notes]
     return "\n".join(lines)
 
@@ -179,9 +182,13 @@ def rates(samples: Sequence[Sample], attr: str, window: float = 1.0) -> tuple[li
     return times, values
 
 
-def plot(results: Sequence[RunResult], path: Path) -> Path:
-    """A PNG: accepted and delivered msg/s (top) and queue depth (bottom) over time."""
-    import matplotlib
+def plot(results: Sequence[RunResult], path: Path) -> Path | None:
+    """A PNG: accepted and delivered msg/s (top) and queue depth (bottom) over time.
+    None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -90,11 +91,17 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _rss(pid: int) -> int:
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages split among the processes that map
+    them, so the sum over many processes (Postfix's) is not inflated by shared libraries."""
     try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -110,36 +117,40 @@ def descendants(pid: int) -> list[int]:
 
 
 class ProcessTree:
-    """CPU time and resident memory of some root processes and all their descendants.
+    """CPU time and memory (PSS) of some root processes and all their descendants.
 
-    CPU counts each root's own time, its reaped children's (cutime, cstime) and the
-    live descendants' own time, so short-lived workers (Postfix's smtpd, smtp) count.
+    CPU counts each process's own time and its reaped children's (cutime, cstime), so
+    short-lived workers (Postfix's smtpd, smtp) count once they exit too.
+    Memory is read every `MEMORY_EVERY` samples (smaps_rollup costs more than stat).
     """
 
     CLK_TCK = os.sysconf("SC_CLK_TCK")
+    MEMORY_EVERY = 4
 
     def __init__(self, roots: Callable[[], list[int]]) -> None:
         self.roots = roots
         self.cpu = 0.0
-        self.peak_rss = 0
+        self.memory = 0
+        self.peak_memory = 0
+        self._samples = 0
 
     def sample(self) -> tuple[float, int]:
-        """(CPU seconds so far, RSS bytes now); remembers the peaks."""
-        cpu, rss = 0.0, 0
+        """(CPU seconds so far, memory bytes lately); remembers the peak memory."""
+        with_memory = self._samples % self.MEMORY_EVERY == 0
+        self._samples += 1
+        cpu, memory = 0.0, 0
         for root in self.roots():
-            fields = _stat_fields(root)
-            if fields is None:
-                continue
-            cpu += sum(int(x) for x in fields[11:15]) / self.CLK_TCK
-            rss += _rss(root)
-            for pid in descendants(root):
-                child = _stat_fields(pid)
-                if child is not None:
-                    cpu += sum(int(x) for x in child[11:15]) / self.CLK_TCK
-                    rss += _rss(pid)
+            for pid in [root, *descendants(root)]:
+                fields = _stat_fields(pid)
+                if fields is None:
+                    continue
+                cpu += sum(int(x) for x in fields[11:15]) / self.CLK_TCK
+                memory += _pss(pid) if with_memory else 0
         self.cpu = max(self.cpu, cpu)
-        self.peak_rss = max(self.peak_rss, rss)
-        return self.cpu, rss
+        if with_memory:
+            self.memory = memory
+            self.peak_memory = max(self.peak_memory, memory)
+        return self.cpu, self.memory
 
 
 # --- the rig: DNS and the receiving MX servers -----------------------------------------
@@ -194,6 +205,9 @@ class Rig:
         total = sum(s.messages for s in self.smtp_sinks)
         total += sum(s.accepted for s in self.asyncio_sinks)
         return total + (self.throttle.stats.accepted if self.throttle else 0)
+
+    def throttle_accepted(self) -> int:
+        return self.throttle.stats.accepted if self.throttle is not None else 0
 
     def publish_dkim(self, domain: str, selector: str, record: str) -> None:
         self.dns.add_txt(f"{selector}._domainkey.{domain}", record)
@@ -276,6 +290,15 @@ class _CaptureReader:
                 yield message.data, len(message.rcpt_tos), self.arrival(self.taken)
 
 
+def header(data: bytes, name: bytes) -> str:
+    """The first value of a top-level header, unfolded ('' if none)."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[: len(name) + 1].lower() == name.lower() + b":":
+            return line[len(name) + 1:].strip().decode("utf-8", "replace")
+    return ""
+
+
 def split_partial_separator(data: bytes) -> tuple[bytes, bytes]:
     """(data, the start of a separator being written at its end)."""
     for length in range(len(SEPARATOR) - 1, 0, -1):
@@ -293,7 +316,9 @@ class ArrivalTracker:
         self.readers = [_CaptureReader(s) for s in rig.smtp_sinks]
         self.arrived: dict[int, int] = {}  # index -> recipients received so far
         self.delivered_at: dict[int, float] = {}  # index -> when its last recipient arrived
-        self.other = 0
+        self.matched = 0  # arrivals of the load's messages
+        self.signed = 0  # ... with a DKIM-Signature header
+        self.other: Counter[str] = Counter()  # mail that is not the load's, by its Subject
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-arrivals", daemon=True)
         self._lock = threading.Lock()
@@ -337,8 +362,10 @@ class ArrivalTracker:
         index = index_of(data)
         planned = None if index is None else self.plan.get(index)
         if index is None or planned is None:
-            self.other += 1
+            self.other[header(data, b"Subject")[:60] or "(no subject)"] += 1
             return
+        self.matched += 1
+        self.signed += bool(header(data, b"DKIM-Signature"))
         got = self.arrived[index] = self.arrived.get(index, 0) + rcpts
         if got >= planned.recipients and index not in self.delivered_at:
             self.delivered_at[index] = at
@@ -573,8 +600,9 @@ class Progress:
 class Monitor:
     """Samples the run every half second: counters, queue depth, CPU and memory."""
 
-    def __init__(self, target: Target, accepts: AcceptLog, tracker: ArrivalTracker,
+    def __init__(self, target: Target, accepts: AcceptLog, tracker: ArrivalTracker, rig: Rig,
                  progress: Progress) -> None:
+        self.rig = rig
         self.target = target
         self.accepts = accepts
         self.tracker = tracker
@@ -584,12 +612,13 @@ class Monitor:
         self.cpu0 = target.processes.sample()[0] if target.processes else 0.0
 
     def sample(self) -> Sample:
-        cpu = rss = None
+        cpu = memory = None
         if self.target.processes is not None:
-            cpu_now, rss = self.target.processes.sample()
+            cpu_now, memory = self.target.processes.sample()
             cpu = cpu_now - self.cpu0
         sample = Sample(round(time.time() - self.start, 3), len(self.accepts.accepted_at),
-                        self.tracker.delivered, self.target.queue_depth(), rss, cpu)
+                        self.tracker.delivered + self.rig.throttle_accepted(),
+                        self.target.queue_depth(), memory, cpu)
         self.samples.append(sample)
         return sample
 
@@ -609,17 +638,26 @@ class Monitor:
         self.progress.done()
 
 
+def throttled_expected(accepts: AcceptLog, plan: dict[int, Planned]) -> int:
+    return sum(plan[i].throttled for i in accepts.accepted_at)
+
+
 def drained(accepts: AcceptLog, tracker: ArrivalTracker, rig: Rig) -> bool:
     plan = tracker.plan
-    waiting = [i for i in accepts.accepted_at
-               if plan[i].recipients and i not in tracker.delivered_at]
-    throttled = sum(plan[i].throttled for i in accepts.accepted_at)
-    return not waiting and (rig.throttle is None or rig.throttle.stats.accepted >= throttled)
+    waiting = any(plan[i].recipients and i not in tracker.delivered_at
+                  for i in accepts.accepted_at)
+    return not waiting and rig.throttle_accepted() >= throttled_expected(accepts, plan)
+
+
+@dataclass
+class Drain:
+    why: str = ""  # why the wait ended before everything arrived
+    at: float = 0.0  # time.time() when the wait ended
 
 
 async def wait_for_drain(accepts: AcceptLog, tracker: ArrivalTracker, rig: Rig,
-                         scenario: Scenario) -> str:
-    """Wait until the sinks have every accepted message; '' or why it stopped waiting."""
+                         scenario: Scenario) -> Drain:
+    """Wait until the sinks have every accepted message, or give up."""
     deadline = time.monotonic() + scenario.load.drain_timeout
     last_count, last_change = -1, time.monotonic()
     while not drained(accepts, tracker, rig):
@@ -628,18 +666,20 @@ async def wait_for_drain(accepts: AcceptLog, tracker: ArrivalTracker, rig: Rig,
         if count != last_count:
             last_count, last_change = count, now
         if now >= deadline:
-            return f"gave up waiting after drain_timeout={scenario.load.drain_timeout:.0f}s"
+            return Drain(f"gave up after drain_timeout={scenario.load.drain_timeout:.0f}s",
+                         time.time())
         if now - last_change >= scenario.load.stall_timeout:
-            return f"nothing arrived for stall_timeout={scenario.load.stall_timeout:.0f}s"
-        await asyncio.sleep(0.1)
-    return ""
+            return Drain(f"nothing arrived for stall_timeout={scenario.load.stall_timeout:.0f}s",
+                         time.time())
+        await asyncio.sleep(0.05)
+    return Drain("", time.time())
 
 
 async def drive(target: Target, rig: Rig, traffic: Traffic, tracker: ArrivalTracker,
                 opts: Options) -> RunResult:
     scenario = opts.scenario
     accepts = AcceptLog(traffic.submission)
-    monitor = Monitor(target, accepts, tracker, Progress(opts.progress))
+    monitor = Monitor(target, accepts, tracker, rig, Progress(opts.progress))
     stop = asyncio.Event()
     monitoring = asyncio.create_task(monitor.run(stop))
     rig.schedule_throttle()
@@ -649,17 +689,20 @@ async def drive(target: Target, rig: Rig, traffic: Traffic, tracker: ArrivalTrac
         result = await run_load(target.host, target.port, accepts.submission, load.count,
                                 load.sessions, load.messages_per_session, load.rate,
                                 load.duration, on_accept=accepts.on_accept)
-        why = await wait_for_drain(accepts, tracker, rig, scenario)
+        drain = await wait_for_drain(accepts, tracker, rig, scenario)
     finally:
         stop.set()
         await monitoring
     tracker.ingest()
-    return build_result(target, opts, result, accepts, tracker, monitor, started, why)
+    run = build_result(target, opts, result, accepts, tracker, monitor, started)
+    add_throttled(run, rig, throttled_expected(accepts, tracker.plan), started, drain)
+    if drain.why:
+        run.notes.append(drain.why)
+    return run
 
 
 def build_result(target: Target, opts: Options, load: LoadResult, accepts: AcceptLog,
-                 tracker: ArrivalTracker, monitor: Monitor, started: float,
-                 why: str) -> RunResult:
+                 tracker: ArrivalTracker, monitor: Monitor, started: float) -> RunResult:
     plan = tracker.plan
     expected = [i for i in accepts.accepted_at if plan[i].recipients]
     delivered = [i for i in expected if i in tracker.delivered_at]
@@ -669,19 +712,34 @@ def build_result(target: Target, opts: Options, load: LoadResult, accepts: Accep
         target=target.label, scenario=opts.scenario.name, dkim=opts.dkim,
         accepted=load.accepted, refused=load.refused, errors=load.errors,
         replies=dict(load.replies), load_seconds=load.elapsed, e2e_seconds=last - started,
-        expected=len(expected), delivered=len(delivered), other_arrivals=tracker.other,
+        expected=len(expected), delivered=len(delivered), other_arrivals=dict(tracker.other),
         accept_latencies=load.accept_latencies,
         e2e_latencies=[max(0.0, tracker.delivered_at[i] - accepts.accepted_at[i])
                        for i in delivered],
         cpu_seconds=monitor.samples[-1].cpu if monitor.samples else None,
-        peak_rss=target.processes.peak_rss if target.processes else None,
+        peak_memory=target.processes.peak_memory if target.processes else None,
         peak_queue=max(queues) if queues else None, samples=monitor.samples,
     )
-    if why:
-        result.notes.append(why)
+    if opts.dkim:
+        result.notes.append(f"DKIM-signed at the sinks: {tracker.signed} of {tracker.matched}")
     if len(accepts.accepted_at) != load.accepted:
         result.notes.append(f"{load.accepted - len(accepts.accepted_at)} accepts not matched")
     return result
+
+
+def add_throttled(run: RunResult, rig: Rig, expected: int, started: float, drain: Drain) -> None:
+    """Count the messages the throttling MX took (it dates none: no latencies from it)."""
+    if rig.throttle is None:
+        return
+    stats = rig.throttle.stats
+    got = min(stats.accepted, expected)
+    run.expected += expected
+    run.delivered += got
+    if got:
+        run.e2e_seconds = max(run.e2e_seconds, drain.at - started)
+    run.notes.append(f"throttling MX: took {stats.accepted} of {expected}, answered"
+                     f" {stats.deferred} messages and {stats.refused} connections with 421,"
+                     f" at most {stats.max_concurrent} connections at once")
 
 
 def make_target(kind: str, workdir: Path, rig: Rig, opts: Options,
@@ -708,7 +766,8 @@ def run_once(kind: str, opts: Options) -> RunResult:
         stack.callback(target.stop)
         print(rig.describe(), file=sys.stderr)
         target.start()
-        print(f"target: {target.label} on {target.host}:{target.port}", file=sys.stderr)
+        print(f"target: {target.label} on {target.host}:{target.port}, work dir {workdir}",
+              file=sys.stderr)
         traffic = Traffic(opts.scenario, dest)
         tracker = stack.enter_context(ArrivalTracker(rig, traffic.plan))
         return uvloop.run(drive(target, rig, traffic, tracker, opts))
@@ -795,12 +854,13 @@ def main(args: argparse.Namespace) -> int:
         return 130
     if len(results) > 1:
         print(format_comparison(results[0], results[1]))
-    print(f"plot: {save_outputs(results, Path(args.out))}")
+    png = save_outputs(results, Path(args.out))
+    print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
     print(last_line(results[0]), flush=True)
     return 0
 
 
-def save_outputs(results: list[RunResult], out: Path) -> Path:
+def save_outputs(results: list[RunResult], out: Path) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{results[0].scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_json(results, out / f"{stem}.json")

@@ -54,6 +54,8 @@ class HttpState:
 
 
 STATE = web.AppKey("state", HttpState)
+# (client address, operator) of an authenticated API request; RequestKey since aiohttp 3.12.
+WHO: Any = web.RequestKey("who", tuple) if hasattr(web, "RequestKey") else "who"
 
 
 def state(request: web.Request) -> HttpState:
@@ -100,7 +102,7 @@ async def api_guard(request: web.Request, handler: Handler) -> web.StreamRespons
         record(st, auth_record("admin-api", client, "", "failed"))
         return json_error(401, "a valid bearer token is required",
                           {"WWW-Authenticate": 'Bearer realm="mta"'})
-    request["who"] = (client, identity)
+    request[WHO] = (client, identity)
     response = await api_errors(request, handler)
     record(st, access_record(client, identity, request.method, request.path_qs,
                              response.status))
@@ -149,7 +151,7 @@ async def body_fields(request: web.Request) -> dict[str, Any]:
 
 async def act(request: web.Request, action: str, obj: str,
               run: Callable[[], Awaitable[Any]], **details: Any) -> web.Response:
-    return as_json(await state(request).admin.act(request["who"], action, obj, run, **details))
+    return as_json(await state(request).admin.act(request[WHO], action, obj, run, **details))
 
 
 # --- reads -------------------------------------------------------------------------------

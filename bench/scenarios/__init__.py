@@ -286,14 +286,16 @@ class Traffic:
 
 
 def filler(size: int) -> bytes:
-    """About `size` bytes of CRLF text lines (the headers come on top, ~350 bytes)."""
-    body_len = max(len(LINE), size - 350)
-    return LINE * (body_len // len(LINE))
+    """A body of CRLF text lines so that, with ~290 bytes of headers, the message has
+    about `size` bytes."""
+    body_len = max(len(LINE), size - 290)
+    whole, rest = divmod(body_len, len(LINE))
+    return LINE * whole + (LINE[: rest - 2] + b"\r\n" if rest > 2 else b"")
 
 
 def index_of(data: bytes) -> int | None:
     """The X-Bench-Index of a message as received (top-level headers only), if any."""
-    head = data.split(b"\r\n\r\n", 1)[0]
+    head = b"\n" + data.split(b"\r\n\r\n", 1)[0]
     marker = b"\n" + INDEX_HEADER.encode() + b": "
     at = head.find(marker)
     if at < 0:

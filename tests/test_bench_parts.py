@@ -1,0 +1,225 @@
+"""The bench toolkit's parts without a rig: scenarios, traffic, matching, figures, configs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench.report import RunResult, Sample, last_line, percentile, percentiles, rates
+from bench.rig.postfix import main_cf, master_cf, opendkim_conf, transport_table
+from bench.rig.sinks import CAPTURE_SEPARATOR
+from bench.run import (
+    AcceptLog,
+    ProcessTree,
+    _CaptureReader,
+    deep_merge,
+    header,
+    split_partial_separator,
+)
+from bench.scenarios import (
+    ScenarioError,
+    Traffic,
+    destinations,
+    domain_weights,
+    index_of,
+    list_scenarios,
+    load_scenario,
+    parse_scenario,
+)
+
+SEP = CAPTURE_SEPARATOR.encode()
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_scenarios())
+def test_every_shipped_scenario_loads_and_makes_messages(name: str) -> None:
+    scenario = load_scenario(name)
+    traffic = Traffic(scenario, destinations(scenario))
+    sub = traffic.submission(7)
+    assert index_of(sub.data) == 7
+    assert sub.data.endswith(b"\r\n") and b"\r\n.\r\n" not in sub.data
+    assert traffic.plan[7].recipients + traffic.plan[7].throttled <= len(sub.recipients)
+
+
+def test_the_five_scenarios_of_the_issue_are_there() -> None:
+    assert {"steady", "burst", "campaigns", "throttled", "bounces"} <= set(list_scenarios())
+
+
+def test_steady_is_the_issue_load() -> None:
+    s = load_scenario("steady")
+    assert (s.load.count, s.load.sessions, s.domains.count) == (20000, 20, 100)
+    assert s.sinks.hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    sizes = [len(Traffic(s, destinations(s)).submission(i).data) for i in range(20)]
+    assert all(3800 <= size <= 4300 for size in sizes)
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ({"lod": {}}, "unknown key 'lod'"),
+    ({"load": {"cuont": 1}}, "unknown key [load] cuont"),
+    ({"load": {"count": "many"}}, "[load] count must be int"),
+    ({"sinks": {"kind": "exim"}}, "kind must be"),
+    ({"domains": {"unknown_share": 0.1}}, "needs [sinks] kind = 'asyncio'"),
+])
+def test_scenario_mistakes_are_named(raw: dict, problem: str) -> None:
+    with pytest.raises(ScenarioError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        parse_scenario(raw, "x")
+
+
+def test_unknown_scenario_lists_the_known_ones() -> None:
+    with pytest.raises(ScenarioError, match="steady"):
+        load_scenario("no-such-scenario")
+
+
+def test_providers_get_their_share_and_the_tail_the_rest() -> None:
+    weights = domain_weights(100, 4, 0.6)
+    assert sum(weights) == pytest.approx(1.0)
+    assert sum(weights[:4]) == pytest.approx(0.6)
+    assert weights[0] > weights[1] > weights[3] > weights[4] == weights[99]
+
+
+def test_unknown_recipients_are_not_expected_at_the_sinks() -> None:
+    s = parse_scenario({"domains": {"unknown_share": 1.0}, "sinks": {"kind": "asyncio"}}, "x")
+    traffic = Traffic(s, destinations(s))
+    sub = traffic.submission(0)
+    assert sub.recipients[0].startswith("nouser")
+    assert traffic.plan[0].recipients == 0
+
+
+def test_throttled_domains_are_counted_apart() -> None:
+    s = parse_scenario({"domains": {"providers": 1, "provider_share": 1.0},
+                        "throttle": {"enabled": True, "providers": 1}}, "x")
+    dest = destinations(s)
+    assert dest.routes["d0000.bench.test"] == s.throttle.host
+    traffic = Traffic(s, dest)
+    traffic.submission(0)
+    assert (traffic.plan[0].recipients, traffic.plan[0].throttled) == (0, 1)
+
+
+def test_sequential_campaigns_come_in_blocks() -> None:
+    s = parse_scenario({"messages": {"campaigns": 4, "campaign_order": "sequential",
+                                     "campaign_size": 10, "accounts": 2}}, "x")
+    traffic = Traffic(s, destinations(s))
+    assert traffic.campaign(0) == traffic.campaign(9) == ("acct0", "acct0-c0")
+    assert traffic.campaign(10) == ("acct1", "acct1-c1")
+
+
+def test_the_index_is_read_from_the_top_headers_only() -> None:
+    dsn = b"From: MAILER-DAEMON\r\nSubject: x\r\n\r\nX-Bench-Index: 5\r\n"
+    assert index_of(dsn) is None
+    assert index_of(b"Received: x\r\nX-Bench-Index: 42\r\n\r\nbody\r\n") == 42
+
+
+# --- matching arrivals -------------------------------------------------------------------
+
+
+def capture(index: int, rcpts: int = 1) -> bytes:
+    rcpt = "".join(f"X-Rcpt-Args: <u{index}.{k}@d.test>\n" for k in range(rcpts))
+    return (SEP + b"X-Client-Addr: 127.0.0.1\nX-Mail-Args: <a@b>\n" + rcpt.encode()
+            + b"Received: from x\n\tby smtp-sink\n\tdate\n"
+            + f"X-Bench-Index: {index}\nSubject: s\n\nbody\n".encode())
+
+
+def test_capture_reader_takes_only_what_the_counter_vouches_for(tmp_path: Path) -> None:
+    path = tmp_path / "messages"
+    sink = SimpleNamespace(messages=0, capture_file=path)
+    reader = _CaptureReader(sink)  # type: ignore[arg-type]
+    path.write_bytes(capture(1) + capture(2, rcpts=3) + SEP[:5])
+    sink.messages = 1
+    reader.poll_counter()
+    got = list(reader.read())
+    assert [(index_of(d), n) for d, n, _ in got] == [(1, 1)]
+    sink.messages = 3
+    reader.poll_counter()
+    with open(path, "ab") as f:
+        f.write(capture(3)[5:])
+    got = list(reader.read())
+    assert [(index_of(d), n) for d, n, _ in got] == [(2, 3), (3, 1)]
+    assert reader.taken == 3 and reader.pending == b""
+
+
+def test_capture_reader_dates_by_the_counter() -> None:
+    reader = _CaptureReader(SimpleNamespace(messages=0, capture_file=None))  # type: ignore[arg-type]
+    reader.times, reader.counts = [10.0, 11.0, 12.0], [2, 5, 6]
+    assert [reader.arrival(n) for n in (1, 2, 3, 5, 6)] == [10.0, 10.0, 11.0, 11.0, 12.0]
+
+
+def test_a_separator_cut_in_half_waits_for_the_rest() -> None:
+    assert split_partial_separator(b"abc\n" + SEP[:3]) == (b"abc\n", SEP[:3])
+    assert split_partial_separator(b"abc\n") == (b"abc\n", b"")
+
+
+def test_header_reads_top_level_values() -> None:
+    data = b"DKIM-Signature: v=1;\r\n\tb=x\r\nSubject: hi\r\n\r\nSubject: no\r\n"
+    assert header(data, b"subject") == "hi"
+    assert header(data, b"DKIM-Signature") == "v=1;"
+    assert header(data, b"To") == ""
+
+
+def test_accepts_are_matched_to_their_index_by_task() -> None:
+    log = AcceptLog(lambda i: SimpleNamespace(i=i))  # type: ignore[arg-type, return-value]
+
+    async def worker(i: int, delay: float) -> None:
+        log.submission(i)
+        await asyncio.sleep(delay)
+        log.on_accept(f"Q{i}", 100.0 + i)
+
+    async def both() -> None:
+        await asyncio.gather(worker(1, 0.02), worker(2, 0.0))
+
+    asyncio.run(both())
+    assert log.accepted_at == {1: 101.0, 2: 102.0}
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+def test_percentiles_are_nearest_rank_in_ms() -> None:
+    values = [i / 1000 for i in range(1, 101)]
+    assert percentile(sorted(values), 50) == 0.05
+    assert percentiles(values) == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0}
+    assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+
+
+def test_last_line_format() -> None:
+    result = RunResult("engine", "steady", accepted=1000, load_seconds=2.0, delivered=1000,
+                       e2e_seconds=4.0, e2e_latencies=[0.010] * 99 + [0.5])
+    assert last_line(result) == "accepted_rate=500.0 e2e_rate=250.0 p50_ms=10.0 p99_ms=10.0"
+
+
+def test_rates_over_windows() -> None:
+    samples = [Sample(t / 2, 100 * t, 50 * t, None, None, None) for t in range(5)]
+    times, values = rates(samples, "accepted")
+    assert times == [0.5, 1.0, 1.5, 2.0] and values == [200.0] * 4
+
+
+# --- configs and processes ---------------------------------------------------------------
+
+
+def test_postfix_instance_config(tmp_path: Path) -> None:
+    cf = main_cf(tmp_path, milter="inet:127.0.0.1:9999", extra={"queue_run_delay": "2s"})
+    assert f"queue_directory = {tmp_path / 'queue'}\n" in cf
+    assert "mynetworks = 127.0.0.0/8\n" in cf and "smtp_tls_security_level = none\n" in cf
+    assert "smtpd_milters = inet:127.0.0.1:9999\n" in cf and "queue_run_delay = 2s\n" in cf
+    assert master_cf("127.0.0.1", 2600).startswith("127.0.0.1:2600 inet n - n - - smtpd\n")
+    assert transport_table({"d.test": "127.0.0.3"}, 2600) == "d.test smtp:[127.0.0.3]:2600\n"
+    assert "Socket inet:8891@127.0.0.1\n" in opendkim_conf(tmp_path, 8891)
+
+
+def test_deep_merge_keeps_what_is_not_overridden() -> None:
+    base = {"delivery": {"port": 25, "allow_loopback_mx": True}, "smtp": {"listen": "x"}}
+    merged = deep_merge(base, {"delivery": {"retry_initial": 2.0}})
+    assert merged["delivery"] == {"port": 25, "allow_loopback_mx": True, "retry_initial": 2.0}
+    assert base["delivery"] == {"port": 25, "allow_loopback_mx": True}
+
+
+def test_process_tree_measures_this_process() -> None:
+    tree = ProcessTree(lambda: [os.getpid()])
+    sum(i * i for i in range(200_000))
+    cpu, memory = tree.sample()
+    assert cpu > 0 and memory > 1_000_000 and tree.peak_memory == memory

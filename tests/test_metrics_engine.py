@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import smtplib
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.engine_proc import PROJECT_ROOT
 from bench.rig.dns import DnsServer
 from bench.rig.sinks import AsyncioSink, SinkFaults
 from mta.queue.spool import domain_hash
@@ -26,9 +29,18 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     out: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(text):
+        out.setdefault(family.name, {})
         for sample in family.samples:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
+
+
+def grafana_metric_names() -> set[str]:
+    board = json.loads((PROJECT_ROOT / "config" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    names = {name for expr in exprs for name in re.findall(r"\bmta_[a-z_]+", expr)}
+    assert len(names) >= 15
+    return names
 
 
 def value(metrics: dict, name: str, **labels: str) -> float:
@@ -94,6 +106,7 @@ def test_counters_move_as_mail_flows_across_two_workers(
         assert value(m, "mta_spool_disk_free_bytes") > 0
         assert value(m, "mta_spool_commits_total") > 0
         assert value(m, "mta_campaigns_paused") == 0
+        assert grafana_metric_names() <= m.keys()  # the Grafana dashboard draws real series
         dashboard = call(engine.url + "/api/v1/dashboard")[1]
         assert dashboard["totals"]["delivered"] == 12
         assert dashboard["totals"]["received"] == 17

@@ -201,7 +201,7 @@ def show_suppression(d: dict[str, Any]) -> None:
 
 def show_held(rows: list[dict[str, Any]]) -> None:
     print_table(["job", "reason", "account", "campaign", "domain", "recipients"], [
-        [r["job"], r["reason"], r["account"], r["campaign"], r["domain"],
+        [r["job"], r["reason"], r["account"], r["campaign"], r.get("domain", ""),
          len(r["recipients"])] for r in rows])
 
 

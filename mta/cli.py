@@ -15,6 +15,10 @@ COMMAND_MODULES = [
     "mta.commands.dkim",
     "mta.commands.throttle",
     "mta.commands.admin",
+    "mta.commands.campaign",
+    "mta.commands.hold",
+    "mta.commands.suppression",
+    "mta.commands.account",
 ]
 
 

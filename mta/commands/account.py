@@ -1,0 +1,189 @@
+"""`mta account list|show|suspend|resume|delete|purge|hash-password`.
+
+Suspending refuses an account's new mail (550 5.7.1) and holds its queued mail;
+resuming releases it (and cancels a deletion not purged yet). Deleting refuses its
+mail from now on and schedules the purge of its data `[policy] retention_days` later;
+`mta account purge` (from cron, daily) purges every account past its date. Works on a
+running engine by writing to the spool directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+from typing import Any
+
+from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.policy import admin
+from mta.policy.offline import OfflineSession
+from mta.policy.retention import (
+    due_accounts,
+    log_report,
+    purge_account_records,
+    purge_event_logs,
+)
+from mta.smtp.auth import hash_password
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("account", help="accounts: standing, suspension, deletion, passwords")
+    asub = p.add_subparsers(dest="account_command", required=True)
+    listing = asub.add_parser("list", help="accounts with their plan, standing and volume")
+    show = asub.add_parser("show", help="one account with its campaigns")
+    suspend = asub.add_parser("suspend", help="refuse its mail and hold what is queued")
+    suspend.add_argument("--reason", default="", help="quoted in the refusals")
+    resume = asub.add_parser("resume", help="lift a suspension or cancel a deletion")
+    delete = asub.add_parser("delete", help="close the account; its data is purged later")
+    purge = asub.add_parser("purge", help="purge deleted accounts past their retention")
+    purge.add_argument("--settle", type=float, default=2.0,
+                       help="seconds to follow the live event log after rewriting it")
+    hashpw = asub.add_parser("hash-password", help="print a password hash for the config")
+    hashpw.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    for q in (show, suspend, resume, delete):
+        q.add_argument("name")
+    for q in (listing, show, suspend, resume, delete, purge):
+        add_config_arg(q)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
+    show.set_defaults(func=run_show)
+    suspend.set_defaults(func=run_suspend)
+    resume.set_defaults(func=run_resume)
+    delete.set_defaults(func=run_delete)
+    purge.set_defaults(func=run_purge)
+    hashpw.set_defaults(func=run_hash_password)
+
+
+def _row(s: OfflineSession, txn: Any, name: str) -> dict[str, Any]:
+    return admin.account_row(s.store, txn, name, s.cfg.account(name), s.monthly_cap(name),
+                             s.now())
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
+
+
+def run_list(args: argparse.Namespace) -> int:
+    try:
+        with OfflineSession(config_from(args)) as s:
+            configured = [a.name for a in s.cfg.accounts]
+            rows = s.read(lambda txn: [
+                _row(s, txn, name) for name in admin.known_accounts(s.store, txn, configured)])
+    except FileNotFoundError as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(rows)
+        return 0
+    print_table(["name", "plan", "status", "this month", "cap", "sent", "email", "purge after"],
+                [[r["name"], r["plan"] or "-", r["status"], r["month_sent"],
+                  r["monthly_cap"] or "-", r["totals"]["sent"], r["email"],
+                  when(r["purge_after"])] for r in rows])
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    try:
+        with OfflineSession(config_from(args)) as s:
+            def show(txn: Any) -> dict[str, Any]:
+                row = _row(s, txn, args.name)
+                row["campaigns"] = admin.list_campaigns(s.store, txn, s.thresholds, args.name,
+                                                        with_jobs=False)
+                row["suppressed"] = sum(1 for _ in s.store.suppressions(txn, args.name))
+                return row
+
+            row = s.read(show)
+    except FileNotFoundError as exc:
+        return fail(str(exc))
+    if not row["configured"] and not row["campaigns"] and row["status"] == "active":
+        return fail(f"no account {args.name!r}")
+    if args.json:
+        print_json(row)
+        return 0
+    for key in ("name", "email", "plan", "subscriber_level", "status", "reason"):
+        print(f"{key:17} {row[key]}")
+    print(f"{'this month':17} {row['month_sent']} of {row['monthly_cap'] or 'no cap'} "
+          f"({row['month']})")
+    if row["purge_after"]:
+        print(f"{'purge after':17} {when(row['purge_after'])}")
+    print(f"{'suppressed':17} {row['suppressed']} addresses")
+    print(f"{'totals':17} " + ", ".join(f"{k} {v}" for k, v in row["totals"].items()))
+    print_table(["campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs"],
+                [[c["campaign"], c["status"], c["sent"], c["delivered"], c["hard_bounces"],
+                  c["complaints"], c["unsubscribes"]] for c in row["campaigns"]])
+    return 0
+
+
+def _change(args: argparse.Namespace, action: str, fn: Any, event: str) -> int:
+    try:
+        with OfflineSession(config_from(args), write=True) as s:
+            result = s.write(lambda txn: fn(s, txn))
+            s.emit({"type": event, "account": args.name,
+                    **{k: v for k, v in result.items() if k != "account"}})
+            s.audit(f"account.{action}", args.name)
+    except (FileNotFoundError, admin.PolicyError) as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(result)
+    else:
+        print(f"account {args.name}: " + ", ".join(
+            f"{k} {when(v) if k == 'purge_after' else v}"
+            for k, v in result.items() if k != "account"))
+    return 0
+
+
+def run_suspend(args: argparse.Namespace) -> int:
+    return _change(args, "suspend", lambda s, txn: admin.suspend_account(
+        s.store, txn, args.name, s.by, args.reason, s.now()), "AccountSuspended")
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    return _change(args, "resume", lambda s, txn: admin.resume_account(
+        s.store, txn, args.name, s.by, s.now()), "AccountResumed")
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    return _change(args, "delete", lambda s, txn: admin.delete_account(
+        s.store, txn, args.name, s.by, s.now(), s.cfg.policy.retention_days), "AccountDeleted")
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    try:
+        with OfflineSession(config_from(args), write=True) as s:
+            now = s.now()
+            due = s.read(lambda txn: due_accounts(s.store, txn, now))
+            reports = []
+            for name in due:
+                report = s.write(lambda txn, n=name: purge_account_records(s.store, txn, n, now))
+                report.event_lines, report.files = purge_event_logs(
+                    s.cfg.engine.event_log, {name}, args.settle)
+                log_report(report)
+                s.audit("account.purge", name)
+                reports.append(report.as_dict())
+            for r in reports:  # after every rewrite of the event log, so none is lost
+                s.emit({"type": "AccountPurged", "purged_account": r["account"],
+                        **{k: v for k, v in r.items() if k != "account"}})
+    except FileNotFoundError as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(reports)
+    elif not reports:
+        print("no account is due for purging")
+    for r in [] if args.json else reports:
+        print(f"purged {r['account']}: {r['suppressions']} suppression entries, "
+              f"{r['counters']} counters, {r['jobs']} queued jobs, {r['event_lines']} event "
+              f"lines")
+    return 0
+
+
+def run_hash_password(args: argparse.Namespace) -> int:
+    if args.stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            return fail("the passwords differ")
+    if not password:
+        return fail("an empty password")
+    print(hash_password(password))
+    return 0

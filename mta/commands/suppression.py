@@ -1,0 +1,120 @@
+"""`mta suppression list|add|remove|import|export --account A`: an account's opt-outs.
+
+Hard bounces, complaints and unsubscribes are added by the engine itself; RCPT to a
+listed address is refused with 550 5.7.1. CSV columns: address, reason, campaign,
+created, detail (import: a header row is optional; without one, address[,reason]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.policy import admin
+from mta.policy.offline import OfflineSession
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("suppression", help="an account's suppression list")
+    ssub = p.add_subparsers(dest="suppression_command", required=True)
+    listing = ssub.add_parser("list", help="the listed addresses")
+    listing.add_argument("--limit", type=int, default=None)
+    add = ssub.add_parser("add", help="list addresses")
+    add.add_argument("addresses", nargs="+")
+    add.add_argument("--reason", default="manual")
+    remove = ssub.add_parser("remove", help="take addresses off the list")
+    remove.add_argument("addresses", nargs="+")
+    imp = ssub.add_parser("import", help="list every address of a CSV file ('-': stdin)")
+    imp.add_argument("file")
+    exp = ssub.add_parser("export", help="the list as CSV (to a file, or stdout)")
+    exp.add_argument("file", nargs="?", default="-")
+    for q in (listing, add, remove, imp, exp):
+        q.add_argument("--account", required=True)
+        add_config_arg(q)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
+    add.set_defaults(func=run_add)
+    remove.set_defaults(func=run_remove)
+    imp.set_defaults(func=run_import)
+    exp.set_defaults(func=run_export)
+
+
+def _rows(args: argparse.Namespace, limit: int | None) -> list[dict[str, Any]]:
+    with OfflineSession(config_from(args)) as s:
+        return s.read(lambda txn: admin.suppression_rows(s.store, txn, args.account, limit))
+
+
+def run_list(args: argparse.Namespace) -> int:
+    try:
+        rows = _rows(args, args.limit)
+    except FileNotFoundError as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(["address", "reason", "campaign", "created"],
+                    [[r["address"], r["reason"], r["campaign"], r["created"]] for r in rows])
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        rows = _rows(args, None)
+    except FileNotFoundError as exc:
+        return fail(str(exc))
+    text = admin.export_csv(rows)
+    if args.file == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.file, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        print(f"{len(rows)} addresses written to {args.file}", file=sys.stderr)
+    return 0
+
+
+def _write(args: argparse.Namespace, action: str, fn: Any) -> int:
+    try:
+        with OfflineSession(config_from(args), write=True) as s:
+            result = s.write(lambda txn: fn(s, txn))
+            s.audit(f"suppression.{action}", args.account, **{
+                k: v for k, v in result.items() if k != "account"})
+    except (FileNotFoundError, admin.PolicyError) as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(result)
+    else:
+        print(", ".join(f"{k} {len(v) if isinstance(v, list) else v}"
+                        for k, v in result.items() if k != "account"))
+    return 0 if not result.get("invalid") else 1
+
+
+def run_add(args: argparse.Namespace) -> int:
+    rows = [(a, args.reason, "", "") for a in args.addresses]
+    return _write(args, "add", lambda s, txn: admin.import_suppressions(
+        s.store, txn, args.account, rows, s.now()))
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    def remove(s: OfflineSession, txn: Any) -> dict[str, Any]:
+        gone = [a for a in args.addresses
+                if admin.remove_suppression(s.store, txn, args.account, a)]
+        return {"account": args.account, "removed": len(gone),
+                "not_listed": [a for a in args.addresses if a not in gone]}
+
+    return _write(args, "remove", remove)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf-8-sig", newline="") as src:
+                text = src.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return fail(f"cannot read {args.file}: {exc}")
+    rows = admin.parse_csv(text)
+    return _write(args, "import", lambda s, txn: admin.import_suppressions(
+        s.store, txn, args.account, rows, s.now()))

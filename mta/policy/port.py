@@ -1,0 +1,189 @@
+"""The admin API's view of the policy guard: `PolicyAdmin` (mta/http/policy_port.py).
+
+Wiring: ``worker.policy_admin = GuardAdmin(worker.policy)``. Reads run in a thread
+(they may scan the jobs), writes go through the worker's group committer; the worker's
+cached pauses are refreshed at once after each change, other workers within
+`[policy] cache_ttl`. Errors are the port's: NotFound (404), InvalidToken, and
+ValueError for a request that cannot be done (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from mta.http.policy_port import InvalidToken, NotFound
+from mta.policy import admin
+from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
+from mta.policy.model import ACTIVE
+from mta.policy.rates import monthly_cap
+
+T = TypeVar("T")
+BY = "admin-api"
+
+
+def _port_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except admin.NotFoundError as exc:
+            raise NotFound(str(exc)) from None
+        except InvalidUnsubscribe as exc:
+            raise InvalidToken(str(exc)) from None
+
+    return wrapper
+
+
+class GuardAdmin:
+    def __init__(self, guard: PolicyGuard) -> None:
+        self.guard = guard
+        self.store = guard.store
+
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        def run() -> T:
+            with self.store.read() as txn:
+                return fn(txn)
+
+        return await asyncio.to_thread(run)
+
+    async def _write(self, fn: Callable[[Any], T]) -> T:
+        result = await self.guard.committer.submit(fn)
+        self.guard.refresh()
+        return result
+
+    def thresholds(self) -> dict[str, float]:
+        t = self.guard.thresholds
+        return {"hard_bounce": t.hard_bounce_rate / 100, "complaint": t.complaint_rate / 100,
+                "unsubscribe": t.unsubscribe_rate / 100, "min_volume": t.min_volume}
+
+    async def campaigns(self) -> list[dict[str, Any]]:
+        return await self._read(lambda txn: admin.list_campaigns(
+            self.store, txn, self.guard.thresholds))
+
+    @_port_errors
+    async def campaign(self, account: str, campaign: str) -> dict[str, Any]:
+        row = await self._read(lambda txn: admin.show_campaign(
+            self.store, txn, account, campaign, self.guard.thresholds))
+        if row["status"] == ACTIVE and not any(
+                row[k] for k in ("submitted", "sent", "queued", "deferred", "held")):
+            raise NotFound(f"no campaign {campaign!r} of account {account!r}")
+        return row
+
+    async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        result = await self._write(lambda txn: admin.pause_campaign(
+            self.store, txn, account, campaign, BY, reason, now))
+        self.guard.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
+                         "rule": "operator", "reason": reason, "by": BY,
+                         "held": result["held"]})
+        return await self.campaign(account, campaign)
+
+    async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        result = await self._write(lambda txn: admin.resume_campaign(
+            self.store, txn, account, campaign, BY, now))
+        self.guard.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
+                         "by": BY, "released": result["released"]})
+        return await self.campaign(account, campaign)
+
+    async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        removed = await self._write(lambda txn: admin.drop_campaign(
+            self.store, txn, account, campaign, BY, now))
+        for event in admin.removed_events(removed, "Dropped", "dropped by an operator"):
+            self.guard.emit(event)
+        self.guard.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
+                         "by": BY, "jobs": len(removed)})
+        return await self._read(lambda txn: admin.show_campaign(
+            self.store, txn, account, campaign, self.guard.thresholds)) | {
+            "dropped": len(removed)}
+
+    def _account_row(self, txn: Any, name: str) -> dict[str, Any]:
+        config = self.guard.accounts.get(name)
+        cap = monthly_cap(config.subscriber_level, self.guard.pc.monthly_cap_factor
+                          ) if config else None
+        return admin.account_row(self.store, txn, name, config, cap, self.guard.clock())
+
+    async def accounts(self) -> list[dict[str, Any]]:
+        def rows(txn: Any) -> list[dict[str, Any]]:
+            names = admin.known_accounts(self.store, txn, self.guard.accounts)
+            return [self._account_row(txn, name) for name in names]
+
+        return await self._read(rows)
+
+    async def account(self, name: str) -> dict[str, Any]:
+        row = await self._read(lambda txn: self._account_row(txn, name))
+        if not row["configured"] and row["status"] == ACTIVE and not any(row["totals"].values()):
+            raise NotFound(f"no account {name!r}")
+        return row
+
+    async def suspend_account(self, name: str, reason: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        await self._write(lambda txn: admin.suspend_account(
+            self.store, txn, name, BY, reason, now))
+        self.guard.emit({"type": "AccountSuspended", "account": name, "by": BY,
+                         "reason": reason})
+        return await self.account(name)
+
+    async def resume_account(self, name: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        await self._write(lambda txn: admin.resume_account(self.store, txn, name, BY, now))
+        self.guard.emit({"type": "AccountResumed", "account": name, "by": BY})
+        return await self.account(name)
+
+    async def suppressions(self, account: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda txn: admin.suppression_rows(
+            self.store, txn, account, limit))
+
+    async def suppress(self, account: str, address: str, reason: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        added = await self._write(lambda txn: admin.add_suppression(
+            self.store, txn, account, address, reason or "manual", now))
+        return {"account": account, "address": address.lower(), "added": added}
+
+    @_port_errors
+    async def unsuppress(self, account: str, address: str) -> dict[str, Any]:
+        removed = await self._write(lambda txn: admin.remove_suppression(
+            self.store, txn, account, address))
+        if not removed:
+            raise admin.NotFoundError(f"{address} is not on the list of {account}")
+        return {"account": account, "address": address.lower(), "removed": True}
+
+    async def held(self, limit: int) -> list[dict[str, Any]]:
+        """Held jobs (any reason), one row per job, as the spool-only stand-in has them."""
+        def rows(txn: Any) -> list[dict[str, Any]]:
+            out = []
+            for message in admin.list_held(self.store, txn, reason=None, limit=limit):
+                for job in message["jobs"]:
+                    out.append({"job": job, "reason": message["reason"],
+                                "message": message["id"], "account": message["account"],
+                                "campaign": message["campaign"],
+                                "recipients": message["recipients"]})
+            return out[:limit]
+
+        return await self._read(rows)
+
+    @_port_errors
+    async def release_held(self, job_id: str) -> dict[str, Any]:
+        now = self.guard.clock()
+        count = await self._write(lambda txn: admin.release_held(
+            self.store, txn, job_id, now, reason=None))
+        self.guard.emit({"type": "HeldReleased", "job": job_id, "by": BY, "jobs": count})
+        return {"job": job_id, "released": True}
+
+    @_port_errors
+    async def reject_held(self, job_id: str) -> dict[str, Any]:
+        removed = await self._write(lambda txn: admin.reject_held(
+            self.store, txn, job_id, reason=None))
+        for event in admin.removed_events(removed, "Rejected", "rejected by an operator"):
+            self.guard.emit(event)
+        return {"job": job_id, "rejected": True}
+
+    @_port_errors
+    async def unsubscribe(self, token: str) -> dict[str, Any]:
+        result = await self.guard.unsubscribe(token)
+        return {"account": result.account, "campaign": result.campaign,
+                "recipient": result.recipient, "counted": result.counted}

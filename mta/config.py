@@ -171,6 +171,28 @@ class ThrottleConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """The service contract the policy guard enforces (rates in percent)."""
+
+    enabled: bool = True
+    hard_bounce_rate: float = 8.0  # % of a campaign's sent mail; pause at or above (8-15)
+    complaint_rate: float = 0.5  # % of its delivered mail; pause above
+    unsubscribe_rate: float = 1.0  # % of its delivered mail; pause above
+    min_volume: int = 200  # sent mail before a campaign's rates are judged
+    trial_limit: int = 100  # e-mails (recipients) a trial account may send in all
+    monthly_cap_factor: int = 109  # monthly cap = this x subscriber_level (level 0: no cap)
+    footer_text: str = "Email Marketing by MTA"  # added for accounts not on the pro plan
+    footer_html: str = ""  # empty: footer_text, HTML-escaped, in a <p>
+    unsubscribe_path: str = "/unsubscribe/"  # one-click links: [http] public_url + this + token
+    unsubscribe_mailbox: str = "unsubscribe"  # mailto local part on [bounce] domain
+    unsubscribe_secret: str = ""  # HMAC key of the links; empty: a random key kept in the spool
+    notice_from: str = ""  # From: of notices to accounts; empty: postmaster@[engine] hostname
+    retention_days: float = 92.0  # a deleted account's data is purged after this (3 months)
+    cache_ttl: float = 0.5  # seconds a worker trusts its copy of pauses and suspensions (<= 1)
+    flush_interval: float = 0.1  # seconds between batched counter writes
+
+
+@dataclass
 class AccountConfig:
     name: str
     password_hash: str = ""
@@ -191,6 +213,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     accounts: list[AccountConfig] = field(default_factory=list)
 
     def account(self, name: str) -> AccountConfig | None:
@@ -317,6 +340,49 @@ def _check_local_part(value: str) -> None:
 def _check_url(value: str) -> None:
     if not re.fullmatch(r"https?://[\x21-\x7e]+", value) or any(c in value for c in "<>\"'"):
         raise ValueError(f"{value!r} is not an http(s) URL")
+
+
+@_validator("policy", "hard_bounce_rate")
+def _check_hard_bounce_rate(value: float) -> None:
+    if not 8.0 <= value <= 15.0:
+        raise ValueError(f"must be within 8-15 (percent, the service contract), got {value}")
+
+
+@_validator("policy", "complaint_rate")
+@_validator("policy", "unsubscribe_rate")
+def _check_percent(value: float) -> None:
+    if not 0.0 < value <= 100.0:
+        raise ValueError(f"must be a percentage above 0, got {value}")
+
+
+@_validator("policy", "min_volume")
+def _check_min_volume(value: int) -> None:
+    if value < 1:
+        raise ValueError("must be at least 1")
+
+
+@_validator("policy", "cache_ttl")
+def _check_cache_ttl(value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be above 0 and at most 1 second")
+
+
+@_validator("policy", "unsubscribe_path")
+def _check_unsubscribe_path(value: str) -> None:
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
+        raise ValueError(f"{value!r} is not a URL path starting with /")
+
+
+@_validator("policy", "unsubscribe_mailbox")
+def _check_mailbox(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", value):
+        raise ValueError(f"{value!r} is not a simple local part (letters, digits, . _ -)")
+
+
+@_validator("accounts", "plan")
+def _check_plan(value: str) -> None:
+    if value not in ("trial", "standard", "pro"):
+        raise ValueError(f"must be trial, standard or pro, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -60,10 +60,15 @@ class StorageGuard:
         self.full_until = time.monotonic() + _HEADER_CACHE_SECONDS
 
 
+def _field_re(name: bytes) -> re.Pattern[bytes]:
+    # [^\r\n], not `.`: `.` matches CR, so "a\r\n b" would stop at the fold.
+    return re.compile(rb"(?im)^" + re.escape(name)
+                      + rb"[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+
+
 def header_value(headers: bytes, name: bytes) -> str:
     """The first value of header `name` in a raw header block (unfolded), or ''."""
-    match = re.search(rb"(?im)^" + re.escape(name) + rb"[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)",
-                      headers)
+    match = _field_re(name).search(headers)
     if not match:
         return ""
     return re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip().decode("utf-8", "replace")
@@ -71,8 +76,8 @@ def header_value(headers: bytes, name: bytes) -> str:
 
 def header_values(headers: bytes, name: bytes) -> list[bytes]:
     """Every value of header `name` in a raw header block, unfolded."""
-    return [re.sub(rb"\r\n[ \t]+", b" ", m.group(1)).strip() for m in re.finditer(
-        rb"(?im)^" + re.escape(name) + rb"[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)", headers)]
+    return [re.sub(rb"\r\n[ \t]+", b" ", m.group(1)).strip()
+            for m in _field_re(name).finditer(headers)]
 
 
 def from_domains(headers: bytes) -> set[str]:

@@ -192,6 +192,9 @@ class EngineMetrics:
                                registry=r)
         self.commit_ops = Counter("mta_spool_commit_operations",
                                   "Spool writes grouped into those transactions", registry=r)
+        self.policy_actions = Counter(
+            "mta_policy_actions", "What the policy guard did: refusals by reason, holds, "
+            "pauses, footers, List-Unsubscribe headers, forged tokens", ["action"], registry=r)
         self._seen: dict[str, float] = {}
         self._providers_open: set[str] = set()
         self._init_labels()
@@ -243,6 +246,10 @@ class EngineMetrics:
         if signer is not None:
             self._advance("signed", signer.signed, self.dkim.labels("signed"))
             self._advance("unsigned", signer.unsigned, self.dkim.labels("unsigned"))
+        guard = getattr(getattr(worker, "intake", None), "policy", None)
+        if guard is not None and callable(getattr(guard, "metrics", None)):
+            for action, total in guard.metrics().items():
+                self._advance(f"policy:{action}", total, self.policy_actions.labels(action))
         committer = getattr(worker, "committer", None)
         if committer is not None:
             self._advance("commits", committer.commits, self.commits)

@@ -120,12 +120,16 @@ def test_sampled_connections_dkim_and_commits() -> None:
     idle = SimpleNamespace(workers=0, targets=[SimpleNamespace(host="mx.idle.test")])
     deliverer = SimpleNamespace(pools={1: gmail, 2: other, 3: idle})
     signer = SimpleNamespace(signed=10, unsigned=1)
+    counts = {"refused_suppressed": 2, "pauses": 1}
+    guard = SimpleNamespace(metrics=lambda: dict(counts))
     worker = SimpleNamespace(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}),
+                             intake=SimpleNamespace(policy=guard),
                              dkim_signer=signer, committer=SimpleNamespace(commits=4,
                                                                           operations=9))
     assert pool_connections(deliverer, m.providers) == {"gmail": 3, "other": 2}
     m.sample(worker)
     signer.signed = 15
+    counts["refused_suppressed"] = 5
     gmail.workers = 0
     m.sample(worker)
     got = families(m.registry)
@@ -134,6 +138,8 @@ def test_sampled_connections_dkim_and_commits() -> None:
     assert got["mta_deliveries_in_flight"][()] == 1.0
     assert got["mta_dkim_signatures_total"] == {(("result", "signed"),): 15.0,
                                                 (("result", "unsigned"),): 1.0}
+    assert got["mta_policy_actions_total"] == {(("action", "pauses"),): 1.0,
+                                               (("action", "refused_suppressed"),): 5.0}
     assert got["mta_spool_commits_total"][()] == 4.0
     assert got["mta_spool_commit_operations_total"][()] == 9.0
 

@@ -1,0 +1,120 @@
+"""The footer: MIME-aware, both text parts, every transfer encoding, and DKIM signatures
+made after it verify (dkimpy)."""
+
+from __future__ import annotations
+
+import email
+from email.message import EmailMessage
+from email.policy import SMTP, default
+from pathlib import Path
+
+from mta.config import DkimConfig
+from mta.dkim import DkimSigner
+from mta.policy.footer import add_footer
+from mta.policy.headers import Unsubscriber
+from tests.test_dkim_support import dkimpy_results, write_key
+
+FOOTER = "Email Marketing by Example"
+
+
+def newsletter(cte: str | None = None) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Shop <news@example.com>"
+    msg["To"] = "carol@example.net"
+    msg["Subject"] = "Spring sale"
+    msg["Message-ID"] = "<spring@example.com>"
+    msg.set_content("Hello Carol,\nour spring sale starts today.\n", cte=cte)
+    msg.add_alternative("<html><body><p>Hello Carol,</p><p>our <b>spring sale</b>"
+                        " starts today.</p></body></html>\n", subtype="html", cte=cte)
+    msg.add_attachment(b"%PDF-1.4 not text\n" * 20, maintype="application", subtype="pdf",
+                       filename="catalogue.pdf")
+    msg.add_attachment("a,b\n1,2\n", subtype="csv", filename="prices.csv")
+    return msg.as_bytes(policy=SMTP)
+
+
+def parts(data: bytes) -> dict[str, str]:
+    parsed = email.message_from_bytes(data, policy=default)
+    found: dict[str, str] = {}
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        key = part.get_filename() or part.get_content_type()
+        content = part.get_content()
+        text = content if isinstance(content, str) else content.decode("latin-1")
+        found[key] = text.replace("\r\n", "\n")
+    return found
+
+
+def test_footer_in_text_and_html_parts_only() -> None:
+    original = newsletter()
+    out = add_footer(original, FOOTER)
+    got = parts(out)
+    assert got["text/plain"].rstrip().endswith(FOOTER)
+    assert got["text/plain"].startswith("Hello Carol,\nour spring sale starts today.\n")
+    html = got["text/html"]
+    assert FOOTER in html and html.index(FOOTER) < html.index("</body>")
+    assert FOOTER not in got["prices.csv"] and FOOTER not in got["catalogue.pdf"]
+    assert got["catalogue.pdf"] == parts(original)["catalogue.pdf"]
+    parsed = email.message_from_bytes(out, policy=default)
+    assert not parsed.defects and parsed.get_content_type() == "multipart/mixed"
+    assert out.split(b"\r\n\r\n")[0] == original.split(b"\r\n\r\n")[0]  # headers kept
+
+
+def test_quoted_printable_and_base64_parts_are_re_encoded() -> None:
+    for cte in ("quoted-printable", "base64"):
+        out = add_footer(newsletter(cte), "Email Marketing by Ünïcode ✓")
+        parsed = email.message_from_bytes(out, policy=default)
+        texts = [p for p in parsed.walk() if p.get_content_maintype() == "text"
+                 and not p.get_filename()]
+        assert len(texts) == 2
+        for part in texts:
+            assert part["Content-Transfer-Encoding"] == cte
+            assert "Email Marketing by Ünïcode ✓" in part.get_content()
+            assert "spring" in part.get_content()
+        raw_body = out.split(b"\r\n\r\n", 1)[1]
+        assert "Ünïcode".encode() not in raw_body  # encoded, never raw 8-bit
+        assert all(len(line) <= 78 for line in out.split(b"\r\n"))
+
+
+def test_plain_message_and_non_ascii_footer_becomes_mime() -> None:
+    plain = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n"
+    ascii_out = add_footer(plain, FOOTER)
+    assert ascii_out == plain + b"\r\n" + FOOTER.encode() + b"\r\n"
+    out = add_footer(plain, "Envoyé par Éxample")
+    parsed = email.message_from_bytes(out, policy=default)
+    assert parsed["MIME-Version"] == "1.0"
+    assert parsed.get_content_charset() == "utf-8"
+    assert parsed.get_content().rstrip().endswith("Envoyé par Éxample")
+
+
+def test_attached_message_and_undecodable_parts_are_left_alone() -> None:
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner text\n")
+    outer = EmailMessage()
+    outer["From"] = "a@example.com"
+    outer.set_content("outer text\n")
+    outer.add_attachment(inner)
+    out = add_footer(outer.as_bytes(policy=SMTP), FOOTER)
+    assert out.count(FOOTER.encode()) == 1
+    assert "inner text" in out.decode() and FOOTER not in out.decode().split("inner text")[1]
+    bad = (b"From: a@example.com\r\nContent-Type: text/plain; charset=x-unknown-charset\r\n"
+           b"\r\nhello\r\n")
+    assert add_footer(bad, FOOTER) == bad
+
+
+def test_dkim_signature_made_after_footer_and_list_unsubscribe_verifies(tmp_path: Path) -> None:
+    key = write_key(tmp_path, "example.com", "s1")
+    signer = DkimSigner.from_config(DkimConfig(keys=[key.config]))
+    unsub = Unsubscriber(b"s" * 32, "https://mta.example.com", "/unsubscribe/", "unsubscribe",
+                         "bounces.example.com")
+    for cte in (None, "quoted-printable", "base64"):
+        data = unsub.apply(add_footer(newsletter(cte), "Email Marketing by Ünï"), "shop",
+                           "spring", "carol@example.net")
+        signed = signer.sign(data)
+        assert dkimpy_results(signed, [key.record]) == {("example.com", "s1"): "pass"}
+        signature = signed.split(b"\r\n\r\n")[0].split(b"DKIM-Signature:")[1]
+        assert b"list-unsubscribe" in signature.lower()  # RFC 8058: the fields are signed
+        tampered = signed.replace(b"Email Marketing by", b"Email Marketing from")
+        if tampered != signed:
+            assert dkimpy_results(tampered, [key.record]) != {("example.com", "s1"): "pass"}

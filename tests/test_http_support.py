@@ -103,20 +103,29 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
+    cleanup = None
     if not engine_wires_http():
         from mta.http import check_http, start_worker
-        from mta.metrics import prepare_metrics_dir
+        from mta.metrics import cleanup_metrics_dir, prepare_metrics_dir
 
         cfg = load_config(args.config)
-        prepare_metrics_dir(cfg)
+        metrics_dir = prepare_metrics_dir(cfg)
         engine.startup_checks.append(check_http)
         engine.worker_extensions.append(start_worker)
+
+        def cleanup() -> None:
+            cleanup_metrics_dir(cfg, metrics_dir)
+
     from mta.cli import main as mta_main
 
     argv = ["serve", "--config", args.config]
     if args.workers:
         argv += ["--workers", str(args.workers)]
-    return mta_main(argv)
+    try:
+        return mta_main(argv)
+    finally:
+        if cleanup is not None:
+            cleanup()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m bench run [--scenario NAME] [--count N] [--target HOST:PORT]
                         [--compare postfix] [--dkim]
+    python -m bench soak [--duration 600] [--rate 300] [--window 60]
     python -m bench list
 
 See bench/run.py for what a run starts and measures, and bench/scenarios/ for the loads.
@@ -13,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import run
+from bench import run, soak
 from bench.scenarios import ScenarioError, list_scenarios, load_scenario
 
 
@@ -22,6 +23,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start a local rig and run a load through it")
     run.add_arguments(run_parser)
+    soak_parser = sub.add_parser("soak", help="a long run at a steady rate, window by window")
+    soak.add_arguments(soak_parser)
     sub.add_parser("list", help="the scenarios in bench/scenarios/")
     return top
 
@@ -37,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return list_command()
+        if args.command == "soak":
+            return soak.main(args)
         return run.main(args)
     except ScenarioError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -43,6 +43,7 @@ class RunResult:
     other_arrivals: dict[str, int] = field(default_factory=dict)  # not the load's, by Subject
     accept_latencies: list[float] = field(default_factory=list)  # s, MAIL to 250 after DATA
     e2e_latencies: list[float] = field(default_factory=list)  # s, 250 to arrival at the sink
+    delivered_times: list[float] = field(default_factory=list)  # s since the start, same order
     cpu_seconds: float | None = None
     peak_memory: int | None = None  # bytes (PSS)
     peak_queue: int | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -79,6 +80,8 @@ SAMPLE_INTERVAL = 0.5
 COUNTER_POLL = 0.005
 INGEST_INTERVAL = 0.2
 SEPARATOR = CAPTURE_SEPARATOR.encode()
+ROTATE_BYTES = 64 * 2**20  # capture file size at which it is read to the end and removed
+ROTATE_SETTLE = 0.2
 
 
 # --- the target's processes: CPU and memory -------------------------------------------
@@ -271,23 +274,44 @@ class _CaptureReader:
         """(data, recipients, arrival time) of each message that is complete in the file.
 
         smtp-sink appends a whole message to the file before it bumps its counter, so
-        the first `counted` messages in the file are complete."""
+        the first `counted` messages in the file are complete. Past ROTATE_BYTES the
+        file is renamed away (smtp-sink opens it by name for every message) and
+        finished, so a long run does not fill the disk."""
         counted = self.sink.messages
         path = self.sink.capture_file
         if path is None or not path.exists() or counted <= self.taken:
             return
-        with open(path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        self.offset += len(chunk)
+        chunk = self._read_from(path)
         data, tail = split_partial_separator(self.pending + chunk)
         whole = data.split(SEPARATOR)[1:]  # the file starts with a separator
         ready = min(len(whole), counted - self.taken)
         self.pending = SEPARATOR.join([b"", *whole[ready:]]) + tail
-        for raw in whole[:ready]:
+        yield from self._messages(whole[:ready])
+        if self.offset >= ROTATE_BYTES:
+            yield from self._rotate(path)
+
+    def _read_from(self, path: Path) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        return chunk
+
+    def _messages(self, raws: list[bytes]) -> Iterator[tuple[bytes, int, float]]:
+        for raw in raws:
             self.taken += 1
             for message in parse_capture(SEPARATOR + raw):
                 yield message.data, len(message.rcpt_tos), self.arrival(self.taken)
+
+    def _rotate(self, path: Path) -> Iterator[tuple[bytes, int, float]]:
+        done = path.with_name(path.name + ".done")
+        os.rename(path, done)
+        time.sleep(ROTATE_SETTLE)  # an append under way ends in the renamed file
+        self.pending += self._read_from(done)
+        done.unlink()
+        whole = self.pending.split(SEPARATOR)[1:]
+        self.pending, self.offset = b"", 0
+        yield from self._messages(whole)
 
 
 def header(data: bytes, name: bytes) -> str:
@@ -716,6 +740,7 @@ def build_result(target: Target, opts: Options, load: LoadResult, accepts: Accep
         accept_latencies=load.accept_latencies,
         e2e_latencies=[max(0.0, tracker.delivered_at[i] - accepts.accepted_at[i])
                        for i in delivered],
+        delivered_times=[tracker.delivered_at[i] - started for i in delivered],
         cpu_seconds=monitor.samples[-1].cpu if monitor.samples else None,
         peak_memory=target.processes.peak_memory if target.processes else None,
         peak_queue=max(queues) if queues else None, samples=monitor.samples,
@@ -834,9 +859,25 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     if args.compare and args.compare not in kinds:
         kinds.append(args.compare)
     for kind in kinds:
-        if kind not in ("engine", "postfix") and not kind.rpartition(":")[2].isdigit():
-            raise SystemExit(f"--target must be engine, postfix or HOST:PORT, not {kind!r}")
+        if kind not in ("engine", "postfix"):
+            check_external(kind)
     return kinds
+
+
+def check_external(hostport: str) -> None:
+    """HOST:PORT on loopback: the rig's DNS and sinks listen on 127.0.0.x only, so an MTA
+    anywhere else could not deliver to them (and the bench sends no load off this host)."""
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or not host:
+        raise SystemExit(f"--target must be engine, postfix or HOST:PORT, not {hostport!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"--target {hostport}: the bench rig is loopback-only "
+                         "(127.0.0.0/8 or ::1)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from bench.scenarios import (
     load_scenario,
     parse_scenario,
 )
+from bench.soak import verdict, windows
 
 SEP = CAPTURE_SEPARATOR.encode()
 
@@ -143,6 +144,22 @@ def test_capture_reader_takes_only_what_the_counter_vouches_for(tmp_path: Path) 
     assert reader.taken == 3 and reader.pending == b""
 
 
+def test_capture_reader_rotates_a_large_file(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.run.ROTATE_BYTES", 10)
+    monkeypatch.setattr("bench.run.ROTATE_SETTLE", 0.0)
+    path = tmp_path / "messages"
+    sink = SimpleNamespace(messages=2, capture_file=path)
+    reader = _CaptureReader(sink)  # type: ignore[arg-type]
+    path.write_bytes(capture(1) + capture(2))
+    assert [index_of(d) for d, _, _ in reader.read()] == [1, 2]
+    assert not path.exists() and reader.offset == 0
+    path.write_bytes(capture(3))
+    sink.messages = 3
+    assert [index_of(d) for d, _, _ in reader.read()] == [3]
+    assert reader.taken == 3
+
+
 def test_capture_reader_dates_by_the_counter() -> None:
     reader = _CaptureReader(SimpleNamespace(messages=0, capture_file=None))  # type: ignore[arg-type]
     reader.times, reader.counts = [10.0, 11.0, 12.0], [2, 5, 6]
@@ -223,3 +240,14 @@ def test_process_tree_measures_this_process() -> None:
     sum(i * i for i in range(200_000))
     cpu, memory = tree.sample()
     assert cpu > 0 and memory > 1_000_000 and tree.peak_memory == memory
+
+
+def test_soak_windows_cut_the_run_and_judge_it() -> None:
+    samples = [Sample(float(t), 100 * t, 90 * t, 5, (50 + t) * 2**20, None) for t in range(25)]
+    result = RunResult("engine", "steady", samples=samples, e2e_latencies=[0.01, 0.02, 0.03],
+                       delivered_times=[1.0, 12.0, 24.0])
+    rows = windows(result, 10.0)
+    assert [(w.start, w.end) for w in rows] == [(0.0, 10.0), (10.0, 24.0)]
+    assert rows[0].accepted_rate == 100.0 and rows[0].delivered_rate == 90.0
+    assert rows[1].p99_ms == 30.0 and rows[1].memory_mib == 74.0
+    assert verdict(rows)[0] == "memory: 60.0 -> 74.0 MiB (+14.0 MiB in 14 s)"

@@ -52,15 +52,17 @@ def windows(result: RunResult, width: float) -> list[Window]:
     edges = [k * width for k in range(int(end // width) + 1)] + [end]
     if len(edges) > 2 and edges[-1] - edges[-2] < width / 2:
         del edges[-2]  # a short tail joins the window before it
-    return [window(result, a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    spans = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return [window(result, a, b, closed=(b == end)) for a, b in spans]
 
 
-def window(result: RunResult, start: float, end: float) -> Window:
+def window(result: RunResult, start: float, end: float, closed: bool = False) -> Window:
+    """One window [start, end), or [start, end] when `closed` (the run's last)."""
     inside = [s for s in result.samples if start <= s.t <= end]
     first, last = (inside[0], inside[-1]) if inside else (None, None)
     span = (last.t - first.t) if first and last and last.t > first.t else 0.0
     latencies = [lat for lat, at in zip(result.e2e_latencies, result.delivered_times,
-                                        strict=True) if start <= at < end]
+                                        strict=True) if start <= at < end or (closed and at == end)]
     p = percentiles(latencies)
     memory = [s.memory for s in inside if s.memory]
     return Window(

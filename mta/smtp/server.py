@@ -202,11 +202,18 @@ class IntakeSMTP(SMTP):
         await self.push("\r\n".join(reply))
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
-        # Whatever the client pipelined after STARTTLS must not survive the handshake.
-        self._inbuf.clear()
         if self._tls_protocol:
             await self.push("503 5.5.1 TLS already active")
             return
+        if not self.tls_context:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        # Whatever the client pipelined after STARTTLS must not survive the handshake.
+        # (Only when a handshake starts: after a refusal the session goes on in step.)
+        self._inbuf.clear()
         await super().smtp_STARTTLS(arg)
         self._inbuf.clear()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -61,7 +62,10 @@ def test_steady_small_run_delivers_everything_and_cleans_up(tmp_path: Path) -> N
     assert result["accepted"] == 200
     assert result["delivered"] == result["accepted"]
     assert result["e2e_p50_ms"] > 0 and result["cpu_seconds"] > 0
-    assert list(tmp_path.glob("*.png"))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert list(tmp_path.glob("*.png"))
+    else:
+        assert "plot: skipped" in done.stdout
     assert_torn_down(done.stderr)
 
 

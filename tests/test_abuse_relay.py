@@ -38,6 +38,7 @@ PLAIN_TEXT_IP = "127.0.0.3"  # untrusted, used only by the plain-text AUTH test
 KNOWN_IP, UNKNOWN_IP, BYSTANDER_IP = "127.0.1.6", "127.0.1.7", "127.0.1.8"
 LOGIN_IPS = ("127.0.1.9", "127.0.1.10")
 WITNESS_IP = "127.0.1.11"
+PARALLEL_IP, SLOW_IP = "127.0.1.12", "127.0.1.13"
 MAX_FAILURES = 3
 WINDOW = 4.0
 MSG = b"From: a@shop.test\r\nTo: b@dest.test\r\nSubject: t\r\n\r\nhello\r\n"
@@ -57,6 +58,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
         {"name": "brand", "password_hash": hash_password("brand-pw", log_n=10),
          "sender_domains": ["brand.test"]},
         {"name": "other", "password_hash": hash_password("other-pw", log_n=10)},
+        {"name": "slow", "password_hash": hash_password("slow-pw", log_n=15)},
     ]
     proc = start_engine(tmp, smtp={
         "trusted_networks": ["127.0.0.1/32", "127.0.1.0/24"],
@@ -266,6 +268,57 @@ def test_failed_auth_slowed_then_refused_per_address_alike_for_unknown_users(eng
     later = session(engine, source=KNOWN_IP)
     assert later.cmd(f"AUTH PLAIN {plain('shop', 'shop-pw')}")[0] == 235
     later.close()
+
+
+def test_parallel_auth_attempts_cannot_exceed_the_failure_limit(engine) -> None:
+    """Once an address has failed, its attempts in progress count toward the limit: ten
+    connections guessing at the same moment get no more than the limit's worth of tries."""
+    _, tmp = engine
+    first = session(engine, source=PARALLEL_IP)
+    assert first.cmd(f"AUTH PLAIN {plain('shop', 'guess-0')}")[0] == 535
+    first.close()
+    conns = [session(engine, source=PARALLEL_IP) for _ in range(10)]
+    for i, c in enumerate(conns):
+        c.send(f"AUTH PLAIN {plain('shop', f'guess-{i + 1}')}\r\n".encode())
+    codes = sorted(c.reply()[0] for c in conns)
+    for c in conns:
+        c.close()
+    assert codes.count(535) <= MAX_FAILURES - 1 and codes.count(421) >= 10 - (MAX_FAILURES - 1)
+    assert set(codes) <= {535, 421}, codes
+    time.sleep(0.3)
+    checked = [e for e in auth_events(tmp) if e.get("client") == PARALLEL_IP]
+    assert len(checked) <= MAX_FAILURES, checked
+
+
+def test_password_check_does_not_stall_other_sessions(engine) -> None:
+    """scrypt (here log_n=15) runs off the event loop: another session's NOOPs are answered
+    promptly while a password is being checked."""
+    import threading
+
+    pinger = session(engine)
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            assert pinger.cmd("NOOP")[0] == 250
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=ping)
+    slow = session(engine, source=SLOW_IP)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        code, _, took = _auth_attempt(slow, "slow", "wrong")
+    finally:
+        done.set()
+        thread.join(10)
+    slow.close()
+    pinger.close()
+    assert code == 535 and took > 0.05
+    assert len(latencies) >= 3 and max(latencies) < took / 2, (took, max(latencies))
 
 
 def test_auth_login_failure_replies_match_for_unknown_and_known(engine) -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate, getaddresses
 from typing import Any
 
@@ -125,6 +126,8 @@ class Intake:
         self._connections: dict[str, int] = {}
         self._total_connections = 0
         self._auth_failures: dict[str, list[float]] = {}
+        self._auth_pending: dict[str, int] = {}  # AUTH attempts in progress, by address
+        self._auth_pool: ThreadPoolExecutor | None = None
         self._campaign_header = cfg.smtp.campaign_header.encode()
         # Sender domains an account claims are closed to the other accounts.
         self._claimed: dict[str, set[str]] = {}
@@ -163,20 +166,47 @@ class Intake:
 
     def _check_password(self, ip: str, user: str, password: bytes) -> bool:
         ok = self._passwords.check(user, password)
+        self._auth_checked(ip, user, ok)
+        return ok
+
+    async def check_login(self, ip: str, user: str, password: bytes) -> bool:
+        """The password check, on a small thread pool: scrypt costs tens of milliseconds
+        (more with a high log_n), which must not stall every session of the worker."""
+        if self._auth_pool is None:
+            self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
+        ok = await asyncio.get_running_loop().run_in_executor(
+            self._auth_pool, self._passwords.check, user, password)
+        self._auth_checked(ip, user, ok)
+        return ok
+
+    def _auth_checked(self, ip: str, user: str, ok: bool) -> None:
         if not ok:
             self._auth_failures.setdefault(ip, []).append(time.monotonic())
         self.emit({"type": "Auth", "client": ip, "identity": user[:200], "ok": ok})
-        return ok
 
     def auth_delay(self, ip: str) -> float | None:
-        """Seconds to wait before an AUTH attempt from ip; None: refuse outright."""
+        """Seconds to wait before an AUTH attempt from ip; None: refuse outright.
+
+        An address with recent failures has its attempts in progress counted too, so
+        parallel connections cannot get more guesses in than the limit. The caller calls
+        auth_finished(ip) when the attempt is over."""
         window = self.cfg.smtp.auth_failure_window
         now = time.monotonic()
         recent = [t for t in self._auth_failures.get(ip, []) if now - t < window]
         self._auth_failures[ip] = recent
-        if len(recent) >= self.cfg.smtp.max_auth_failures:
+        pending = self._auth_pending.get(ip, 0)
+        limit = self.cfg.smtp.max_auth_failures
+        if len(recent) >= limit or (recent and len(recent) + pending >= limit):
             return None
+        self._auth_pending[ip] = pending + 1
         return min(0.25 * len(recent), 2.0)
+
+    def auth_finished(self, ip: str) -> None:
+        left = self._auth_pending.get(ip, 1) - 1
+        if left > 0:
+            self._auth_pending[ip] = left
+        else:
+            self._auth_pending.pop(ip, None)
 
     def account_of(self, session: Any) -> str | None:
         """The account a session sends for: its AUTH identity, or the trusted default."""

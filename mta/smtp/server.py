@@ -16,11 +16,13 @@ replaces the parts that matter for safety and speed:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
 
 from mta.smtp.address import AddressError, parse_path
 
@@ -220,11 +222,6 @@ class IntakeSMTP(SMTP):
     async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
                              log_client_response: bool = False) -> Any:
         # aiosmtpd reads the answer from its own reader; ours holds the buffered input.
-        import base64
-        import binascii
-
-        from aiosmtpd.smtp import MISSING
-
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         line = await self._read_line()
@@ -246,9 +243,57 @@ class IntakeSMTP(SMTP):
             await self.push("421 4.7.0 Too many failed authentications, try again later")
             self._close()
             return
-        if delay:
-            await asyncio.sleep(delay)
-        await super().smtp_AUTH(arg)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            await super().smtp_AUTH(arg)
+        finally:
+            self.intake.auth_finished(self._peer_ip)
+
+    # aiosmtpd's auth_PLAIN/auth_LOGIN call the authenticator synchronously, so the scrypt
+    # check would block the event loop; these await Intake.check_login (a thread) instead.
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            blob = await self._b64_argument(args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        try:
+            _authzid, login, password = blob.split(b"\0")
+        except ValueError:
+            await self.push("501 5.5.2 Cannot split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            login = await self._b64_argument(args[1])
+            if login is None:
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        return await self._check_login(login, password)
+
+    async def _b64_argument(self, text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode(), validate=True)
+        except ValueError:  # binascii.Error, or bytes that were not UTF-8
+            await self.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        ok = await self.intake.check_login(self._peer_ip, login.decode("utf-8", "replace"),
+                                           password)
+        return AuthResult(success=ok, handled=False, auth_data=LoginPassword(login, password))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         assert self.session is not None and self.envelope is not None

@@ -38,7 +38,7 @@ PLAIN_TEXT_IP = "127.0.0.3"  # untrusted, used only by the plain-text AUTH test
 KNOWN_IP, UNKNOWN_IP, BYSTANDER_IP = "127.0.1.6", "127.0.1.7", "127.0.1.8"
 LOGIN_IPS = ("127.0.1.9", "127.0.1.10")
 WITNESS_IP = "127.0.1.11"
-PARALLEL_IP, SLOW_IP = "127.0.1.12", "127.0.1.13"
+PARALLEL_IP, SLOW_IP, HANG_UP_IP = "127.0.1.12", "127.0.1.13", "127.0.1.14"
 MAX_FAILURES = 3
 WINDOW = 4.0
 MSG = b"From: a@shop.test\r\nTo: b@dest.test\r\nSubject: t\r\n\r\nhello\r\n"
@@ -319,6 +319,20 @@ def test_password_check_does_not_stall_other_sessions(engine) -> None:
     pinger.close()
     assert code == 535 and took > 0.05
     assert len(latencies) >= 3 and max(latencies) < took / 2, (took, max(latencies))
+
+
+def test_failure_counts_even_when_the_client_hangs_up_during_the_check(engine) -> None:
+    _, tmp = engine
+    c = session(engine, source=HANG_UP_IP)
+    c.send(f"AUTH PLAIN {plain('slow', 'guess')}\r\n".encode())
+    time.sleep(0.02)
+    c.close()  # before the (slow) check is over: no reply to wait for
+    assert wait_until(lambda: any(e.get("client") == HANG_UP_IP and e["ok"] is False
+                                  for e in auth_events(tmp)))
+    again = session(engine, source=HANG_UP_IP)
+    code, _, took = _auth_attempt(again, "nobody", "x")
+    assert code == 535 and took >= 0.25 - 0.02  # slowed: the first failure was counted
+    again.close()
 
 
 def test_auth_login_failure_replies_match_for_unknown_and_known(engine) -> None:

@@ -174,10 +174,16 @@ class Intake:
         (more with a high log_n), which must not stall every session of the worker."""
         if self._auth_pool is None:
             self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
-        ok = await asyncio.get_running_loop().run_in_executor(
+        future = asyncio.get_running_loop().run_in_executor(
             self._auth_pool, self._passwords.check, user, password)
-        self._auth_checked(ip, user, ok)
-        return ok
+
+        def record(done: asyncio.Future[bool]) -> None:
+            # Recorded even if the client hangs up meanwhile (its session task cancelled).
+            if not done.cancelled() and done.exception() is None:
+                self._auth_checked(ip, user, done.result())
+
+        future.add_done_callback(record)
+        return await asyncio.shield(future)
 
     def _auth_checked(self, ip: str, user: str, ok: bool) -> None:
         if not ok:

@@ -59,6 +59,8 @@ def resolve_campaign(store: PolicyStore, txn: Any, campaign: str,
         return account, campaign
     owners = {a for a, c, _ in store.campaigns(txn) if c == campaign}
     owners |= {split[0] for split in _state_campaigns(store, txn) if split[1] == campaign}
+    if not owners:  # mail in the queue but nothing counted yet
+        owners = jobs.campaign_owners(store.spool, txn, campaign)
     if not owners:
         raise NotFoundError(f"no campaign {campaign!r} (give --account to name a new one)")
     if len(owners) > 1:

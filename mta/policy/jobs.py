@@ -43,6 +43,18 @@ def find_jobs(spool: Spool, txn: Any, account: str,
     return found
 
 
+def campaign_owners(spool: Spool, txn: Any, campaign: str) -> set[str]:
+    """The accounts with mail of `campaign` in the spool."""
+    needle = pack(campaign)
+    owners = set()
+    for _, raw in txn.cursor(db=spool.dbs["job"]):
+        if needle in bytes(raw):
+            job = unpack(raw)
+            if job.get("campaign") == campaign:
+                owners.add(job.get("account", ""))
+    return owners
+
+
 def message_jobs(spool: Spool, txn: Any, message_id: str) -> list[tuple[bytes, dict[str, Any]]]:
     prefix = message_id.encode() + b"."
     cursor = txn.cursor(db=spool.dbs["job"])

@@ -455,3 +455,72 @@ async def test_counting_survives_many_events_in_few_commits(tmp_path: Path) -> N
             await asyncio.sleep(0.05)
         assert env.counters()["sent"] == 505 and env.counters()["delivered"] == 500
         assert env.guard.committer.commits - commits <= 3
+
+
+# --- the inbound path --------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_inbound_reports_feed_counters_and_suppression(tmp_path: Path) -> None:
+    async with guard_env(tmp_path) as env:
+        g = env.guard
+        env.deliveries(10)
+        await g.flush()
+        base = {"source": "async", "id": "M", "campaign": "spring", "status": "5.1.1"}
+        g.on_event({"type": "Bounce", "kind": "hard", "reason": "userunknown", "account": "shop",
+                    "recipient": "user1@dest.test", **base})
+        g.on_event({"type": "Bounce", "kind": "soft", "reason": "mailboxfull", "account": "shop",
+                    "recipient": "user2@dest.test", **base})
+        # An ARF report whose account the inbound path could not tell: found by campaign.
+        g.on_event({"type": "Complaint", "kind": "complaint", "account": "",
+                    "recipient": "user3@dest.test", **base})
+        g.on_event({"type": "Unsubscribe", "kind": "complaint", "account": "shop",
+                    "feedback_type": "opt-out", "recipient": "user4@dest.test", **base})
+        g.on_event({"type": "Unsubscribe", "account": "shop", "campaign": "spring",
+                    "recipient": "user5@dest.test", "via": "one-click"})  # our own: ignored
+        g.on_event({"type": "AutoReply", "account": "shop", "recipient": "user6@dest.test",
+                    **base})
+        await g.flush()
+        counters = env.counters()
+        assert counters == {"submitted": 0, "sent": 10, "delivered": 10, "hard": 1, "soft": 1,
+                            "complaints": 1, "unsubscribes": 1}
+        for rcpt, word in (("user1", "hard bounce"), ("user3", "complaint"),
+                           ("user4", "unsubscribed")):
+            reply = g.check_rcpt("shop", f"{rcpt}@dest.test")
+            assert reply is not None and word in reply
+        for rcpt in ("user2", "user5", "user6"):
+            assert g.check_rcpt("shop", f"{rcpt}@dest.test") is None
+
+
+@pytest.mark.asyncio
+async def test_unsubscribe_mailbox_reads_the_token_from_the_subject(tmp_path: Path) -> None:
+    async with guard_env(tmp_path) as env:
+        g = env.guard
+        token = g.token_for("shop", "spring", "")  # a shared message: no recipient inside
+        mail = (f"From: Bob <Bob@Dest.test>\r\nTo: unsubscribe@bounces.mta.test\r\n"
+                f"Subject: unsubscribe {token}\r\n\r\n\r\n").encode()
+        code, text = await g.unsubscribe_mailbox("unsubscribe@bounces.mta.test", mail)
+        assert code == 250 and "bob@dest.test unsubscribed" in text
+        assert g.check_rcpt("shop", "bob@dest.test") is not None
+        forged = mail.replace(token[-4:].encode(), b"AAAA" if token[-4:] != "AAAA" else b"BBBB")
+        code, text = await g.unsubscribe_mailbox("unsubscribe@bounces.mta.test", forged)
+        assert code == 250 and "ignored" in text
+        assert env.counters()["unsubscribes"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_lifted_pause_is_not_applied_from_a_stale_cache(tmp_path: Path) -> None:
+    async with guard_env(tmp_path, cache_ttl=1.0) as env:
+        g = env.guard
+        message = env.store(["a@now.test"])
+        await g.committer.submit(lambda txn: admin.pause_campaign(
+            g.store, txn, "shop", "spring", "test", "", time.time()))
+        g.refresh()
+        item = env.items(message.id)[0]
+        reason = g.hold_reason(item)
+        assert reason == "campaign:shop/spring"
+        # Another process resumes; this worker's copy still says paused.
+        await g.committer.submit(lambda txn: admin.resume_campaign(
+            g.store, txn, "shop", "spring", "other", time.time()))
+        assert g.hold_reason(item) == reason
+        assert not await g.hold_item(item, reason)
+        assert env.held() == {} and g.hold_reason(item) is None

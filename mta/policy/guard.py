@@ -13,7 +13,9 @@ Hooks (see the package docstring for the wiring):
 - scheduler / deliverer: `hold_reason(item)` before delivering, `hold_item(item, why)`;
 - deliverer: `transform(item, sender, data)`, inserted before DKIM signing;
 - event log listener: `on_event(event)` (Reception and delivery outcomes);
-- inbound path: `record_event(...)`, `record_bounce(...)`, `unsubscribe_mail(...)`;
+- inbound path: its Bounce/Complaint/Unsubscribe events (source "async") through
+  `on_event`; the unsubscribe mailbox `unsubscribe_mailbox(rcpt, data)`; or directly
+  `record_event(...)`, `record_bounce(...)`, `unsubscribe_mail(...)`;
 - HTTP one-click: `unsubscribe(token)`.
 """
 
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.utils import parseaddr
 from typing import Any
 
 from mta.bounce import classify_reply
@@ -305,23 +310,36 @@ class PolicyGuard:
                 return campaign_hold(account, campaign)
         return None
 
-    def hold_op(self, item: Any, reason: str) -> Callable[[Any], bool]:
-        """An operation holding the item's job, unless it is gone or held already."""
+    def hold_op(self, item: Any, reason: str) -> Callable[[Any], str]:
+        """An operation holding the item's job: 'held', 'gone' (removed or held already)
+        or 'stale' (the pause or suspension was lifted since this worker last looked)."""
 
-        def hold(txn: Any) -> bool:
+        def hold(txn: Any) -> str:
             job = self.spool.get_job(txn, item.job_id)
             if job is None or job.get("held"):
-                return False
+                return "gone"
+            if not self._still_holds(txn, job, reason):
+                return "stale"
             self.spool.hold_job(txn, item.job_id, job, reason)
-            return True
+            return "held"
 
         return hold
 
+    def _still_holds(self, txn: Any, job: dict[str, Any], reason: str) -> bool:
+        account = job.get("account", "")
+        if reason == account_hold(account):
+            return self.store.get_account(txn, account).status != ACTIVE
+        state = self.store.get_campaign(txn, account, job.get("campaign", ""))
+        return state.status in (PAUSED, DROPPED)
+
     async def hold_item(self, item: Any, reason: str) -> bool:
-        held = bool(await self.committer.submit(self.hold_op(item, reason)))
-        if held:
+        """Hold a due item's job (the scheduler then forgets the item); True if held."""
+        result = await self.committer.submit(self.hold_op(item, reason))
+        if result == "stale":
+            self.refresh()  # the item stays due and goes out at the next scan
+        elif result == "held":
             self.counts["held_paused"] += 1
-        return held
+        return result == "held"
 
     def transform(self, item: Any, sender: str, data: bytes) -> tuple[str, bytes]:
         """Footer (not for pro accounts) and List-Unsubscribe (campaign mail); before DKIM."""
@@ -354,10 +372,13 @@ class PolicyGuard:
     # --- counting ---------------------------------------------------------------------
 
     def on_event(self, event: dict[str, Any]) -> None:
-        """An EventLog listener: Reception and delivery outcomes feed the counters."""
+        """An EventLog listener: what is received, delivery outcomes, and what the inbound
+        path reports later (asynchronous bounces, complaints, ARF opt-outs)."""
         kind = event.get("type")
         if kind == "Reception":
             self._received(event)
+        elif event.get("source") == "async":
+            self._feedback(event)
         elif kind in OUTCOME_EVENTS and "attempt" in event and event.get("account"):
             if event.get("dsn") or event.get("notice"):
                 return
@@ -366,6 +387,15 @@ class PolicyGuard:
                 self.pending.outcomes.append(Outcome(
                     outcome, event["account"], event.get("campaign", ""),
                     str(event.get("recipient", "")), True, str(event.get("reply", ""))[:300]))
+
+    def _feedback(self, event: dict[str, Any]) -> None:
+        kind = {"Complaint": "complaint", "Unsubscribe": "unsubscribe"}.get(event["type"])
+        if event["type"] == "Bounce" and event.get("kind") in ("hard", "soft"):
+            kind = event["kind"]
+        if kind is not None and event.get("recipient"):
+            detail = f"{event.get('reason') or ''} {event.get('status') or ''}".strip()
+            self.record_event(kind, str(event.get("account") or ""),
+                              str(event.get("campaign") or ""), str(event["recipient"]), detail)
 
     def _received(self, event: dict[str, Any]) -> None:
         self._reserved.pop(str(event.get("id", "")), None)
@@ -504,6 +534,18 @@ class PolicyGuard:
             self.counts["forged_tokens"] += 1
             raise InvalidUnsubscribe("no unsubscribe token in this mail")
         return await self.unsubscribe(token, via="mailto", recipient=sender)
+
+    async def unsubscribe_mailbox(self, rcpt: str, data: bytes) -> tuple[int, str]:
+        """The inbound handler of the List-Unsubscribe mailto (`[policy] unsubscribe_mailbox`):
+        the token from the subject (or the address), the recipient from From: when the
+        token names none. Answers 250 even to a bad request (no backscatter)."""
+        headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+        sender = parseaddr(str(headers.get("From", "")))[1]
+        try:
+            result = await self.unsubscribe_mail(str(headers.get("Subject", "")), rcpt, sender)
+        except InvalidUnsubscribe as exc:
+            return 250, f"2.0.0 ignored: {exc}"
+        return 250, f"2.0.0 {result.recipient or 'recipient'} unsubscribed"
 
     # --- retention ------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ SHORT_WAIT = 2.0  # a pace wait up to this long is slept through; longer ones go
 SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
 SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
 HOST_FAILURE_MEMORY = 300.0  # an MX address that failed is tried after the others this long
+PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately opens no more
 
 
 class Resolver(Protocol):
@@ -57,6 +58,14 @@ class Pool:
     workers: int = 0
     idle: int = 0
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    pacing: int = 0  # connections waiting for their turn at the destination's pace
+    paced_at: float = -PACE_MEMORY  # when one last had to wait (monotonic)
+
+    def pace_bound(self) -> bool:
+        """The destination's pace, not the connection count, limits this pool now: one
+        more connection could not send sooner (it would only take a connection slot
+        that the receiver may refuse)."""
+        return self.pacing > 0 or time.monotonic() - self.paced_at < PACE_MEMORY
 
 
 class Deliverer:
@@ -128,9 +137,12 @@ class Deliverer:
         return dest
 
     def _kick(self, pool: Pool) -> None:
-        """Wake an idle connection of the pool, or start one if the throttle may allow it."""
+        """Wake an idle connection of the pool, or start one if the throttle may allow it
+        and the connections there are not already waiting for the destination's pace."""
         if pool.idle:
             pool.wakeup.set()
+        elif pool.workers and pool.pace_bound():
+            return
         elif pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
                                        self.throttle.max_connections(pool.dest))):
             pool.workers += 1
@@ -181,6 +193,8 @@ class Deliverer:
                 if not await self._send(pool, conn, item):
                     await self._close(pool, conn)
                     conn = None
+                if pool.queue and not pool.idle:
+                    self._kick(pool)  # more connections, while they are what limits
                 if self.throttle.over_connection_limit(pool.dest):
                     return
         finally:
@@ -192,8 +206,7 @@ class Deliverer:
 
     async def _open(self, pool: Pool, item: Item) -> Connection | None:
         """A new connection for the pool, or None (the item was requeued or failed)."""
-        if not await self._connection_slot(pool):
-            pool.queue.appendleft(item)
+        if not await self._connection_slot(pool, item):
             return None
         settings = self._settings
         if pool.tls_required:
@@ -202,12 +215,23 @@ class Deliverer:
         now = time.monotonic()
         if len(self._failed_hosts) > 10_000:
             self._failed_hosts = {a: t for a, t in self._failed_hosts.items() if t > now}
+        retry_after: float | None = None
         for failure in failures:
             self._failed_hosts[failure.target.address] = now + HOST_FAILURE_MEMORY
-            self.throttle.record(pool.dest, failure.code or CONNECTION_FAILED, failure.enhanced,
-                                 failure.text, connecting=True)
+            decision = self.throttle.record(pool.dest, failure.code or CONNECTION_FAILED,
+                                            failure.enhanced, failure.text, connecting=True)
+            retry_after = (None if decision.retry_at is None
+                           else max(0.0, decision.retry_at - time.time()))
         if conn is None:
             self.throttle.connection_closed(pool.dest)
+            if retry_after is not None:
+                # Refused as too many or too fast (421 at the greeting, refused, reset):
+                # this item is deferred but stays ready at the throttle's pace; the rest
+                # of the queue waits for the next connection (after the throttle's
+                # backoff). Only once the throttle gives up on the destination
+                # (unreachable) does the queue take the usual retry schedule.
+                self._spawn(self._complete(item, connect_results(item, failures), retry_after))
+                return None
             self._fail_pool(pool, item, failures)
             return None
         name = pool.dest.name
@@ -219,8 +243,9 @@ class Deliverer:
         now = time.monotonic()
         return sorted(targets, key=lambda t: self._failed_hosts.get(t.address, 0.0) > now)
 
-    async def _connection_slot(self, pool: Pool) -> bool:
-        """Wait until the throttle allows a new connection; False: leave it to others."""
+    async def _connection_slot(self, pool: Pool, item: Item) -> bool:
+        """Wait until the throttle allows a new connection for `item`; False: the item
+        was left to the pool's other connections, or postponed with the pool's queue."""
         waited = 0.0
         while True:
             wait = self.throttle.try_connect(pool.dest)
@@ -229,12 +254,16 @@ class Deliverer:
             if wait == WAIT_FOR_CLOSE:
                 if pool.workers > 1 or waited >= SLOT_PATIENCE:
                     if pool.workers <= 1:
-                        self._postpone(list(pool.queue), SHORT_WAIT)
+                        self._postpone([item, *pool.queue], SHORT_WAIT)
                         pool.queue.clear()
+                    else:
+                        pool.queue.appendleft(item)
                     return False
                 wait = SLOT_POLL
             elif wait > SHORT_WAIT:  # suspended, or connections refused: back to the spool
-                self._postpone(list(pool.queue), wait)
+                # The item too: left in the queue, it would start a new connection
+                # worker at once, and that one would find the same wait (a busy loop).
+                self._postpone([item, *pool.queue], wait)
                 pool.queue.clear()
                 return False
             await asyncio.sleep(wait)
@@ -247,7 +276,12 @@ class Deliverer:
             if wait > SHORT_WAIT:
                 self._postpone([item], wait)
                 return False
-            await asyncio.sleep(wait)
+            pool.pacing += 1
+            pool.paced_at = time.monotonic()
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                pool.pacing -= 1
         return True
 
     async def _send(self, pool: Pool, conn: Connection, item: Item) -> bool:

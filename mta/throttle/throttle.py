@@ -326,8 +326,10 @@ class Throttle:
             return Decision(FAIL, reason=reason, signal=signal)
         if signal is Signal.NEUTRAL:
             return Decision(DEFER, reason=reason, signal=signal)
-        if (code == CONNECTION_FAILED and sc.connection_failures >= 3
+        if (signal is Signal.SLOW_CONNECTIONS and sc.connection_failures >= 3
                 and sc.conns.value == sc.conns.floor):
+            # Refused (or answered 421 at the greeting) even at one connection, again
+            # and again: the usual retry schedule, so the message can expire.
             return Decision(DEFER, reason=f"unreachable: {reason}", signal=signal)
         return Decision(SLOW_DOWN, now + self.settings.retry_delay, reason=reason, signal=signal)
 

@@ -470,7 +470,8 @@ class PolicyGuard:
             self.emit({"type": "CampaignPaused", "account": pause.account,
                        "campaign": pause.campaign, "rule": pause.breach.rule,
                        "rate": round(pause.breach.rate, 4),
-                       "threshold": pause.breach.threshold, "reason": pause.breach.describe(),
+                       "threshold": pause.breach.threshold, "count": pause.breach.count,
+                       "base": pause.breach.base, "reason": pause.breach.describe(),
                        "by": "policy", "notice": pause.notice_id})
             await self.committer.submit(self._hold_campaign_op(pause.account, pause.campaign))
 

@@ -1,0 +1,259 @@
+"""The contract enforced end to end: a real engine (with the policy guard wired in by
+`mta.policy.wiring.wire_policy`), a real DNS server and sinks on loopback.
+
+- 1,000 recipients, 10 % refused with 550 5.1.1: paused after the minimum volume, the
+  rest held, the notice delivered, new mail refused, resume delivers the held mail once;
+- ARF complaints through the inbound FBL path at 0.6 %: paused, deferred mail held;
+- one-click unsubscribes at 1.1 % through the HTTP listener: paused; forged token refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from bench.engine_proc import PROJECT_ROOT, START_TIMEOUT, EngineProcess, wait_for_port
+from bench.load import Submission, make_body, run_load
+from bench.rig.sinks import SinkFaults
+from tests.support import engine_config, wait_until
+
+# Registers the guard the way the engine will (a no-op once the engine wires it itself).
+LAUNCH = ("import sys, mta.engine as e; from mta.policy import check_policy; "
+          "from mta.policy.wiring import wire_policy; "
+          "e.worker_extensions.append(wire_policy); e.startup_checks.append(check_policy); "
+          "from mta.cli import main; sys.exit(main(sys.argv[1:]))")
+SENDER = "news@shop.test"
+
+
+class PolicyEngine(EngineProcess):
+    def start(self) -> PolicyEngine:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(tomli_w.dumps(self.config))
+        cmd = [sys.executable, "-c", LAUNCH, "serve", "--config", str(self.config_path)]
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        log = open(self.workdir / "engine.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log, env=env,
+                                     start_new_session=True)
+        wait_for_port(self.host, self.port, START_TIMEOUT, self.proc)
+        return self
+
+
+def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) -> PolicyEngine:
+    config = engine_config(
+        tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+        delivery={"enabled": delivery, "port": port, "allow_loopback_mx": True,
+                  "retry_initial": 1.0, "retry_max": 1.0, "retry_jitter": 0.0,
+                  "connect_timeout": 2.0, "command_timeout": 5.0,
+                  "max_concurrent_deliveries": 20},
+        smtp={"trusted_account": "shop"},
+        policy={"flush_interval": 0.05, **policy},
+        accounts=[{"name": "shop", "email": "ops@shop.test", "plan": "standard"}])
+    config["http"]["public_url"] = f"http://{config['http']['listen']}"
+    return PolicyEngine(tmp, config, workers=1).start()
+
+
+def events(tmp: Path, kind: str, campaign: str | None = None) -> list[dict[str, Any]]:
+    path = tmp / "events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines)
+            if e["type"] == kind and campaign in (None, e.get("campaign"))]
+
+
+def finals(tmp: Path, campaign: str) -> int:
+    return len(events(tmp, "Delivery", campaign)) + len(events(tmp, "Bounce", campaign))
+
+
+def mta(engine: EngineProcess, *args: str) -> dict[str, Any]:
+    run = subprocess.run([sys.executable, "-m", "mta", *args, "--json", "--config",
+                          str(engine.config_path)], capture_output=True, text=True, timeout=60,
+                         cwd=PROJECT_ROOT, check=True)
+    return json.loads(run.stdout)
+
+
+def submit_all(engine: EngineProcess, campaign: str, rcpts: list[str]) -> None:
+    def make(i: int) -> Submission:
+        return Submission(SENDER, [rcpts[i]],
+                          make_body(600, f"{campaign} {i}", SENDER, rcpts[i], campaign))
+
+    result = asyncio.run(run_load(engine.host, engine.port, make, len(rcpts), sessions=8))
+    assert result.accepted == len(rcpts), result.replies
+
+
+def refusal(engine: EngineProcess, campaign: str) -> str:
+    with smtplib.SMTP(engine.host, engine.port) as client:
+        body = make_body(300, "late", SENDER, "late@dest.test", campaign)
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail(SENDER, ["late@dest.test"], body)
+    assert err.value.smtp_code == 550
+    return err.value.smtp_error.decode()
+
+
+def held_count(engine: EngineProcess) -> int:
+    return mta(engine, "queue", "stats")["by_state"].get("held", 0)
+
+
+def notice_to_account(sink: Any, campaign: str) -> bool:
+    return any(m.rcpt_tos == ("ops@shop.test",) and f"Campaign {campaign} paused".encode()
+               in m.data for m in list(sink.received))
+
+
+@pytest.fixture
+def route(dns_server: Any, asyncio_sink_factory: Any) -> Any:
+    """route(domain, host, faults) -> a recording sink as the domain's MX (one shared port)."""
+    port: list[int] = []
+
+    def add(domain: str, host: str, faults: SinkFaults | None = None) -> Any:
+        sink = asyncio_sink_factory(host=host, port=port[0] if port else 0, faults=faults,
+                                    record=True)
+        port[:1] = [sink.port]
+        dns_server.add_mx(domain, [(10, f"mx.{domain}")])
+        dns_server.add_a(f"mx.{domain}", host)
+        return sink
+
+    return add
+
+
+def test_hard_bounces_pause_hold_notify_and_resume(tmp_path: Path, dns_server: Any,
+                                                   route: Any) -> None:
+    dest = route("dest.test", "127.0.0.2", SinkFaults(rcpt_rules=[
+        (r"^bad", "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown")]))
+    shop = route("shop.test", "127.0.0.9")
+    rcpts = [f"bad{i}@dest.test" if i % 10 == 5 else f"user{i}@dest.test" for i in range(1000)]
+    engine = start(tmp_path, dns_server, dest.port, delivery=False)
+    try:
+        submit_all(engine, "spring", rcpts)  # all queued before delivery starts
+        engine.stop()
+        engine.config["delivery"]["enabled"] = True
+        engine.start()
+        assert wait_until(lambda: events(tmp_path, "CampaignPaused", "spring"), timeout=60)
+        paused = events(tmp_path, "CampaignPaused", "spring")[0]
+        assert paused["rule"] == "hard_bounce" and paused["base"] >= 200
+        assert paused["rate"] >= 8.0 and paused["threshold"] == 8.0
+        # What was in flight finishes; everything else of the campaign is held.
+        assert wait_until(lambda: finals(tmp_path, "spring") + held_count(engine) == 1000,
+                          timeout=30)
+        held = held_count(engine)
+        assert held >= 500, f"only {held} held"
+        assert wait_until(lambda: notice_to_account(shop, "spring"), timeout=20)
+        reply = refusal(engine, "spring")
+        assert "5.7.1 Campaign spring" in reply and "hard bounce rate" in reply
+        assert "threshold of 8%" in reply
+        assert finals(tmp_path, "spring") + held_count(engine) == 1000  # nothing lost
+        assert mta(engine, "campaign", "resume", "spring", "--account", "shop")["released"] == held
+        assert wait_until(lambda: finals(tmp_path, "spring") == 1000, timeout=60)
+    finally:
+        engine.stop()
+    delivered = Counter(r for m in dest.received if m.accepted for r in m.rcpt_tos)
+    assert set(delivered) == {r for r in rcpts if r.startswith("user")}
+    assert set(delivered.values()) == {1}  # each good recipient exactly once
+    bounced = Counter(e["recipient"] for e in events(tmp_path, "Bounce", "spring"))
+    assert len(bounced) == 100 and set(bounced.values()) == {1}
+    assert len(events(tmp_path, "CampaignPaused", "spring")) == 1  # resumed: not paused again
+
+
+def arf_report(verp: str, recipient: str, original: bytes) -> bytes:
+    return (f"From: fbl@isp.test\r\nTo: {verp}\r\nSubject: Abuse report\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/report; report-type=feedback-report; boundary="B"\r\n\r\n'
+            f"--B\r\nContent-Type: text/plain\r\n\r\nThis is an email abuse report.\r\n"
+            f"--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+            f"User-Agent: isp/1.0\r\nVersion: 1\r\nOriginal-Rcpt-To: <{recipient}>\r\n\r\n"
+            f"--B\r\nContent-Type: message/rfc822\r\n\r\n").encode() + original + b"\r\n--B--\r\n"
+
+
+def test_arf_complaints_pause_and_deferred_mail_is_held(tmp_path: Path, dns_server: Any,
+                                                        route: Any) -> None:
+    dest = route("dest.test", "127.0.0.2")
+    slow = route("slow.test", "127.0.0.3", SinkFaults(rcpt_rules=[(r".", "451 4.3.0 later")]))
+    shop = route("shop.test", "127.0.0.9")
+    rcpts = [f"user{i}@dest.test" for i in range(1000)] + [f"s{i}@slow.test" for i in range(20)]
+    engine = start(tmp_path, dns_server, dest.port)
+    try:
+        submit_all(engine, "fall", rcpts)
+        assert wait_until(lambda: len(events(tmp_path, "Delivery", "fall")) == 1000, timeout=60)
+        complained = list(dest.received)[:6]
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            for m in complained:
+                report = arf_report(m.mail_from, m.rcpt_tos[0], m.data)
+                client.sendmail("fbl@isp.test", [m.mail_from], report)
+        assert wait_until(lambda: events(tmp_path, "CampaignPaused", "fall"), timeout=30)
+        paused = events(tmp_path, "CampaignPaused", "fall")[0]
+        assert paused["rule"] == "complaint" and paused["rate"] == 0.6
+        assert paused["count"] == 6 and paused["base"] == 1000
+        assert wait_until(lambda: notice_to_account(shop, "fall"), timeout=20)
+        assert "complaint rate 0.6%" in refusal(engine, "fall")
+        # The deferred mail comes due and is held, not delivered, not bounced.
+        assert wait_until(lambda: held_count(engine) == 20, timeout=30)
+        slow.faults.rcpt_rules.clear()
+        shown = mta(engine, "campaign", "show", "fall")
+        assert shown["complaints"] == 6 and shown["held"] == 20
+        assert mta(engine, "campaign", "resume", "fall")["released"] == 20
+        assert wait_until(lambda: len(events(tmp_path, "Delivery", "fall")) == 1020, timeout=30)
+        listed = {r["address"] for r in mta(engine, "suppression", "list", "--account", "shop")}
+        assert listed == {m.rcpt_tos[0] for m in complained}
+    finally:
+        engine.stop()
+    assert Counter(r for m in slow.received if m.accepted for r in m.rcpt_tos) == Counter(
+        rcpts[1000:])
+    assert not events(tmp_path, "Bounce", "fall")
+
+
+def post(url: str) -> int:
+    request = urllib.request.Request(url, data=b"List-Unsubscribe=One-Click", method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_one_click_unsubscribes_pause_and_forged_tokens_are_refused(
+        tmp_path: Path, dns_server: Any, route: Any) -> None:
+    dest = route("dest.test", "127.0.0.2")
+    route("shop.test", "127.0.0.9")
+    rcpts = [f"user{i}@dest.test" for i in range(1000)]
+    engine = start(tmp_path, dns_server, dest.port)
+    try:
+        submit_all(engine, "winter", rcpts)
+        assert wait_until(lambda: len(events(tmp_path, "Delivery", "winter")) == 1000, timeout=60)
+        links = {}
+        for m in list(dest.received):
+            head = m.data.split(b"\r\n\r\n")[0].decode()
+            found = re.search(r"List-Unsubscribe: <(http[^>]+)>", head)
+            assert found and "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in head
+            assert "Email Marketing by" in m.data.decode()  # the footer, standard plan
+            links[m.rcpt_tos[0]] = found.group(1)
+        assert len(links) == 1000
+        url = links["user0@dest.test"]
+        assert post(url[:-3] + ("AAA" if url[-3:] != "AAA" else "BBB")) == 400
+        for i in range(11):
+            assert post(links[f"user{i}@dest.test"]) == 200
+            if i == 9:  # ten of a thousand: 1 %, not above the threshold
+                assert not events(tmp_path, "CampaignPaused", "winter")
+        assert post(links["user3@dest.test"]) == 200  # twice: counted once
+        assert wait_until(lambda: events(tmp_path, "CampaignPaused", "winter"), timeout=20)
+        paused = events(tmp_path, "CampaignPaused", "winter")[0]
+        assert paused["rule"] == "unsubscribe" and paused["rate"] == 1.1
+        shown = mta(engine, "campaign", "show", "winter")
+        assert shown["unsubscribes"] == 11 and shown["status"] == "paused"
+        with smtplib.SMTP(engine.host, engine.port) as client, pytest.raises(
+                smtplib.SMTPRecipientsRefused) as err:
+            client.sendmail(SENDER, ["user4@dest.test"],
+                            make_body(300, "again", SENDER, "user4@dest.test", "spring"))
+        code, text = err.value.recipients["user4@dest.test"]
+        assert code == 550 and b"suppression list" in text and b"unsubscribed" in text
+    finally:
+        engine.stop()

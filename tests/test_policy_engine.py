@@ -257,3 +257,47 @@ def test_one_click_unsubscribes_pause_and_forged_tokens_are_refused(
         assert code == 550 and b"suppression list" in text and b"unsubscribed" in text
     finally:
         engine.stop()
+
+
+def test_trial_review_and_limits_over_smtp(tmp_path: Path, dns_server: Any, route: Any) -> None:
+    from mta.smtp.auth import hash_password
+
+    dest = route("dest.test", "127.0.0.2")
+    config = engine_config(
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 1.0},
+        delivery={"enabled": True, "port": dest.port, "allow_loopback_mx": True},
+        smtp={"trusted_account": "trial"}, policy={"trial_limit": 5},
+        accounts=[{"name": "trial", "email": "t@trial.test", "plan": "trial"},
+                  {"name": "tiny", "plan": "pro", "subscriber_level": 1,
+                   "password_hash": hash_password("pw", log_n=10)}])
+    engine = PolicyEngine(tmp_path, config, workers=1).start()
+    try:
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            for i in range(3):
+                client.sendmail(SENDER, [f"t{i}@dest.test"],
+                                make_body(300, f"trial {i}", SENDER, f"t{i}@dest.test"))
+            client.sendmail(SENDER, ["t3@dest.test", "t4@dest.test"],
+                            make_body(300, "trial 3", SENDER, "t3@dest.test"))
+            with pytest.raises(smtplib.SMTPSenderRefused) as err:  # 5 of 5 used
+                client.sendmail(SENDER, ["t5@dest.test"], make_body(300, "6", SENDER, "x@y"))
+            assert err.value.smtp_code == 550 and b"Trial account trial" in err.value.smtp_error
+        held = mta(engine, "hold", "list")
+        assert sorted(r for m in held for r in m["recipients"]) == [
+            f"t{i}@dest.test" for i in range(5)]
+        first, second = sorted(held, key=lambda m: m["recipients"][0])[:2]
+        assert mta(engine, "hold", "release", first["id"]) == {"id": first["id"], "released": 1}
+        assert mta(engine, "hold", "reject", second["id"])["recipients"] == 1
+        assert wait_until(lambda: len(events(tmp_path, "Delivery")) == 1, timeout=20)
+        assert [m.rcpt_tos for m in dest.received] == [tuple(first["recipients"])]
+        assert [e["recipient"] for e in events(tmp_path, "Rejected")] == second["recipients"]
+        assert len(mta(engine, "hold", "list")) == 2
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            client.login("tiny", "pw")
+            rcpts = [f"m{i}@dest.test" for i in range(109)]
+            client.sendmail(SENDER, rcpts, make_body(300, "month", SENDER, rcpts[0]))
+            with pytest.raises(smtplib.SMTPSenderRefused) as err:
+                client.sendmail(SENDER, ["m110@dest.test"], make_body(300, "x", SENDER, "x@y"))
+            assert err.value.smtp_code == 452
+            assert b"4.7.1 Monthly limit reached" in err.value.smtp_error
+    finally:
+        engine.stop()

@@ -514,6 +514,7 @@ class PolicyGuard:
         """
         target = self.read_token(token)
         address = target.recipient or normalize_address(recipient)
+        await self.flush()  # judge against everything counted so far
         batch = Batch(outcomes=[Outcome("unsubscribe", target.account, target.campaign,
                                         address, False, via)])
         now = self.clock()

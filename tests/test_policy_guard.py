@@ -524,3 +524,58 @@ async def test_a_lifted_pause_is_not_applied_from_a_stale_cache(tmp_path: Path) 
         assert g.hold_reason(item) == reason
         assert not await g.hold_item(item, reason)
         assert env.held() == {} and g.hold_reason(item) is None
+
+
+# --- the admin API's port ------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_guard_admin_serves_the_admin_api_port(tmp_path: Path) -> None:
+    from mta.http.policy_port import InvalidToken, NotFound, PolicyAdmin
+    from mta.policy.port import GuardAdmin
+
+    async with guard_env(tmp_path) as env:
+        g = env.guard
+        port = GuardAdmin(g)
+        assert isinstance(port, PolicyAdmin)
+        assert port.thresholds() == {"hard_bounce": 0.08, "complaint": 0.005,
+                                     "unsubscribe": 0.01, "min_volume": 200}
+        later = env.store(["a@later.test"], due_in=3600)
+        env.deliveries(4)
+        env.hard_bounces(1)
+        await g.flush()
+        row = await port.campaign("shop", "spring")
+        assert (row["sent"], row["delivered"], row["hard_bounces"], row["queued"]) == (5, 4, 1, 1)
+        assert row["rates"]["hard_bounce"] == pytest.approx(0.2) and not row["paused"]
+        with pytest.raises(NotFound):
+            await port.campaign("shop", "nothing")
+        paused = await port.pause_campaign("shop", "spring", "checking the list")
+        assert paused["paused"] and paused["held"] == 1 and paused["reason"] == "checking the list"
+        assert g.hold_reason(env.items(later.id)[0]) == "campaign:shop/spring"  # at once
+        assert [r["campaign"] for r in await port.campaigns()] == ["spring"]
+        held = await port.held(10)
+        assert [h["job"] for h in held] == [f"{later.id}.0"]
+        assert (await port.resume_campaign("shop", "spring"))["held"] == 0
+        assert (await port.drop_campaign("shop", "spring"))["dropped"] == 1
+        assert [e["recipient"] for e in env.of_type("Dropped")] == ["a@later.test"]
+        review = env.store(["r@dest.test"], account="trial", hold=REVIEW)
+        assert (await port.release_held(f"{review.id}.0"))["released"]
+        with pytest.raises(NotFound):
+            await port.reject_held(f"{review.id}.0")
+        assert (await port.suppress("shop", "X@Dest.test", ""))["added"]
+        assert [r["address"] for r in await port.suppressions("shop", 10)] == [
+            "gone0@dest.test", "x@dest.test"]
+        assert (await port.unsuppress("shop", "x@dest.test"))["removed"]
+        with pytest.raises(NotFound):
+            await port.unsuppress("shop", "x@dest.test")
+        suspended = await port.suspend_account("shop", "unpaid")
+        assert suspended["suspended"] and suspended["reason"] == "unpaid"
+        assert g.check_mail("shop", Address("a", "shop.test")) is not None
+        assert not (await port.resume_account("shop"))["suspended"]
+        names = [a["name"] for a in await port.accounts()]
+        assert names == ["shop", "tiny", "trial", "vip"]
+        with pytest.raises(NotFound):
+            await port.account("nobody")
+        token = g.token_for("shop", "spring", "bob@dest.test")
+        assert (await port.unsubscribe(token))["recipient"] == "bob@dest.test"
+        with pytest.raises(InvalidToken):
+            await port.unsubscribe(token[:-2] + ("yy" if token.endswith("xx") else "xx"))

@@ -118,3 +118,17 @@ def test_dkim_signature_made_after_footer_and_list_unsubscribe_verifies(tmp_path
         tampered = signed.replace(b"Email Marketing by", b"Email Marketing from")
         if tampered != signed:
             assert dkimpy_results(tampered, [key.record]) != {("example.com", "s1"): "pass"}
+
+
+def test_single_text_part_gets_the_footer_appended_as_it_is() -> None:
+    head = (b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
+    out = add_footer(head + "Grüße\r\n".encode(), "Envoyé par Éxample")
+    assert out == head + "Grüße\r\n\r\nEnvoyé par Éxample\r\n".encode()
+    no_newline = add_footer(b"From: a@example.com\r\n\r\nhello", FOOTER)
+    assert no_newline == b"From: a@example.com\r\n\r\nhello\r\n\r\n" + FOOTER.encode() + b"\r\n"
+    latin = (b"From: a@example.com\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9\r\n")
+    out = add_footer(latin, "Envoyé par Éxample")  # charset kept: the footer is re-encoded
+    assert email.message_from_bytes(out, policy=default).get_content().replace(
+        "\r\n", "\n") == "café\n\nEnvoyé par Éxample\n"

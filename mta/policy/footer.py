@@ -19,8 +19,8 @@ import html
 import re
 from collections.abc import Callable, Iterator
 from email.message import Message
-from email.parser import BytesParser
-from email.policy import SMTP
+from email.parser import BytesHeaderParser, BytesParser
+from email.policy import SMTP, compat32
 
 POLICY = SMTP.clone(max_line_length=998)
 _KNOWN_CTE = ("7bit", "8bit", "binary", "quoted-printable", "base64")
@@ -34,6 +34,9 @@ def html_footer(text: str, footer_html: str = "") -> str:
 
 def add_footer(data: bytes, text: str, footer_html: str = "") -> bytes:
     """`data` with the footer in its first text and first HTML part (unchanged if none)."""
+    plain = append_to_plain(data, text)
+    if plain is not None:
+        return plain
     message = BytesParser(policy=POLICY).parsebytes(data)
     plain, rich = first_text_parts(message)
     changed = False
@@ -48,6 +51,26 @@ def add_footer(data: bytes, text: str, footer_html: str = "") -> bytes:
             message.get("Content-Type") or message.get("Content-Transfer-Encoding")):
         message["MIME-Version"] = "1.0"  # a plain RFC 5322 message that became MIME
     return message.as_bytes(policy=POLICY)
+
+
+def append_to_plain(data: bytes, text: str) -> bytes | None:
+    """The fast path: a single text/plain part that takes the footer as it is (no transfer
+    encoding to undo, a charset that carries it) gets it appended; None otherwise."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    headers = BytesHeaderParser(policy=compat32).parsebytes(data[: end + 4])
+    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    charset = (headers.get_content_charset() or "us-ascii").lower()
+    if (headers.get_content_type() != "text/plain"
+            or headers.get_content_disposition() == "attachment"
+            or cte not in ("7bit", "8bit") or charset not in ("us-ascii", "utf-8")
+            or not (text.isascii() or (charset == "utf-8" and cte == "8bit"))):
+        return None
+    body = data[end + 4:]
+    if body and not body.endswith(b"\n"):
+        body += b"\r\n"
+    return data[: end + 4] + body + b"\r\n" + text.encode() + b"\r\n"
 
 
 def first_text_parts(message: Message) -> tuple[Message | None, Message | None]:

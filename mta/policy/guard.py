@@ -239,8 +239,14 @@ class PolicyGuard:
         if config is not None and config.plan == "trial":
             message.hold = REVIEW
             self.counts["held_review"] += 1
-        self._reserve(message.id, account, len(message.recipients))
+        if self._limited(account):
+            self._reserve(message.id, account, len(message.recipients))
         return None
+
+    def _limited(self, account: str) -> bool:
+        config = self.accounts.get(account)
+        return config is not None and (config.plan == "trial" or monthly_cap(
+            config.subscriber_level, self.pc.monthly_cap_factor) is not None)
 
     def _refuse(self, why: str, reply: str) -> str:
         self.counts[f"refused_{why}"] += 1
@@ -249,11 +255,9 @@ class PolicyGuard:
     def _cap_refusal(self, account: str, count: int) -> str | None:
         """The refusal when `count` more e-mails would pass a trial or monthly limit."""
         config = self.accounts.get(account)
-        if config is None:
+        if config is None or not self._limited(account):
             return None
         cap = monthly_cap(config.subscriber_level, self.pc.monthly_cap_factor)
-        if config.plan != "trial" and cap is None:
-            return None
         month = month_of(self.clock())
         total, monthly = self.usage(account, month)
         if config.plan == "trial" and total + count > self.pc.trial_limit:

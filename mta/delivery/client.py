@@ -1,26 +1,35 @@
 """One SMTP transaction on one outbound connection, with per-recipient results.
 
-aiosmtplib carries the protocol; this module opens a connection to the first
-reachable address of a destination (opportunistic STARTTLS, or required TLS)
-and turns every reply or failure into a `RcptResult` per recipient.
+The protocol logic lives in mta/delivery/smtp_client.py (a reply parser and a
+transaction state machine, no sockets); this module is the I/O edge: an asyncio
+Protocol (uvloop-friendly) that carries the bytes, `connect()` that opens a
+connection to the first reachable address of a destination (greeting, EHLO or
+HELO, opportunistic STARTTLS or required TLS), and `Connection.send()` that runs
+one transaction with PIPELINING when the server offers it (RFC 2920: MAIL, every
+RCPT and DATA in one write) and one command at a time when it does not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import ipaddress
 import ssl
+from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
-import aiosmtplib
-from aiosmtplib import (
-    SMTPDataError,
-    SMTPException,
-    SMTPRecipientRefused,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
+from mta.delivery.smtp_client import (
+    LOST_STATUS,
+    Reply,
+    ReplyParser,
+    Transaction,
+    parse_ehlo,
 )
-
 from mta.queue.outcome import RcptResult, enhanced_status
+
+QUIT_TIMEOUT = 5.0  # at most this long for the reply to QUIT when closing
 
 
 @dataclass(frozen=True)
@@ -47,112 +56,185 @@ class ConnectFailure:
     enhanced: str
 
 
-class Connection:
-    def __init__(self, smtp: aiosmtplib.SMTP, target: Target) -> None:
-        self.smtp = smtp
-        self.target = target
-        self.sent = 0
+class _Lost(Exception):
+    """The connection is gone (closed, reset, or the server's replies went astray)."""
+
+
+class SmtpProtocol(asyncio.Protocol):
+    """Bytes to and from one server: replies parsed as they arrive and queued in order;
+    `reply()` waits for the next one with a timeout. Counts writes (tests use this to
+    see pipelining: one write for MAIL, every RCPT and DATA)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.parser = ReplyParser()
+        self.replies: deque[Reply] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.error = ""  # why the connection cannot be used any more
+        self.writes = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        replies = self.parser.feed(data)
+        if replies:
+            self.replies.extend(replies)
+        if self.parser.error is not None and not self.error:
+            self.error = f"bad reply from the server: {self.parser.error}"
+            if self.transport is not None:
+                self.transport.abort()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.error:
+            self.error = "connection lost" + (f" ({_describe(exc)})" if exc else "")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- used by the connection ---------------------------------------------------
 
     @property
     def usable(self) -> bool:
-        return self.smtp.is_connected
+        """Open, in step with the server, nothing unasked-for received."""
+        return (self.transport is not None and not self.closed and not self.error
+                and not self.transport.is_closing() and not self.replies
+                and not self.parser.pending)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.writes += 1
+            self.transport.write(data)
+
+    async def reply(self, timeout: float) -> Reply:
+        """The next reply; TimeoutError or _Lost when none comes."""
+        if self.replies:
+            return self.replies.popleft()
+        deadline = self.loop.time() + timeout
+        while not self.replies:
+            if self.closed or self.error:
+                raise _Lost(self.error or "connection lost")
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            waiter = self._waiter = self.loop.create_future()
+            timer = self.loop.call_later(remaining, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self.replies.popleft()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # a no-op when already closed
+        self.closed = True
+        self.error = self.error or "connection closed"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class Connection:
+    """An open SMTP session, past EHLO (and STARTTLS), ready for transactions."""
+
+    def __init__(self, protocol: SmtpProtocol, target: Target, extensions: dict[str, str],
+                 command_timeout: float, tls: bool = False) -> None:
+        self.protocol = protocol
+        self.target = target
+        self.extensions = extensions
+        self.command_timeout = command_timeout
+        self.tls = tls
+        self.sent = 0  # transactions run on this connection
+        self._needs_reset = False
+        self._busy = False
+
+    @property
+    def usable(self) -> bool:
+        return not self._busy and self.protocol.usable
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
 
     async def close(self) -> None:
-        if self.smtp.is_connected:
-            try:
-                await self.smtp.quit(timeout=5)
-            except (SMTPException, OSError):
-                self.smtp.close()
+        protocol = self.protocol
+        if protocol.usable:
+            protocol.write(b"QUIT\r\n")
+            with contextlib.suppress(TimeoutError, _Lost):
+                await protocol.reply(min(QUIT_TIMEOUT, self.command_timeout))
+            if protocol.transport is not None:
+                protocol.transport.close()  # also after the server closed: marks it closed
+                protocol.closed = True
+                return
+        protocol.abort()
 
     async def send(self, sender: str, recipients: list[str], data: bytes) -> list[RcptResult]:
         """One transaction; a result for every recipient. Never raises for SMTP trouble."""
+        if self._busy:
+            raise RuntimeError("one transaction at a time on a connection")
         host = self.target.host
+        if not self.protocol.usable:
+            why = self.protocol.error or "connection is not usable"
+            return [RcptResult(r, 0, why, LOST_STATUS, host) for r in recipients]
+        tx = Transaction(sender, recipients, data, extensions=self.extensions, mx=host,
+                         reset_first=self._needs_reset)
+        self._busy = True
         try:
-            await self.smtp.mail(sender, options=self._mail_options(sender, recipients, data))
-        except SMTPResponseException as exc:
-            self._after_refusal(exc.code)
-            return [_result(r, exc.code, exc.message, host) for r in recipients]
-        except (SMTPException, OSError) as exc:
-            return self._lost(recipients, exc, in_data=False)
-        results: dict[str, RcptResult] = {}
-        accepted: list[str] = []
-        for rcpt in recipients:
-            try:
-                await self.smtp.rcpt(rcpt)
-                accepted.append(rcpt)
-            except SMTPRecipientRefused as exc:
-                results[rcpt] = _result(rcpt, exc.code, exc.message, host)
-                if exc.code == 421:
-                    return self._finish(recipients, results, 421, exc.message)
-            except (SMTPException, OSError) as exc:
-                return self._merge(recipients, results, self._lost(recipients, exc, False))
-        if not accepted:
-            await self._reset()
-            return [results[r] for r in recipients]
-        try:
-            reply = await self.smtp.data(data)
-            code, text = reply.code, reply.message
-        except SMTPDataError as exc:
-            code, text = exc.code, exc.message
-            self._after_refusal(code)
-        except (SMTPException, OSError) as exc:
-            lost = self._lost(accepted, exc, in_data=True)
-            return self._merge(recipients, results, lost)
-        for rcpt in accepted:
-            results[rcpt] = _result(rcpt, code, text, host)
+            await self._run(tx)
+        except BaseException:  # cancelled mid-transaction: the session is out of step
+            self.protocol.abort()
+            raise
+        finally:
+            self._busy = False
+        if tx.close:
+            self.protocol.abort()
+        self._needs_reset = tx.needs_reset
         self.sent += 1
-        return [results[r] for r in recipients]
+        return tx.results()
 
-    def _mail_options(self, sender: str, recipients: list[str], data: bytes) -> list[str]:
-        options = []
-        if self.smtp.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
-        if self.smtp.supports_extension("8bitmime") and not data.isascii():
-            options.append("BODY=8BITMIME")
-        if self.smtp.supports_extension("smtputf8") and not (
-                sender.isascii() and all(r.isascii() for r in recipients)):
-            options.append("SMTPUTF8")
-        return options
-
-    async def _reset(self) -> None:
-        try:
-            await self.smtp.rset()
-        except (SMTPException, OSError):
-            self.smtp.close()
-
-    def _after_refusal(self, code: int) -> None:
-        if code == 421:
-            self.smtp.close()
-
-    def _lost(self, recipients: list[str], exc: BaseException, in_data: bool) -> list[RcptResult]:
-        self.smtp.close()
-        if isinstance(exc, SMTPTimeoutError):
-            text = "timed out waiting for the remote server's reply"
-        elif isinstance(exc, SMTPServerDisconnected):
-            text = "connection lost" + (" after the message was sent" if in_data else "")
-        else:
-            text = f"connection error: {exc}"
-        return [RcptResult(r, 0, text, "4.4.2", self.target.host, possible_duplicate=in_data)
-                for r in recipients]
-
-    def _finish(self, recipients: list[str], results: dict[str, RcptResult], code: int,
-                text: str) -> list[RcptResult]:
-        self.smtp.close()
-        for rcpt in recipients:
-            results.setdefault(rcpt, _result(rcpt, code, text, self.target.host))
-        return [results[r] for r in recipients]
-
-    @staticmethod
-    def _merge(recipients: list[str], known: dict[str, RcptResult],
-               rest: list[RcptResult]) -> list[RcptResult]:
-        merged = dict(known)
-        for result in rest:
-            merged.setdefault(result.recipient, result)
-        return [merged[r] for r in recipients]
+    async def _run(self, tx: Transaction) -> None:
+        protocol = self.protocol
+        out = tx.start()
+        for _ in range(len(tx.recipients) + 6):  # RSET, MAIL, RCPT..., DATA, the dot
+            if out:
+                protocol.write(out)
+            if tx.done:
+                return
+            try:
+                reply = await protocol.reply(self.command_timeout)
+            except TimeoutError:
+                after = " to the message (it may have been delivered)" if tx.data_written else ""
+                tx.lost(f"timed out waiting for the remote server's reply{after}")
+                return
+            except _Lost as exc:
+                after = " after the message was sent" if tx.data_written else ""
+                tx.lost(f"{exc}{after}")
+                return
+            out = tx.receive(reply)
+        tx.lost("the server sent more replies than commands")  # pragma: no cover
 
 
-def _result(rcpt: str, code: int, text: str, host: str) -> RcptResult:
-    return RcptResult(rcpt, code, text, enhanced_status(code, text), host)
+# --- opening a connection ----------------------------------------------------------
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, text: str, enhanced: str = "") -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.enhanced = enhanced or enhanced_status(code, text)
 
 
 async def connect(targets: list[Target], settings: ConnectSettings
@@ -160,30 +242,128 @@ async def connect(targets: list[Target], settings: ConnectSettings
     """A connection to the first target that takes one; the failures on the way."""
     failures: list[ConnectFailure] = []
     for target in targets:
-        smtp = aiosmtplib.SMTP(
-            hostname=target.address, port=settings.port, timeout=settings.command_timeout,
-            local_hostname=settings.helo, validate_certs=False,
-            start_tls=True if settings.tls_required else None,
-            source_address=(settings.source_address, 0) if settings.source_address else None,
-        )
-        try:
-            await smtp.connect(timeout=settings.connect_timeout)
-            if settings.tls_required and smtp.get_transport_info("sslcontext") is None:
-                smtp.close()
-                failures.append(ConnectFailure(target, 0, "TLS is required but was not set up",
-                                               "4.7.10"))
-                continue
-            if smtp.is_ehlo_or_helo_needed:
-                await smtp.ehlo()
-            return Connection(smtp, target), failures
-        except SMTPResponseException as exc:
-            failures.append(ConnectFailure(target, exc.code, exc.message,
-                                           enhanced_status(exc.code, exc.message)))
-        except (SMTPException, OSError, ssl.SSLError) as exc:
-            failures.append(ConnectFailure(target, 0, f"cannot connect to {target.host}"
-                                           f" [{target.address}]: {_describe(exc)}", "4.4.1"))
-        smtp.close()
+        result = await _open(target, settings)
+        if isinstance(result, Connection):
+            return result, failures
+        failures.append(result)
     return None, failures
+
+
+async def _open(target: Target, settings: ConnectSettings) -> Connection | ConnectFailure:
+    loop = asyncio.get_running_loop()
+    protocol = SmtpProtocol(loop)
+    where = f"{target.host} [{target.address}]"
+    local = (settings.source_address, 0) if settings.source_address else None
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            await loop.create_connection(lambda: protocol, target.address, settings.port,
+                                         local_addr=local)
+    except (OSError, TimeoutError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+        return ConnectFailure(target, 0, f"cannot connect to {where}: {why}", "4.4.1")
+    try:
+        return await _session(protocol, target, settings)
+    except _Refused as exc:
+        _quit_quietly(protocol)
+        return ConnectFailure(target, exc.code, exc.text, exc.enhanced)
+    except (TimeoutError, _Lost, OSError) as exc:
+        protocol.abort()
+        why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+        return ConnectFailure(target, 0, f"session with {where} failed: {why}", "4.4.1")
+    except BaseException:
+        protocol.abort()
+        raise
+
+
+async def _session(protocol: SmtpProtocol, target: Target, settings: ConnectSettings
+                   ) -> Connection:
+    """Greeting, EHLO (or HELO), STARTTLS when offered; _Refused when the server says no."""
+    timeout = settings.command_timeout
+    greeting = await protocol.reply(timeout)
+    if greeting.code != 220:
+        raise _Refused(greeting.code, greeting.text)
+    extensions = await _hello(protocol, settings)
+    tls = False
+    if "STARTTLS" in extensions:
+        protocol.write(b"STARTTLS\r\n")
+        reply = await protocol.reply(timeout)
+        if reply.code == 220:
+            await _start_tls(protocol, target, settings)
+            tls = True
+            extensions = await _hello(protocol, settings)
+        elif reply.code == 421 or settings.tls_required:
+            raise _Refused(reply.code if reply.code == 421 else 0,
+                           f"STARTTLS refused by {target.host}: {reply}",
+                           "" if reply.code == 421 else "4.7.10")
+    if settings.tls_required and not tls:
+        raise _Refused(0, f"TLS is required but {target.host} does not offer STARTTLS",
+                       "4.7.10")
+    return Connection(protocol, target, extensions, timeout, tls)
+
+
+async def _hello(protocol: SmtpProtocol, settings: ConnectSettings) -> dict[str, str]:
+    protocol.write(f"EHLO {settings.helo}\r\n".encode())
+    reply = await protocol.reply(settings.command_timeout)
+    if reply.positive:
+        return parse_ehlo(reply)
+    if reply.code == 421:
+        raise _Refused(reply.code, reply.text)
+    protocol.write(f"HELO {settings.helo}\r\n".encode())
+    reply = await protocol.reply(settings.command_timeout)
+    if not reply.positive:
+        raise _Refused(reply.code, reply.text)
+    return {}
+
+
+async def _start_tls(protocol: SmtpProtocol, target: Target, settings: ConnectSettings
+                     ) -> None:
+    transport = protocol.transport
+    assert transport is not None
+    protocol.parser.clear()  # nothing sent before the handshake counts (RFC 3207 4.2)
+    protocol.replies.clear()
+    try:
+        async with asyncio.timeout(settings.connect_timeout + 1):  # the inner one comes first
+            new = await protocol.loop.start_tls(
+                transport, protocol, _tls_context(), server_hostname=_sni(target.host),
+                ssl_handshake_timeout=settings.connect_timeout)
+    except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        protocol.abort()
+        transport.abort()
+        await asyncio.sleep(0)  # let the loop finish closing (asyncio's TLS wrapper too)
+        why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+        raise _Refused(0, f"TLS handshake with {target.host} [{target.address}] failed: {why}",
+                       "4.7.0") from exc
+    if new is None:  # pragma: no cover - the loop closed the connection
+        raise _Lost("connection lost during the TLS handshake")
+    protocol.transport = cast(asyncio.Transport, new)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """Opportunistic TLS (as MTAs do without DANE or MTA-STS): encrypt, do not verify."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _sni(host: str) -> str | None:
+    name = host.rstrip(".")
+    if not name:
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
+def _quit_quietly(protocol: SmtpProtocol) -> None:
+    """Say QUIT without waiting for the reply, and close."""
+    if protocol.transport is not None and not protocol.closed:
+        protocol.write(b"QUIT\r\n")
+        protocol.transport.close()
+        protocol.closed = True
 
 
 def _describe(exc: BaseException) -> str:

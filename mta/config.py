@@ -193,6 +193,18 @@ class PolicyConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Several engine nodes sharing throttles and policy state through Redis."""
+
+    redis: str = ""  # "redis://HOST:PORT/DB"; empty: single node, everything in LMDB
+    node: str = ""  # this node's name among the nodes; empty: hostname:SMTP port
+    key_prefix: str = "mta:"  # every key the engine writes starts with this
+    timeout: float = 0.5  # seconds a Redis call may take before the node goes local
+    retry_interval: float = 1.0  # seconds between reconnection attempts while Redis is down
+    node_ttl: float = 5.0  # a node that stops renewing its registration is gone after this
+
+
+@dataclass
 class AccountConfig:
     name: str
     password_hash: str = ""
@@ -214,6 +226,7 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     accounts: list[AccountConfig] = field(default_factory=list)
 
     def account(self, name: str) -> AccountConfig | None:
@@ -377,6 +390,20 @@ def _check_unsubscribe_path(value: str) -> None:
 def _check_mailbox(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", value):
         raise ValueError(f"{value!r} is not a simple local part (letters, digits, . _ -)")
+
+
+@_validator("cluster", "redis")
+def _check_redis_url(value: str) -> None:
+    if value and not re.fullmatch(r"(redis|rediss|unix)://[\x21-\x7e]+", value):
+        raise ValueError(f"{value!r} is not a redis://HOST:PORT/DB URL")
+
+
+@_validator("cluster", "timeout")
+@_validator("cluster", "retry_interval")
+@_validator("cluster", "node_ttl")
+def _check_positive_seconds(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value}")
 
 
 @_validator("accounts", "plan")

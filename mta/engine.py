@@ -57,6 +57,12 @@ def check_startup(cfg: Config) -> None:
     from mta.delivery.service import check_delivery_config
 
     check_delivery_config(cfg)
+    from mta.http import check_http
+
+    check_http(cfg)
+    from mta.policy import check_policy
+
+    check_policy(cfg)
     for extension in startup_checks:
         extension(cfg)
     host, port = parse_hostport(cfg.smtp.listen)
@@ -94,10 +100,19 @@ class Worker:
         self.committer = GroupCommitter(self.spool, cfg.spool.max_batch)
         self.committer.start()
         self.intake = Intake(cfg, self.spool, self.committer, emit=self.emit)
+        from mta.cluster import start_cluster
+
+        await start_cluster(self)  # Redis shared by several nodes, when configured
         if cfg.delivery.enabled:
             from mta.delivery.service import start_delivery
 
             self.deliverer = start_delivery(self)
+        from mta.policy.wiring import wire_policy
+
+        await wire_policy(self)  # the sending contract: intake checks, holds, footer, rates
+        from mta.http import start_worker as start_operators
+
+        await start_operators(self)  # audit log and metrics in every worker, HTTP in worker 0
         for extension in worker_extensions:
             await extension(self)
         host, port = parse_hostport(cfg.smtp.listen)
@@ -152,6 +167,9 @@ def serve(cfg: Config, workers: int | None = None) -> int:
     """The supervisor: starts the workers, restarts one that dies, stops them all on TERM."""
     check_startup(cfg)
     setup_logging(cfg)
+    from mta.metrics import cleanup_metrics_dir, metrics_process_dead, prepare_metrics_dir
+
+    metrics_dir = prepare_metrics_dir(cfg)
     n = worker_count(cfg, workers)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
@@ -192,6 +210,7 @@ def serve(cfg: Config, workers: int | None = None) -> int:
         except InterruptedError:
             continue
         index = children.pop(pid, None)
+        metrics_process_dead(pid)  # a dead worker's live gauges stop counting
         if index is None or stopping:
             continue
         code = os.waitstatus_to_exitcode(status)
@@ -206,4 +225,5 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             continue
         log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
         spawn(index)
+    cleanup_metrics_dir(cfg, metrics_dir)
     return 0

@@ -2,7 +2,8 @@
 
 Operators tail it; the policy guard and metrics read the same records. Lines
 are buffered for a moment and appended with one write() on an O_APPEND file,
-so lines from several processes never interleave.
+so lines from several processes never interleave. A file moved away (logrotate,
+the retention purge rewriting it) is noticed within a second and reopened.
 """
 
 from __future__ import annotations
@@ -14,16 +15,37 @@ import time
 from pathlib import Path
 from typing import Any
 
+REOPEN_CHECK = 1.0  # seconds between checks that the file is still the one at `path`
+
 
 class EventLog:
     def __init__(self, path: str | os.PathLike[str], flush_interval: float = 0.05) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd = self._open()
+        self._checked = time.monotonic()
         self._lines: list[str] = []
         self._interval = flush_interval
         self._task: asyncio.Task[None] | None = None
         self.listeners: list[Any] = []
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def _reopen_if_moved(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < REOPEN_CHECK:
+            return
+        self._checked = now
+        try:
+            on_disk = os.stat(self.path)
+            current = os.fstat(self._fd)
+            if (on_disk.st_ino, on_disk.st_dev) == (current.st_ino, current.st_dev):
+                return
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = self._open()
 
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("time", round(time.time(), 3))
@@ -45,6 +67,7 @@ class EventLog:
         if self._lines:
             data = ("\n".join(self._lines) + "\n").encode()
             self._lines.clear()
+            self._reopen_if_moved()
             os.write(self._fd, data)
 
     def close(self) -> None:

@@ -55,3 +55,13 @@ def asyncio_sink_factory() -> Iterator[Callable[..., AsyncioSink]]:
     yield start
     for sink in started:
         sink.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """Debian's redis-server on 127.0.0.1 (a free port, append-only file on);
+    `redis_server.url` for `[cluster] redis`, `.stop()` / `.start()` to restart it."""
+    from bench.rig.redis import RedisServer
+
+    with RedisServer() as server:
+        yield server

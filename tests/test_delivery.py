@@ -248,7 +248,7 @@ def test_full_spool_refuses_then_resumes_when_delivery_frees_space(
                   "retry_initial": 0.5, "retry_max": 0.5, "retry_jitter": 0.0})
     body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20
     try:
-        refused = None
+        refused, accepted = None, 0
         with smtplib.SMTP(engine.host, engine.port) as client:
             for i in range(200):
                 try:
@@ -256,9 +256,10 @@ def test_full_spool_refuses_then_resumes_when_delivery_frees_space(
                 except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
                     refused = exc
                     break
+                accepted += 1
         assert refused is not None and refused.smtp_code == 452
         assert b"4.3.1" in refused.smtp_error
-        accepted = len(events(tmp_path, "Reception"))
+        assert wait_until(lambda: len(events(tmp_path, "Reception")) == accepted, timeout=10)
         faults.mail_reply = ""  # the remote takes mail again: the queue drains
         assert wait_until(lambda: len(events(tmp_path, "Delivery")) == accepted, timeout=30)
 

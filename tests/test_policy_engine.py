@@ -1,4 +1,4 @@
-"""The contract enforced end to end: a real engine (with the policy guard wired in by
+"""The contract enforced end to end: a real engine (the policy guard wired in by
 `mta.policy.wiring.wire_policy`), a real DNS server and sinks on loopback.
 
 - 1,000 recipients, 10 % refused with 550 5.1.1: paused after the minimum volume, the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import smtplib
 import subprocess
@@ -23,35 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
-from bench.engine_proc import PROJECT_ROOT, START_TIMEOUT, EngineProcess, wait_for_port
+from bench.engine_proc import PROJECT_ROOT, EngineProcess
 from bench.load import Submission, make_body, run_load
 from bench.rig.sinks import SinkFaults
 from tests.support import engine_config, wait_until
 
-# Registers the guard the way the engine will (a no-op once the engine wires it itself).
-LAUNCH = ("import sys, mta.engine as e; from mta.policy import check_policy; "
-          "from mta.policy.wiring import wire_policy; "
-          "e.worker_extensions.append(wire_policy); e.startup_checks.append(check_policy); "
-          "from mta.cli import main; sys.exit(main(sys.argv[1:]))")
 SENDER = "news@shop.test"
 
 
-class PolicyEngine(EngineProcess):
-    def start(self) -> PolicyEngine:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(tomli_w.dumps(self.config))
-        cmd = [sys.executable, "-c", LAUNCH, "serve", "--config", str(self.config_path)]
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-        log = open(self.workdir / "engine.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log, env=env,
-                                     start_new_session=True)
-        wait_for_port(self.host, self.port, START_TIMEOUT, self.proc)
-        return self
-
-
-def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) -> PolicyEngine:
+def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) -> EngineProcess:
     config = engine_config(
         tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
         delivery={"enabled": delivery, "port": port, "allow_loopback_mx": True,
@@ -62,7 +42,7 @@ def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) 
         policy={"flush_interval": 0.05, **policy},
         accounts=[{"name": "shop", "email": "ops@shop.test", "plan": "standard"}])
     config["http"]["public_url"] = f"http://{config['http']['listen']}"
-    return PolicyEngine(tmp, config, workers=1).start()
+    return EngineProcess(tmp, config, workers=1).start()
 
 
 def events(tmp: Path, kind: str, campaign: str | None = None) -> list[dict[str, Any]]:
@@ -274,7 +254,7 @@ def test_trial_review_and_limits_over_smtp(tmp_path: Path, dns_server: Any, rout
         accounts=[{"name": "trial", "email": "t@trial.test", "plan": "trial"},
                   {"name": "tiny", "plan": "pro", "subscriber_level": 1,
                    "password_hash": hash_password("pw", log_n=10)}])
-    engine = PolicyEngine(tmp_path, config, workers=1).start()
+    engine = EngineProcess(tmp_path, config, workers=1).start()
     try:
         with smtplib.SMTP(engine.host, engine.port) as client:
             for i in range(3):

@@ -79,6 +79,8 @@ class Deliverer:
         self.transforms: list[Transform] = []
         self.local_handler: Callable[[Item], Any] | None = None
         self.local_domains: set[str] = set()
+        # `hold(item)` -> True when the policy takes the item away instead (mta.policy).
+        self.hold: Callable[[Item], bool] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
@@ -189,6 +191,8 @@ class Deliverer:
                     if conn is None:
                         return
                 if not await self._paced(pool, item):
+                    continue
+                if self.hold is not None and self.hold(item):
                     continue
                 if not await self._send(pool, conn, item):
                     await self._close(pool, conn)

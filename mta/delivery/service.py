@@ -55,6 +55,11 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
             "campaign": item.message.get("campaign", ""), "domain": item.domain,
             "attempt": item.job["attempts"],
             "age": round(time.time() - item.message["received"], 3)}
+    # The engine's own mail (DSNs, policy notices) never counts against a campaign.
+    if item.message.get("dsn_for"):
+        base["dsn"] = True
+    if item.message.get("notice"):
+        base["notice"] = True
     events = []
     for attr, kind in EVENT_TYPES:
         for r in getattr(outcome, attr):

@@ -7,7 +7,9 @@ It does nothing when the worker already has a guard (`worker.policy`) or when
 
 Delivery: due items pass through `guarded_dispatch`, which hands an item of a paused
 campaign or a suspended account to `hold_item` instead of delivering it (the job moves
-from `due` to `held`; the scheduler forgets the item once that is committed).
+from `due` to `held`; the scheduler forgets the item once that is committed). The
+deliverer asks again just before sending, since an item may wait at a destination's
+pace while its campaign is paused.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from mta.policy.guard import PolicyGuard
 from mta.policy.port import GuardAdmin
 
 
-def guarded_dispatch(guard: PolicyGuard, scheduler: Any,
-                     dispatch: Callable[[Any], None]) -> Callable[[Any], None]:
+def holder(guard: PolicyGuard, scheduler: Any) -> Callable[[Any], bool]:
+    """`take(item)`: True when the guard holds the item (a paused campaign, a suspended
+    account); the hold is committed in the background and the scheduler forgets the item."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def hold(item: Any, reason: str) -> None:
@@ -30,14 +33,23 @@ def guarded_dispatch(guard: PolicyGuard, scheduler: Any,
         finally:
             scheduler.in_flight.discard(item.job_id)
 
-    def run(item: Any) -> None:
+    def take(item: Any) -> bool:
         reason = guard.hold_reason(item)
         if reason is None:
-            dispatch(item)
-            return
+            return False
         task = asyncio.get_running_loop().create_task(hold(item, reason))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return True
+
+    return take
+
+
+def guarded_dispatch(take: Callable[[Any], bool],
+                     dispatch: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run(item: Any) -> None:
+        if not take(item):
+            dispatch(item)
 
     return run
 
@@ -56,7 +68,10 @@ async def wire_policy(worker: Any) -> PolicyGuard | None:
     if deliverer is not None:
         deliverer.transforms.insert(0, guard.transform)  # before DKIM signing
     if scheduler is not None:
-        scheduler.dispatch = guarded_dispatch(guard, scheduler, scheduler.dispatch)
+        take = holder(guard, scheduler)
+        scheduler.dispatch = guarded_dispatch(take, scheduler.dispatch)
+        if deliverer is not None:
+            deliverer.hold = take  # again just before sending: a pause while it waited
     inbound = getattr(worker, "inbound", None)
     if inbound is not None and hasattr(inbound, "mailboxes"):
         inbound.mailboxes[worker.cfg.policy.unsubscribe_mailbox.lower()] = guard.unsubscribe_mailbox

@@ -74,13 +74,16 @@ def format_rate(per_second: float | None) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """90 -> '1m30s'; 7200 -> '2h'."""
+    """90 -> '1m30s'; 7200 -> '2h'; at most two units, so 7199.4 (a countdown read a moment
+    late) is '2h', not '1h59m59s'."""
     seconds = max(0, round(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    top = next(i for i, (_, size) in enumerate(units) if seconds >= size or size == 1)
+    grain = units[min(top + 1, len(units) - 1)][1]
+    seconds = round(seconds / grain) * grain
     parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in units:
         if seconds >= size:
             parts.append(f"{seconds // size}{unit}")
             seconds %= size
-    if seconds or not parts:
-        parts.append(f"{seconds}s")
-    return "".join(parts)
+    return "".join(parts) or "0s"

@@ -1,0 +1,36 @@
+"""Several engine nodes sharing throttles and policy state through Redis ([cluster]).
+
+Each node keeps its own LMDB spool, the durable copy of the mail it accepted. With
+`[cluster] redis` set, what must hold across nodes goes through Redis: provider
+budgets and connection leases (`throttle`), campaign counters, pauses, suppression
+lists and monthly caps (`policy`). `link.RedisLink` is each worker's connection and
+knows whether Redis is usable; while it is not, every part falls back to conservative
+local limits and catches up when Redis returns. Without `[cluster] redis` none of this
+runs and nothing needs Redis.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from mta.cluster.link import DOWN, RedisLink
+
+__all__ = ["DOWN", "RedisLink", "node_name", "start_cluster"]
+
+
+def node_name(cfg: Any) -> str:
+    return cfg.cluster.node or f"{socket.gethostname()}:{cfg.smtp.listen.rpartition(':')[2]}"
+
+
+async def start_cluster(worker: Any) -> RedisLink | None:
+    """The worker's Redis link (`worker.cluster`), or None on a single node."""
+    cfg = worker.cfg
+    if not cfg.cluster.redis:
+        worker.cluster = None
+        return None
+    link = RedisLink(cfg.cluster, f"{node_name(cfg)}/{worker.index}")
+    await link.start()
+    worker.cluster = link
+    worker.closers.append(link.close)
+    return link

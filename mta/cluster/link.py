@@ -1,0 +1,144 @@
+"""One worker's link to the cluster's Redis, and whether it can be used right now.
+
+Every shared part (throttle budgets, policy state) calls Redis through `RedisLink.call`:
+a call that fails or takes longer than `[cluster] timeout` marks the link down and
+returns `DOWN`, so the caller falls back to its conservative local behaviour at once
+instead of waiting. While down, a background task retries every `retry_interval`;
+when Redis answers again the link is up and the `on_up` callbacks run (catch-up:
+re-publish what was decided locally meanwhile).
+
+The link also registers this worker in the cluster (a sorted set scored by expiry),
+so budgets can be divided by the number of live workers on all nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mta.config import ClusterConfig
+
+log = logging.getLogger("mta.cluster")
+
+T = TypeVar("T")
+
+
+class _Down:
+    """The result of a call made while Redis is unreachable."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+DOWN: Any = _Down()
+
+
+class RedisLink:
+    def __init__(self, cfg: ClusterConfig, member: str,
+                 client: aioredis.Redis | None = None) -> None:
+        self.cfg = cfg
+        self.member = member  # "node/worker", unique in the cluster
+        self.prefix = cfg.key_prefix
+        self.redis = client or aioredis.Redis.from_url(
+            cfg.redis, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
+            health_check_interval=0)
+        self.up = False
+        self.down_since: float | None = time.time()
+        self.outages = 0  # times the link went down (a metric)
+        self.on_up: list[Callable[[], Awaitable[None]]] = []
+        self.on_down: list[Callable[[], None]] = []
+        self.live_workers = 1  # workers registered on all nodes (last known)
+        self._task: asyncio.Task[None] | None = None
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def start(self) -> None:
+        await self._check()
+        if not self.up:
+            log.warning("cluster: Redis %s unreachable at start; running on local limits",
+                        self.cfg.redis)
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # leave the count now
+            await asyncio.wait_for(self.redis.zrem(self.key("workers"), self.member),
+                                   self.cfg.timeout)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self.redis.aclose()
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T | Any:
+        """`await make()` against Redis, or `DOWN` (at once while the link is down)."""
+        if not self.up:
+            return DOWN
+        try:
+            return await asyncio.wait_for(make(), self.cfg.timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._went_down(exc)
+            return DOWN
+
+    # --- health -------------------------------------------------------------------
+
+    async def _keep_alive(self) -> None:
+        interval = min(self.cfg.retry_interval, self.cfg.node_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            await self._check()
+
+    async def _check(self) -> None:
+        """Renew this worker's registration; it doubles as the health probe."""
+        try:
+            self.live_workers = await asyncio.wait_for(self._register(), self.cfg.timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._went_down(exc)
+            return
+        if not self.up:
+            await self._came_up()
+
+    async def _register(self) -> int:
+        now = time.time()
+        workers = self.key("workers")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(workers, {self.member: now + self.cfg.node_ttl})
+            pipe.zremrangebyscore(workers, "-inf", now)
+            pipe.zcard(workers)
+            result = await pipe.execute()
+        return max(1, int(result[-1]))
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self.up:
+            return
+        self.up = False
+        self.down_since = time.time()
+        self.outages += 1
+        log.warning("cluster: Redis %s unreachable (%s); running on local limits",
+                    self.cfg.redis, exc.__class__.__name__)
+        for callback in self.on_down:
+            callback()
+
+    async def _came_up(self) -> None:
+        self.up = True
+        if self.down_since is not None and self.outages:
+            log.warning("cluster: Redis %s reachable again after %.1f s; catching up",
+                        self.cfg.redis, time.time() - self.down_since)
+        self.down_since = None
+        for callback in self.on_up:
+            try:
+                await callback()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._went_down(exc)
+                return

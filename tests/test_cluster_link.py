@@ -1,0 +1,43 @@
+"""The Redis link against a real redis-server: registration, down and up again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mta.cluster import DOWN, RedisLink
+from mta.config import ClusterConfig
+
+
+def test_registers_goes_down_and_comes_back(redis_server) -> None:
+    cfg = ClusterConfig(redis=redis_server.url, timeout=0.3, retry_interval=0.1, node_ttl=2.0)
+
+    async def scenario() -> None:
+        a, b = RedisLink(cfg, "n1/0"), RedisLink(cfg, "n2/0")
+        caught_up: list[str] = []
+
+        async def catch_up() -> None:
+            caught_up.append("a")
+
+        a.on_up.append(catch_up)
+        await a.start()
+        await b.start()
+        await a._check()
+        assert a.up and a.live_workers == 2
+        assert await a.call(lambda: a.redis.set(a.key("x"), "1")) is True
+        redis_server.stop()
+        assert await a.call(lambda: a.redis.get(a.key("x"))) is DOWN
+        assert not a.up and a.outages == 1
+        assert await a.call(lambda: a.redis.get(a.key("x"))) is DOWN  # at once while down
+        redis_server.start()
+        for _ in range(50):
+            if a.up:
+                break
+            await asyncio.sleep(0.1)
+        assert a.up and caught_up == ["a", "a"]  # at start, and after the outage
+        assert await a.call(lambda: a.redis.get(a.key("x"))) == b"1"  # the AOF kept it
+        await b.close()
+        await a._check()
+        assert a.live_workers == 1
+        await a.close()
+
+    asyncio.run(scenario())

@@ -103,8 +103,10 @@ class Scheduler:
                 log.exception("scheduler scan failed")
                 next_due = None
             timeout = POLL_INTERVAL
-            if next_due is not None:
-                timeout = max(0.0, min(timeout, next_due / 1000 - time.time()))
+            # A due time already past belongs to a job in flight (or another worker's):
+            # waiting for it would spin; the poll finds it when it becomes due again.
+            if next_due is not None and next_due / 1000 > time.time():
+                timeout = min(timeout, next_due / 1000 - time.time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()

@@ -98,13 +98,18 @@ class Env:
             return self.guard.store.get_counters(txn, campaign_key(account, campaign)).as_dict()
 
 
+def guard_config(tmp: Path, name: str = "spool", log: str = "events.jsonl",
+                 **policy: Any) -> Config:
+    return Config(engine=EngineConfig(event_log=str(tmp / log), hostname="mta.test"),
+                  spool=SpoolConfig(path=str(tmp / name), map_size=256 * 1024**2),
+                  http=HttpConfig(public_url="https://mta.test"),
+                  bounce=BounceConfig(domain="bounces.mta.test"),
+                  policy=PolicyConfig(**policy), accounts=list(ACCOUNTS))
+
+
 @asynccontextmanager
 async def guard_env(tmp: Path, **policy: Any) -> AsyncIterator[Env]:
-    cfg = Config(engine=EngineConfig(event_log=str(tmp / "events.jsonl"), hostname="mta.test"),
-                 spool=SpoolConfig(path=str(tmp / "spool"), map_size=256 * 1024**2),
-                 http=HttpConfig(public_url="https://mta.test"),
-                 bounce=BounceConfig(domain="bounces.mta.test"),
-                 policy=PolicyConfig(**policy), accounts=list(ACCOUNTS))
+    cfg = guard_config(tmp, **policy)
     spool = Spool(cfg.spool.path, cfg.spool.map_size)
     committer = GroupCommitter(spool)
     committer.start()

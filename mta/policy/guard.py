@@ -164,6 +164,7 @@ class PolicyGuard:
         self.secret = b""
         self.counts: Counter[str] = Counter()  # for metrics
         self._tasks: list[asyncio.Task[None]] = []
+        self.cluster: Any = None  # mta.cluster.policy.PolicySync on several nodes
 
     # --- life cycle -----------------------------------------------------------
 
@@ -243,6 +244,17 @@ class PolicyGuard:
             self._reserve(message.id, account, len(message.recipients))
         return None
 
+    async def admit(self, message: NewMessage) -> str | None:
+        """`check_message`, then (several nodes) the cluster-wide trial and monthly limits."""
+        refusal = self.check_message(message)
+        if refusal or self.cluster is None or message.id not in self._reserved:
+            return refusal
+        refusal = await self.cluster.reserve(message.id, message.account,
+                                             len(message.recipients))
+        if refusal:
+            self._reserved.pop(message.id, None)
+        return refusal
+
     def _limited(self, account: str) -> bool:
         config = self.accounts.get(account)
         return config is not None and (config.plan == "trial" or monthly_cap(
@@ -257,18 +269,35 @@ class PolicyGuard:
         config = self.accounts.get(account)
         if config is None or not self._limited(account):
             return None
-        cap = monthly_cap(config.subscriber_level, self.pc.monthly_cap_factor)
         month = month_of(self.clock())
         total, monthly = self.usage(account, month)
+        if self.cluster is not None:
+            total, monthly = self.cluster.known_usage(account, month, total, monthly)
+        return self.limit_reply(account, count, total, monthly, month)
+
+    def limits(self, account: str) -> tuple[int | None, int | None]:
+        """(trial limit, monthly cap) of an account; None where it has none."""
+        config = self.accounts.get(account)
+        if config is None:
+            return None, None
+        trial = self.pc.trial_limit if config.plan == "trial" else None
+        return trial, monthly_cap(config.subscriber_level, self.pc.monthly_cap_factor)
+
+    def limit_reply(self, account: str, count: int, total: int, monthly: int, month: str,
+                    note: str = "") -> str | None:
+        """The refusal when `count` more e-mails pass the account's trial or monthly limit,
+        `total` and `monthly` sent already."""
+        config = self.accounts[account]
+        cap = monthly_cap(config.subscriber_level, self.pc.monthly_cap_factor)
         if config.plan == "trial" and total + count > self.pc.trial_limit:
             return self._refuse("trial", (
                 f"550 5.7.1 Trial account {account} may send at most {self.pc.trial_limit} "
-                f"e-mails in all; {total} already sent"))
+                f"e-mails in all; {total} already sent{note}"))
         if cap is not None and monthly + count > cap:
             return self._refuse("monthly_cap", (
                 f"452 4.7.1 Monthly limit reached: account {account} may send {cap} e-mails "
                 f"in {month} ({self.pc.monthly_cap_factor} x subscriber level "
-                f"{config.subscriber_level}); {monthly} already sent"))
+                f"{config.subscriber_level}); {monthly} already sent{note}"))
         return None
 
     def usage(self, account: str, month: str) -> tuple[int, int]:
@@ -402,13 +431,15 @@ class PolicyGuard:
                               str(event.get("campaign") or ""), str(event["recipient"]), detail)
 
     def _received(self, event: dict[str, Any]) -> None:
-        self._reserved.pop(str(event.get("id", "")), None)
+        message_id = str(event.get("id", ""))
+        self._reserved.pop(message_id, None)
         account = event.get("account")
         if account:
             ts = float(event.get("time") or self.clock())
+            shared = self.cluster is not None and self.cluster.consumed(message_id)
             self.pending.submissions.append(Submission(
                 account, event.get("campaign", ""), int(event.get("recipients", 0)),
-                month_of(ts)))
+                month_of(ts), shared))
 
     def record_event(self, kind: str, account: str, campaign: str, recipient: str,
                      detail: str = "") -> None:
@@ -440,9 +471,8 @@ class PolicyGuard:
             return None
         batch, self.pending = self.pending, Batch()
         self._flushing = batch
-        now = self.clock()
         try:
-            applied = await self.committer.submit(lambda txn: self.ledger.apply(txn, batch, now))
+            applied = await self._apply(batch)
         except Exception:
             log.exception("policy counters not written; retrying with the next batch")
             batch.extend(self.pending)
@@ -451,6 +481,15 @@ class PolicyGuard:
         finally:
             self._flushing = Batch()
         await self._after(applied)
+        return applied
+
+    async def _apply(self, batch: Batch) -> Applied:
+        """Count a batch (and, on several nodes, share it and judge on cluster totals)."""
+        now = self.clock()
+        applied: Applied = await self.committer.submit(
+            lambda txn: self.ledger.apply(txn, batch, now))
+        if self.cluster is not None:
+            await self.cluster.counted(batch, applied)
         return applied
 
     async def _flush_loop(self) -> None:
@@ -521,8 +560,7 @@ class PolicyGuard:
         await self.flush()  # judge against everything counted so far
         batch = Batch(outcomes=[Outcome("unsubscribe", target.account, target.campaign,
                                         address, False, via)])
-        now = self.clock()
-        applied = await self.committer.submit(lambda txn: self.ledger.apply(txn, batch, now))
+        applied = await self._apply(batch)
         counted = applied.counted > 0
         self.counts["unsubscribes"] += counted
         self.emit({"type": "Unsubscribe", "account": target.account,

@@ -47,6 +47,7 @@ class Submission:
     campaign: str
     count: int
     month: str
+    shared: bool = False  # already counted in the cluster's totals by a reservation
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Applied:
     pauses: list[Pause] = field(default_factory=list)
     counted: int = 0  # outcomes counted (duplicates of feedback are not)
     unattributed: int = 0
+    deltas: dict[bytes, Counters] = field(default_factory=dict)  # what was added, by key
+    touched: list[tuple[str, str]] = field(default_factory=list)  # campaigns with outcomes
 
 
 NoticeMaker = Callable[[str, str, Breach], NewMessage | None]
@@ -104,6 +107,7 @@ class Ledger:
         self.store = store
         self.thresholds = thresholds
         self.make_notice = make_notice
+        self.judge = True  # False: campaigns are judged on cluster totals (mta.cluster.policy)
 
     def apply(self, txn: Any, batch: Batch, now: float) -> Applied:
         deltas: dict[bytes, Counters] = {}
@@ -137,8 +141,9 @@ class Ledger:
             counters = self.store.get_counters(txn, key)
             counters.add(delta)
             self.store.put_counters(txn, key, counters)
-        for account, campaign in sorted(touched):
-            pause = self._judge(txn, account, campaign, now)
+        result.deltas, result.touched = deltas, sorted(touched)
+        for account, campaign in result.touched if self.judge else ():
+            pause = self.judge_with(txn, account, campaign, now)
             if pause is not None:
                 result.pauses.append(pause)
         return result
@@ -168,11 +173,15 @@ class Ledger:
             cache[campaign] = owners.pop() if len(owners) == 1 else ""
         return cache[campaign]
 
-    def _judge(self, txn: Any, account: str, campaign: str, now: float) -> Pause | None:
+    def judge_with(self, txn: Any, account: str, campaign: str, now: float,
+                   counters: Counters | None = None, notify: bool = True) -> Pause | None:
+        """Pause the campaign if `counters` (by default its own) cross a threshold;
+        `notify` false: another node sends the account's notice."""
         state = self.store.get_campaign(txn, account, campaign)
         if state.status != ACTIVE or not state.checks:
             return None
-        counters = self.store.get_counters(txn, campaign_key(account, campaign))
+        if counters is None:
+            counters = self.store.get_counters(txn, campaign_key(account, campaign))
         breach = find_breach(counters.minus(Counters.from_dict(state.baseline)), self.thresholds)
         if breach is None:
             return None
@@ -181,7 +190,8 @@ class Ledger:
             rate=round(breach.rate, 4), threshold=breach.threshold, by="policy", at=now,
             baseline=state.baseline))
         pause = Pause(account, campaign, breach)
-        notice = self.make_notice(account, campaign, breach) if self.make_notice else None
+        notice = self.make_notice(account, campaign, breach) if (
+            self.make_notice and notify) else None
         if notice is not None:
             self.store.spool.put_message(txn, notice)
             pause.notice_id = notice.id

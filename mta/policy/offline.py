@@ -39,7 +39,7 @@ class OfflineSession:
             raise FileNotFoundError(f"no spool at {path} (start the engine once first)")
         self.cfg = cfg
         self.spool = Spool(path, cfg.spool.map_size, readonly=not write)
-        self.store = PolicyStore(self.spool)
+        self.store = PolicyStore(self.spool, journal=write and bool(cfg.cluster.redis))
         self.thresholds = Thresholds.from_config(cfg.policy)
         self.by = operator()
         self._events: EventLog | None = None

@@ -6,6 +6,9 @@
   only campaigns and accounts that were ever paused, suspended or deleted have one
 - ``policy.supp``   ``<account>\\0<address>`` -> Suppression
 - ``policy.meta``   ``unsubscribe_secret`` -> bytes
+- ``policy.journal`` (only with `[cluster] redis`) ``<8-byte ns time><T|S><record key>``
+  -> b"": states and suppressions changed on this node and not yet published to Redis
+  (`mta.cluster.policy` reads and clears it)
 
 Every function takes an open transaction: writers run inside the group committer's
 writer thread (or, in the CLI, in their own write transaction), readers anywhere.
@@ -15,6 +18,7 @@ A database missing from a read-only environment reads as empty.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +26,8 @@ from mta.policy.model import AccountState, CampaignState, Counters, Suppression
 from mta.queue.spool import Spool, pack, unpack
 
 COUNT_DB, STATE_DB, SUPP_DB, META_DB = "policy.count", "policy.state", "policy.supp", "policy.meta"
+JOURNAL_DB = "policy.journal"
+STATE_REF, SUPP_REF = b"T", b"S"  # journal entries: a state or a suppression changed
 SECRET_KEY = b"unsubscribe_secret"
 
 
@@ -51,13 +57,23 @@ def split_pair(key: bytes) -> tuple[str, str]:
     return first.decode("utf-8", "replace"), second.decode("utf-8", "replace")
 
 
+def journal_key(ref: bytes) -> bytes:
+    return time.time_ns().to_bytes(8, "big") + ref
+
+
 class PolicyStore:
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, journal: bool = False) -> None:
         self.spool = spool
         self.count = spool.open_db(COUNT_DB)
         self.state = spool.open_db(STATE_DB)
         self.supp = spool.open_db(SUPP_DB)
         self.meta = spool.open_db(META_DB)
+        self.journal = spool.open_db(JOURNAL_DB) if journal else None
+
+    def note(self, txn: Any, ref: bytes) -> None:
+        """Journal a changed state or suppression (several nodes: published to Redis)."""
+        if self.journal is not None:
+            txn.put(journal_key(ref), b"", db=self.journal)
 
     def read(self) -> Any:
         return self.spool.read()
@@ -99,14 +115,23 @@ class PolicyStore:
         return CampaignState.from_dict(unpack(raw) if raw else None)
 
     def put_campaign(self, txn: Any, account: str, campaign: str, state: CampaignState) -> None:
-        txn.put(campaign_key(account, campaign), pack(state.as_dict()), db=self.state)
+        self.put_state(txn, campaign_key(account, campaign), state.as_dict())
 
     def get_account(self, txn: Any, account: str) -> AccountState:
         raw = txn.get(account_key(account), db=self.state) if self.state else None
         return AccountState.from_dict(unpack(raw) if raw else None)
 
     def put_account(self, txn: Any, account: str, state: AccountState) -> None:
-        txn.put(account_key(account), pack(state.as_dict()), db=self.state)
+        self.put_state(txn, account_key(account), state.as_dict())
+
+    def put_state(self, txn: Any, key: bytes, data: dict[str, Any], note: bool = True) -> None:
+        txn.put(key, pack(data), db=self.state)
+        if note:
+            self.note(txn, STATE_REF + key)
+
+    def get_state(self, txn: Any, key: bytes) -> dict[str, Any] | None:
+        raw = txn.get(key, db=self.state) if self.state is not None else None
+        return unpack(raw) if raw else None
 
     def states(self, txn: Any) -> Iterator[tuple[bytes, dict[str, Any]]]:
         """Every (key, state dict) in policy.state: a small table, read whole."""
@@ -124,10 +149,16 @@ class PolicyStore:
         return Suppression.from_dict(unpack(raw)) if raw else None
 
     def put_suppression(self, txn: Any, account: str, entry: Suppression) -> None:
-        txn.put(supp_key(account, entry.address), pack(entry.as_dict()), db=self.supp)
+        key = supp_key(account, entry.address)
+        txn.put(key, pack(entry.as_dict()), db=self.supp)
+        self.note(txn, SUPP_REF + key)
 
     def delete_suppression(self, txn: Any, account: str, address: str) -> bool:
-        return bool(txn.delete(supp_key(account, address), db=self.supp))
+        key = supp_key(account, address)
+        deleted = bool(txn.delete(key, db=self.supp))
+        if deleted:
+            self.note(txn, SUPP_REF + key)
+        return deleted
 
     def suppressions(self, txn: Any, account: str) -> Iterator[Suppression]:
         if self.supp is None:

@@ -76,4 +76,8 @@ async def wire_policy(worker: Any) -> PolicyGuard | None:
     if inbound is not None and hasattr(inbound, "mailboxes"):
         inbound.mailboxes[worker.cfg.policy.unsubscribe_mailbox.lower()] = guard.unsubscribe_mailbox
     worker.closers.append(guard.close)
+    if getattr(worker, "cluster", None) is not None:  # several nodes: share through Redis
+        from mta.cluster.policy import share_policy
+
+        await share_policy(worker, guard)
     return guard

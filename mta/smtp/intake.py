@@ -293,7 +293,7 @@ class Intake:
             id=new_message_id(),
         )
         if self.policy is not None:
-            refusal = self.policy.check_message(message)
+            refusal = await self.policy.admit(message)  # check_message + cluster limits
             if refusal:
                 return refusal
         message.data = self._received_header(session, message.id, envelope) + content

@@ -195,6 +195,11 @@ class EngineMetrics:
         self.policy_actions = Counter(
             "mta_policy_actions", "What the policy guard did: refusals by reason, holds, "
             "pauses, footers, List-Unsubscribe headers, forged tokens", ["action"], registry=r)
+        self.cluster_up = Gauge("mta_cluster_redis_up", "1 while the worker reaches the "
+                                "cluster's Redis, 0 while it runs on local limits",
+                                ["worker"], multiprocess_mode="livemax", registry=r)
+        self.cluster_outages = Counter("mta_cluster_redis_outages",
+                                       "Times a worker lost the cluster's Redis", registry=r)
         self._seen: dict[str, float] = {}
         self._providers_open: set[str] = set()
         self._init_labels()
@@ -254,6 +259,10 @@ class EngineMetrics:
         if committer is not None:
             self._advance("commits", committer.commits, self.commits)
             self._advance("operations", committer.operations, self.commit_ops)
+        link = getattr(worker, "cluster", None)
+        if link is not None:
+            self.cluster_up.labels(str(worker.index)).set(1 if link.up else 0)
+            self._advance("cluster_outages", link.outages, self.cluster_outages)
 
     def set_connections(self, by_provider: dict[str, int]) -> None:
         for provider in self._providers_open - by_provider.keys():

@@ -12,6 +12,7 @@ runs and nothing needs Redis.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from mta.cluster.link import DOWN, RedisLink
@@ -33,4 +34,25 @@ async def start_cluster(worker: Any) -> RedisLink | None:
     await link.start()
     worker.cluster = link
     worker.closers.append(link.close)
+    announce_link_changes(worker, link)
     return link
+
+
+def announce_link_changes(worker: Any, link: RedisLink) -> None:
+    """`ClusterDown` / `ClusterUp` events in the event log when Redis goes and comes back."""
+    down_at = [time.time()]
+
+    def down() -> None:
+        down_at[0] = time.time()
+        worker.emit({"type": "ClusterDown", "time": down_at[0], "node": link.member,
+                     "outages": link.outages, "limits": "local"})
+
+    async def up() -> None:
+        now = time.time()
+        worker.emit({"type": "ClusterUp", "time": now, "node": link.member,
+                     "down_for": round(now - down_at[0], 3)})
+
+    link.on_down.append(down)
+    link.on_up.insert(0, up)
+    if not link.up:
+        down()

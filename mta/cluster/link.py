@@ -101,6 +101,9 @@ class RedisLink:
 
     async def _check(self) -> None:
         """Renew this worker's registration; it doubles as the health probe."""
+        if not self.up:  # connections opened before an outage are dead: drop them all
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.connection_pool.disconnect()
         try:
             self.live_workers = await asyncio.wait_for(self._register(), self.cfg.timeout)
         except (RedisError, OSError, TimeoutError) as exc:

@@ -17,9 +17,9 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mta.config import Config
 from mta.delivery.client import ConnectFailure, Connection, ConnectSettings, Target, connect
@@ -28,6 +28,9 @@ from mta.queue.outcome import RcptResult, all_recipients
 from mta.queue.scheduler import Item, Scheduler
 from mta.throttle import CONNECTION_FAILED, WAIT_FOR_CLOSE, Destination, Throttle
 from mta.throttle.throttle import ScopeSpec
+
+if TYPE_CHECKING:
+    from mta.cluster.throttle import ClusterThrottle
 
 log = logging.getLogger("mta.delivery")
 
@@ -81,6 +84,8 @@ class Deliverer:
         self.local_domains: set[str] = set()
         # `hold(item)` -> True when the policy takes the item away instead (mta.policy).
         self.hold: Callable[[Item], bool] | None = None
+        # The budgets shared with other nodes through Redis ([cluster] redis), or None.
+        self.cluster: ClusterThrottle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
@@ -199,7 +204,7 @@ class Deliverer:
                     conn = None
                 if pool.queue and not pool.idle:
                     self._kick(pool)  # more connections, while they are what limits
-                if self.throttle.over_connection_limit(pool.dest):
+                if self._over_limit(pool):
                     return
         finally:
             pool.workers -= 1
@@ -207,6 +212,11 @@ class Deliverer:
                 await self._close(pool, conn)
             if pool.queue and pool.workers == 0:
                 self._kick(pool)
+
+    def _over_limit(self, pool: Pool) -> bool:
+        """More connections open than the (lowered) limit: close this one."""
+        return self.throttle.over_connection_limit(pool.dest) or (
+            self.cluster is not None and self.cluster.over_limit(pool.dest))
 
     async def _open(self, pool: Pool, item: Item) -> Connection | None:
         """A new connection for the pool, or None (the item was requeued or failed)."""
@@ -228,6 +238,7 @@ class Deliverer:
                            else max(0.0, decision.retry_at - time.time()))
         if conn is None:
             self.throttle.connection_closed(pool.dest)
+            await self._release_lease(pool)
             if retry_after is not None:
                 # Refused as too many or too fast (421 at the greeting, refused, reset):
                 # this item is deferred but stays ready at the throttle's pace; the rest
@@ -252,7 +263,7 @@ class Deliverer:
         was left to the pool's other connections, or postponed with the pool's queue."""
         waited = 0.0
         while True:
-            wait = self.throttle.try_connect(pool.dest)
+            wait = await self._try_connect(pool)
             if wait == 0:
                 return True
             if wait == WAIT_FOR_CLOSE:
@@ -273,10 +284,30 @@ class Deliverer:
             await asyncio.sleep(wait)
             waited += wait
 
+    async def _try_connect(self, pool: Pool) -> float:
+        """The throttle's answer, then the cluster's (its budget spans the nodes)."""
+        wait = self.throttle.try_connect(pool.dest)
+        if wait == 0 and self.cluster is not None:
+            wait = await self.cluster.connect(pool.dest)
+            if wait:
+                self.throttle.connection_closed(pool.dest)
+        return wait
+
     async def _paced(self, pool: Pool, item: Item) -> bool:
         """Wait for the message's turn at the destination's pace; False if postponed."""
         campaign, account = item.message.get("campaign", ""), item.message.get("account", "")
-        while (wait := self.throttle.try_send(pool.dest, None, campaign, account)) > 0:
+
+        async def local_turn() -> float:
+            return self.throttle.try_send(pool.dest, None, campaign, account)
+
+        if not await self._turn(pool, item, local_turn):
+            return False
+        cluster = self.cluster
+        return cluster is None or await self._turn(pool, item, lambda: cluster.send(pool.dest))
+
+    async def _turn(self, pool: Pool, item: Item, ask: Callable[[], Awaitable[float]]) -> bool:
+        """Wait until `ask()` says 0 (sleeping through short waits); False if postponed."""
+        while (wait := await ask()) > 0:
             if wait > SHORT_WAIT:
                 self._postpone([item], wait)
                 return False
@@ -318,6 +349,12 @@ class Deliverer:
         self.open_connections[name] = max(0, self.open_connections.get(name, 1) - 1)
         self.throttle.connection_closed(pool.dest)
         await conn.close()
+        await self._release_lease(pool)
+
+    async def _release_lease(self, pool: Pool) -> None:
+        """The cluster's lease for a connection now closed (or never opened)."""
+        if self.cluster is not None:
+            await self.cluster.release(pool.dest)
 
     def _fail_pool(self, pool: Pool, item: Item, failures: list[ConnectFailure]) -> None:
         """No address took a connection: this item and everything queued behind it defer."""

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from mta.bounce.reply import classify_reply
+from mta.cluster.throttle import start_cluster_throttle
 from mta.config import Config, parse_hostport, shipped_path
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
@@ -108,9 +109,13 @@ def start_delivery(worker: Any) -> Deliverer:
     own = {listen_host} if listen_port == cfg.delivery.port else set()
     resolver = MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
                           max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
-    throttle = Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), worker.index, worker.workers,
+    # With a cluster, each worker keeps the whole budget and Redis holds it across all
+    # workers of all nodes (mta.cluster.throttle); else each worker keeps its share.
+    sharing = 1 if getattr(worker, "cluster", None) is not None else worker.workers
+    throttle = Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), worker.index, sharing,
                         on_event=lambda event: worker.emit({"type": "ThrottleChange", **event}))
     deliverer = Deliverer(cfg, resolver, throttle)
+    deliverer.cluster = start_cluster_throttle(worker, throttle)
     worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))

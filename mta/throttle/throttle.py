@@ -146,6 +146,23 @@ class Scope:
                     or self.campaigns or self.accounts or self.connections)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One scope's limits in force now, as `Throttle.budgets` reports them."""
+
+    key: str  # the scope: "provider:NAME", "domain:NAME", "site:mx:..."
+    max_connections: int
+    message_rate: float | None  # messages per second; None: unlimited
+    message_burst: int
+    connection_rate: float | None  # new connections per second; None: unlimited
+
+
+def _budget(sc: Scope) -> Budget:
+    rate = sc.effective_rate()
+    burst = _burst(sc.spec.limits.message_burst, rate) if rate is not None else 1
+    return Budget(sc.spec.key, sc.max_connections(), rate, burst, sc.conn_rate)
+
+
 def worker_share(total: int, worker: int, workers: int) -> int:
     """Worker `worker`'s whole-number share of `total`: as even as possible, at least 1."""
     base, extra = divmod(total, workers)
@@ -196,6 +213,11 @@ class Throttle:
     def max_connections(self, dest: Destination) -> int:
         """The current connection limit (adapted, capped by rules) for this worker."""
         return min(self._scope(s).max_connections() for s in dest.scopes)
+
+    def budgets(self, dest: Destination) -> list[Budget]:
+        """The limits in force now for each scope of `dest` (adapted, capped by rules), for
+        a budget kept outside this worker (mta.cluster.throttle)."""
+        return [_budget(self._scope(spec)) for spec in dest.scopes]
 
     def over_connection_limit(self, dest: Destination) -> bool:
         """True when more connections are open than the (lowered) limit: close idle ones."""
@@ -541,6 +563,6 @@ def _state(sc: Scope) -> str:
 
 __all__ = [
     "ACCOUNT_SUSPENDED", "CAMPAIGN_SUSPENDED", "CONNECTION_FAILED", "DEFER", "FAIL", "OK",
-    "SLOW_DOWN", "SUSPENDED", "WAIT_FOR_CLOSE", "Decision", "Destination", "Throttle",
+    "SLOW_DOWN", "SUSPENDED", "WAIT_FOR_CLOSE", "Budget", "Decision", "Destination", "Throttle",
     "worker_share",
 ]

@@ -3,8 +3,9 @@
 Suspending refuses an account's new mail (550 5.7.1) and holds its queued mail;
 resuming releases it (and cancels a deletion not purged yet). Deleting refuses its
 mail from now on and schedules the purge of its data `[policy] retention_days` later;
-`mta account purge` (from cron, daily) purges every account past its date. Works on a
-running engine by writing to the spool directly.
+`mta account purge` (from cron, daily) purges every account past its date. `list`,
+`show`, `suspend` and `resume` go through a running engine's admin API, or to the spool
+directly (see mta/commands/remote.py); `delete` and `purge` always use the spool.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import time
 from typing import Any
 
 from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.commands.remote import CommandError, add_api_args, either
+from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
 from mta.policy import admin
+from mta.policy.model import ACTIVE, account_hold
 from mta.policy.offline import OfflineSession
 from mta.policy.retention import (
     due_accounts,
@@ -46,13 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     for q in (listing, show, suspend, resume, delete, purge):
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=run_list)
-    show.set_defaults(func=run_show)
-    suspend.set_defaults(func=run_suspend)
-    resume.set_defaults(func=run_resume)
-    delete.set_defaults(func=run_delete)
+    for q in (listing, show, suspend, resume):
+        add_api_args(q)
+    listing.set_defaults(func=either(offline_list, lambda c, a: c.get("accounts"), show_list))
+    show.set_defaults(func=either(offline_show, online_show, show_account))
+    suspend.set_defaults(func=either(offline_suspend, online_suspend, show_change))
+    resume.set_defaults(func=either(offline_resume, online_resume, show_change))
+    delete.set_defaults(func=either(offline_delete, None, show_change))
     purge.set_defaults(func=run_purge)
     hashpw.set_defaults(func=run_hash_password)
+
+
+Row = dict[str, Any]
 
 
 def _row(s: OfflineSession, txn: Any, name: str) -> dict[str, Any]:
@@ -64,42 +73,59 @@ def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
 
 
-def run_list(args: argparse.Namespace) -> int:
-    try:
-        with OfflineSession(config_from(args)) as s:
-            configured = [a.name for a in s.cfg.accounts]
-            rows = s.read(lambda txn: [
-                _row(s, txn, name) for name in admin.known_accounts(s.store, txn, configured)])
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(rows)
-        return 0
+# --- list / show ------------------------------------------------------------------------------
+
+def offline_list(args: argparse.Namespace) -> list[Row]:
+    with OfflineSession(config_from(args)) as s:
+        configured = [a.name for a in s.cfg.accounts]
+        return s.read(lambda txn: [
+            _row(s, txn, name) for name in admin.known_accounts(s.store, txn, configured)])
+
+
+def offline_show(args: argparse.Namespace) -> Row:
+    with OfflineSession(config_from(args)) as s:
+        def show(txn: Any) -> Row:
+            row = _row(s, txn, args.name)
+            row["campaigns"] = admin.list_campaigns(s.store, txn, s.thresholds, args.name,
+                                                    with_jobs=False)
+            row["suppressed"] = sum(1 for _ in s.store.suppressions(txn, args.name))
+            return row
+
+        row = s.read(show)
+    if not row["configured"] and not row["campaigns"] and row["status"] == ACTIVE:
+        raise CommandError(f"no account {args.name!r}")
+    return row
+
+
+COUNTERS = ("submitted", "sent", "delivered", "hard_bounces", "soft_bounces", "complaints",
+            "unsubscribes")
+
+
+def counted(campaign: Row) -> bool:
+    """Whether the policy store has the campaign (not only mail of it in the queue)."""
+    return bool(campaign["status"] != ACTIVE or campaign["since"]
+                or any(campaign[k] for k in COUNTERS))
+
+
+def online_show(client: AdminClient, args: argparse.Namespace) -> Row:
+    """The account's row with its campaigns (without queue counts) and suppressions."""
+    name = segment(args.name)
+    row = client.get(f"accounts/{name}")
+    row["campaigns"] = [c | {"queued": 0, "deferred": 0, "held": 0}
+                        for c in client.get("campaigns")["campaigns"]
+                        if c["account"] == args.name and counted(c)]
+    row["suppressed"] = len(client.get(f"suppression/{name}?limit={MAX_LIMIT}")["entries"])
+    return row
+
+
+def show_list(rows: list[Row]) -> None:
     print_table(["name", "plan", "status", "this month", "cap", "sent", "email", "purge after"],
                 [[r["name"], r["plan"] or "-", r["status"], r["month_sent"],
                   r["monthly_cap"] or "-", r["totals"]["sent"], r["email"],
                   when(r["purge_after"])] for r in rows])
-    return 0
 
 
-def run_show(args: argparse.Namespace) -> int:
-    try:
-        with OfflineSession(config_from(args)) as s:
-            def show(txn: Any) -> dict[str, Any]:
-                row = _row(s, txn, args.name)
-                row["campaigns"] = admin.list_campaigns(s.store, txn, s.thresholds, args.name,
-                                                        with_jobs=False)
-                row["suppressed"] = sum(1 for _ in s.store.suppressions(txn, args.name))
-                return row
-
-            row = s.read(show)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    if not row["configured"] and not row["campaigns"] and row["status"] == "active":
-        return fail(f"no account {args.name!r}")
-    if args.json:
-        print_json(row)
-        return 0
+def show_account(row: Row) -> None:
     for key in ("name", "email", "plan", "subscriber_level", "status", "reason"):
         print(f"{key:17} {row[key]}")
     print(f"{'this month':17} {row['month_sent']} of {row['monthly_cap'] or 'no cap'} "
@@ -111,40 +137,63 @@ def run_show(args: argparse.Namespace) -> int:
     print_table(["campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs"],
                 [[c["campaign"], c["status"], c["sent"], c["delivered"], c["hard_bounces"],
                   c["complaints"], c["unsubscribes"]] for c in row["campaigns"]])
-    return 0
 
 
-def _change(args: argparse.Namespace, action: str, fn: Any, event: str) -> int:
-    try:
-        with OfflineSession(config_from(args), write=True) as s:
-            result = s.write(lambda txn: fn(s, txn))
-            s.emit({"type": event, "account": args.name,
-                    **{k: v for k, v in result.items() if k != "account"}})
-            s.audit(f"account.{action}", args.name)
-    except (FileNotFoundError, admin.PolicyError) as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(result)
-    else:
-        print(f"account {args.name}: " + ", ".join(
-            f"{k} {when(v) if k == 'purge_after' else v}"
-            for k, v in result.items() if k != "account"))
-    return 0
+# --- suspend / resume / delete -------------------------------------------------------------
+
+def _change(args: argparse.Namespace, action: str, fn: Any, event: str) -> Row:
+    with OfflineSession(config_from(args), write=True) as s:
+        result = s.write(lambda txn: fn(s, txn))
+        s.emit({"type": event, "account": args.name,
+                **{k: v for k, v in result.items() if k != "account"}})
+        s.audit(f"account.{action}", args.name)
+    return result
 
 
-def run_suspend(args: argparse.Namespace) -> int:
+def show_change(result: Row) -> None:
+    print(f"account {result['account']}: " + ", ".join(
+        f"{k} {when(v) if k == 'purge_after' else v}"
+        for k, v in result.items() if k != "account"))
+
+
+def offline_suspend(args: argparse.Namespace) -> Row:
     return _change(args, "suspend", lambda s, txn: admin.suspend_account(
         s.store, txn, args.name, s.by, args.reason, s.now()), "AccountSuspended")
 
 
-def run_resume(args: argparse.Namespace) -> int:
+def offline_resume(args: argparse.Namespace) -> Row:
     return _change(args, "resume", lambda s, txn: admin.resume_account(
         s.store, txn, args.name, s.by, s.now()), "AccountResumed")
 
 
-def run_delete(args: argparse.Namespace) -> int:
+def offline_delete(args: argparse.Namespace) -> Row:
     return _change(args, "delete", lambda s, txn: admin.delete_account(
         s.store, txn, args.name, s.by, s.now(), s.cfg.policy.retention_days), "AccountDeleted")
+
+
+def held_for(client: AdminClient, name: str) -> int:
+    """How many jobs are held by the account's suspension."""
+    return sum(1 for r in client.get(f"held?limit={MAX_LIMIT}")
+               if r["reason"] == account_hold(name))
+
+
+def online_suspend(client: AdminClient, args: argparse.Namespace) -> Row:
+    before = held_for(client, args.name)
+    client.post(f"accounts/{segment(args.name)}/suspend", {"reason": args.reason})
+    return {"account": args.name, "held": held_for(client, args.name) - before}
+
+
+def online_resume(client: AdminClient, args: argparse.Namespace) -> Row:
+    try:
+        was = client.get(f"accounts/{segment(args.name)}")["status"]
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        was = ACTIVE
+    before = held_for(client, args.name)
+    client.post(f"accounts/{segment(args.name)}/resume")
+    return {"account": args.name, "released": before - held_for(client, args.name),
+            "was": was}
 
 
 def run_purge(args: argparse.Namespace) -> int:

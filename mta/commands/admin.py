@@ -2,21 +2,21 @@
 
 The address is `[http] listen` from the config (or --url), the token `[http]
 admin_token` (or --token, or the MTA_ADMIN_TOKEN environment variable). Each
-command prints a table, or the API's JSON with --json. `mta queue stats|list|show`
-read the spool directly instead and work on a stopped engine too.
+command prints a table, or the API's JSON with --json. The area commands (`mta queue`,
+`mta campaign`, `mta hold`, ...) use the same API when the engine runs and the spool
+directly when it does not; `mta admin` always uses the API.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
 from collections.abc import Callable
 from typing import Any
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
-from mta.config import ConfigError
-from mta.http.client import AdminClient, ApiError, base_url, segment
+from mta.commands import account, campaign, queue, suppression, throttle
+from mta.commands.common import add_config_arg, fail, print_json, print_table
+from mta.commands.remote import add_api_args, api_address, missing, output
+from mta.http.client import AdminClient, ApiError, segment
 
 Run = Callable[[AdminClient, argparse.Namespace], Any]
 Show = Callable[[Any], None]
@@ -28,9 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text, add_args, run, show in COMMANDS:
         cmd = asub.add_parser(name, help=help_text)
         add_config_arg(cmd)
-        cmd.add_argument("--url", help="engine's HTTP address (default: from [http] listen)")
-        cmd.add_argument("--token", help="admin token (default: $MTA_ADMIN_TOKEN, then "
-                                         "[http] admin_token)")
+        add_api_args(cmd, offline=False)
         cmd.add_argument("--json", action="store_true", help="print the API's JSON")
         add_args(cmd)
         cmd.set_defaults(func=make_runner(run, show))
@@ -42,28 +40,16 @@ def make_runner(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
             result = run(client_from(args), args)
         except ApiError as exc:
             return fail(str(exc))
-        if args.json:
-            print_json(result)
-        else:
-            show(result)
+        output(args, result, show)
         return 0
 
     return runner
 
 
 def client_from(args: argparse.Namespace) -> AdminClient:
-    url, token = args.url, args.token or os.environ.get("MTA_ADMIN_TOKEN", "")
-    if not url or not token:
-        try:
-            cfg = config_from(args)
-        except ConfigError:
-            if not (url and token):
-                raise
-        else:
-            url = url or base_url(cfg.http.listen)
-            token = token or cfg.http.admin_token
-    if not token:
-        raise ApiError("no admin token: pass --token, set MTA_ADMIN_TOKEN or [http] admin_token")
+    url, token = api_address(args)
+    if not token or not url:
+        raise ApiError(missing(url, token))
     return AdminClient(url, token)
 
 
@@ -129,10 +115,6 @@ def run_suppression(c: AdminClient, args: argparse.Namespace) -> Any:
 
 # --- output ------------------------------------------------------------------------------------
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
-
-
 def show_status(d: dict[str, Any]) -> None:
     t, q = d["totals"], d["queue"]
     print("received {received:.0f}  delivered {delivered:.0f}  deferred {deferred:.0f}  "
@@ -144,75 +126,29 @@ def show_status(d: dict[str, Any]) -> None:
     print(f"paused campaigns: {', '.join(c['account'] + '/' + c['campaign'] for c in paused) or 'none'}")
 
 
-def show_queue(s: dict[str, Any]) -> None:
-    print(f"messages: {s['total']}  delivery jobs: {s['jobs']}  recipients waiting: "
-          f"{s['recipients']}")
-    print_table(["state", "jobs"], sorted(s["by_state"].items()))
-
-
-def show_message(m: dict[str, Any]) -> None:
-    for key in ("id", "from", "account", "campaign", "msgid", "size", "client"):
-        print(f"{key:9} {m.get(key)}")
-    print_table(["recipient", "state", "code", "reply", "attempts", "held"], [
-        [r[0], r[1], r[2], (r[3] or "")[:60], job["attempts"], job.get("held", "")]
-        for job in m["jobs"] for r in job["rcpts"]])
-
-
-def campaign_row(c: dict[str, Any]) -> list[Any]:
-    r = c.get("rates", {})
-    return [c["account"], c["campaign"], "paused" if c.get("paused") else "active",
-            c.get("delivered"), pct(r.get("hard_bounce")), pct(r.get("complaint")),
-            pct(r.get("unsubscribe")), c.get("queued"), c.get("held"), c.get("reason", "")]
-
-
-CAMPAIGN_HEADERS = ["account", "campaign", "state", "delivered", "hard", "complaints",
-                    "unsubs", "queued", "held", "reason"]
-
-
 def show_campaigns(d: dict[str, Any]) -> None:
     t = d["thresholds"]
+    pct = campaign.percent
     print(f"thresholds: hard bounces {pct(t['hard_bounce'])}, complaints "
           f"{pct(t['complaint'])}, unsubscribes {pct(t['unsubscribe'])}")
-    print_table(CAMPAIGN_HEADERS, [campaign_row(c) for c in d["campaigns"]])
-
-
-def show_campaign(c: dict[str, Any]) -> None:
-    print_table(CAMPAIGN_HEADERS, [campaign_row(c)])
+    campaign.show_list(d["campaigns"])
 
 
 def show_throttle(d: dict[str, Any]) -> None:
-    print_table(["destination", "kind", "worker", "state", "rate/s", "conns", "sent", "until",
-                 "reason"], [
-        [r["destination"], r["kind"], r.get("worker"), r["state"],
-         "unlimited" if r.get("rate") is None else f"{r['rate']:.2f}",
-         f"{r.get('connections')}/{r.get('max_connections')}", r.get("sent"),
-         time.strftime("%H:%M:%S", time.localtime(r["until"])) if r.get("until") else "",
-         r.get("reason", "")] for r in d["rows"]])
+    throttle.show_status(throttle.annotate(d["rows"]))
 
 
 def show_suppression(d: dict[str, Any]) -> None:
     if "entries" not in d:
         print_json(d)
         return
-    print_table(["address", "reason", "added"],
-                [[e.get("address"), e.get("reason"), e.get("added", e.get("time"))]
-                 for e in d["entries"]])
+    suppression.show_list(d["entries"])
 
 
 def show_held(rows: list[dict[str, Any]]) -> None:
     print_table(["job", "reason", "account", "campaign", "domain", "recipients"], [
         [r["job"], r["reason"], r["account"], r["campaign"], r.get("domain", ""),
          len(r["recipients"])] for r in rows])
-
-
-def show_accounts(rows: list[dict[str, Any]]) -> None:
-    print_table(["name", "plan", "email", "subscriber level", "suspended"], [
-        [a["name"], a.get("plan"), a.get("email"), a.get("subscriber_level"),
-         a.get("suspended")] for a in rows])
-
-
-def show_account(a: dict[str, Any]) -> None:
-    show_accounts([a])
 
 
 def show_result(result: Any) -> None:
@@ -222,13 +158,14 @@ def show_result(result: Any) -> None:
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Run, Show]] = [
     ("status", "what flows, the queue, paused campaigns", no_args,
      lambda c, a: c.get("dashboard"), show_status),
-    ("queue", "queue counts by state", no_args, lambda c, a: c.get("queue"), show_queue),
+    ("queue", "queue counts by state", no_args, lambda c, a: c.get("queue"),
+     queue.show_stats),
     ("show", "one message with its per-recipient state", message_args,
-     lambda c, a: c.get(f"messages/{segment(a.id)}"), show_message),
+     lambda c, a: c.get(f"messages/{segment(a.id)}"), queue.show_message),
     ("campaigns", "campaigns and their rates against the thresholds", no_args,
      lambda c, a: c.get("campaigns"), show_campaigns),
     ("campaign", "one campaign; pause, resume or drop it", campaign_args, run_campaign,
-     show_campaign),
+     lambda row: campaign.show_list([row])),
     ("throttle", "each destination's throttle state", no_args,
      lambda c, a: c.get("throttle"), show_throttle),
     ("suppression", "an account's suppression list; add or remove an address",
@@ -239,7 +176,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Run, S
      lambda c, a: c.post(f"held/{segment(a.job)}/release"), show_result),
     ("reject", "reject (remove) a held job", job_args,
      lambda c, a: c.post(f"held/{segment(a.job)}/reject"), show_result),
-    ("accounts", "the accounts", no_args, lambda c, a: c.get("accounts"), show_accounts),
+    ("accounts", "the accounts", no_args, lambda c, a: c.get("accounts"),
+     account.show_list),
     ("account", "one account; suspend or resume it", account_args, run_account,
-     show_account),
+     lambda row: account.show_list([row])),
 ]

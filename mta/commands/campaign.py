@@ -1,8 +1,9 @@
 """`mta campaign list|show|pause|resume|drop`: campaigns' rates and standing.
 
-Works on a running engine (or a stopped one) by writing to the spool directly; the
-workers honour a pause or a resume within a second. A campaign is named by its id
-(the X-Campaign-ID header); give --account when two accounts use the same id.
+Through a running engine's admin API, or on the spool directly (a stopped engine, no
+admin token, or --offline; the workers honour a pause or a resume written there within
+a second): see mta/commands/remote.py. A campaign is named by its id (the
+X-Campaign-ID header); give --account when two accounts use the same id.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.commands.common import add_config_arg, config_from, print_table
+from mta.commands.remote import CommandError, add_api_args, either
+from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
+from mta.http.policy_port import config_thresholds
 from mta.policy import admin
 from mta.policy.offline import OfflineSession
 from mta.policy.rates import fmt_percent
+
+Row = dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     resume = csub.add_parser("resume", help="release a campaign's held mail (due now)")
     resume.add_argument("--rearm", action="store_true",
                         help="judge its rates again, counting from now (default: "
-                             "automatic pausing stays off for this campaign)")
+                             "automatic pausing stays off for this campaign); always "
+                             "written to the spool directly")
     drop = csub.add_parser("drop", help="remove a campaign's queued and held mail")
     for q in (show, pause, resume, drop):
         q.add_argument("id", help="the campaign id")
@@ -37,57 +44,178 @@ def register(sub: argparse._SubParsersAction) -> None:
     for q in (listing, show, pause, resume, drop):
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=run_list)
-    show.set_defaults(func=run_show)
-    pause.set_defaults(func=run_pause)
-    resume.set_defaults(func=run_resume)
-    drop.set_defaults(func=run_drop)
+        add_api_args(q)
+    listing.set_defaults(func=either(offline_list, online_list, show_list))
+    show.set_defaults(func=either(offline_show, online_show, show_campaign))
+    pause.set_defaults(func=either(offline_pause, online_pause, show_paused))
+    resume.set_defaults(func=either(offline_resume, online_resume, show_resumed))
+    drop.set_defaults(func=either(offline_drop, online_drop, show_dropped))
 
 
 def session(args: argparse.Namespace, write: bool = False) -> OfflineSession:
     return OfflineSession(config_from(args), write=write)
 
 
-def run_list(args: argparse.Namespace) -> int:
+# --- reads -------------------------------------------------------------------------------------
+
+def offline_list(args: argparse.Namespace) -> list[Row]:
+    with session(args) as s:
+        return s.read(lambda txn: admin.list_campaigns(s.store, txn, s.thresholds,
+                                                       args.account))
+
+
+def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    return [r for r in client.get("campaigns")["campaigns"]
+            if args.account in (None, r["account"])]
+
+
+def offline_show(args: argparse.Namespace) -> Row:
+    with session(args) as s:
+        def show(txn: Any) -> Row:
+            account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
+            return admin.show_campaign(s.store, txn, account, campaign, s.thresholds)
+
+        return s.read(show) | {"thresholds": config_thresholds(s.cfg)}
+
+
+def online_show(client: AdminClient, args: argparse.Namespace) -> Row:
+    return client.get(api_path(client, args))
+
+
+def api_path(client: AdminClient, args: argparse.Namespace) -> str:
+    """campaigns/ACCOUNT/ID, the account found as `admin.resolve_campaign` finds it."""
+    account = args.account
+    if not account:
+        owners = {r["account"] for r in client.get("campaigns")["campaigns"]
+                  if r["campaign"] == args.id}
+        if not owners:
+            raise CommandError(f"no campaign {args.id!r} (give --account to name a new one)")
+        if len(owners) > 1:
+            raise CommandError(f"campaign {args.id!r} exists for accounts "
+                               f"{', '.join(sorted(owners))}: give --account")
+        account = owners.pop()
+    return f"campaigns/{segment(account)}/{segment(args.id)}"
+
+
+def current(client: AdminClient, path: str) -> Row:
+    """The campaign's row now; a blank active one if the engine knows none yet."""
     try:
-        with session(args) as s:
-            rows = s.read(lambda txn: admin.list_campaigns(s.store, txn, s.thresholds,
-                                                           args.account))
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(rows)
-        return 0
+        return client.get(path)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        return {"status": "active", "held": 0}
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+Action = Callable[[OfflineSession, Any, str, str], Any]
+After = Callable[[OfflineSession, str, str, Any], Row]
+
+
+def perform(args: argparse.Namespace, action: str, act: Action, after: After) -> Row:
+    """Resolve the campaign, act in one write transaction, then record and report."""
+    with session(args, write=True) as s:
+        def op(txn: Any) -> tuple[str, str, Any]:
+            account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
+            return account, campaign, act(s, txn, account, campaign)
+
+        account, campaign, result = s.write(op)
+        shown = after(s, account, campaign, result)
+        s.audit(f"campaign.{action}", f"{account}/{campaign}")
+    return shown
+
+
+def offline_pause(args: argparse.Namespace) -> Row:
+    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
+        return admin.pause_campaign(s.store, txn, account, campaign, s.by, args.reason, s.now())
+
+    def after(s: OfflineSession, account: str, campaign: str, result: Any) -> Row:
+        s.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
+                "rule": "operator", "reason": args.reason, "held": result["held"]})
+        return result
+
+    return perform(args, "pause", act, after)
+
+
+def online_pause(client: AdminClient, args: argparse.Namespace) -> Row:
+    path = api_path(client, args)
+    before = current(client, path)
+    row = client.post(f"{path}/pause", {"reason": args.reason})
+    return {"account": row["account"], "campaign": row["campaign"],
+            "held": row["held"] - before["held"]}
+
+
+def offline_resume(args: argparse.Namespace) -> Row:
+    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
+        return admin.resume_campaign(s.store, txn, account, campaign, s.by, s.now(),
+                                     rearm=args.rearm)
+
+    def after(s: OfflineSession, account: str, campaign: str, result: Any) -> Row:
+        s.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
+                "released": result["released"], "rearm": args.rearm})
+        return result
+
+    return perform(args, "resume", act, after)
+
+
+def online_resume(client: AdminClient, args: argparse.Namespace) -> Row:
+    if args.rearm:  # the admin API has no rearm: written to the spool, as --offline does
+        return offline_resume(args)
+    path = api_path(client, args)
+    before = current(client, path)
+    row = client.post(f"{path}/resume")
+    return {"account": row["account"], "campaign": row["campaign"],
+            "released": before["held"] - row["held"], "was": before["status"]}
+
+
+def offline_drop(args: argparse.Namespace) -> Row:
+    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
+        return admin.drop_campaign(s.store, txn, account, campaign, s.by, s.now())
+
+    def after(s: OfflineSession, account: str, campaign: str, removed: Any) -> Row:
+        for event in admin.removed_events(removed, "Dropped", "dropped by an operator"):
+            s.emit(event)
+        recipients = sum(len(job.recipients) for job in removed)
+        s.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
+                "jobs": len(removed), "recipients": recipients})
+        return {"account": account, "campaign": campaign, "jobs": len(removed),
+                "recipients": recipients}
+
+    return perform(args, "drop", act, after)
+
+
+def online_drop(client: AdminClient, args: argparse.Namespace) -> Row:
+    path = api_path(client, args)
+    row = client.get(path)
+    recipients = sum(len(m["rcpts"]) for m in client.get(f"messages?limit={MAX_LIMIT}")
+                     if m["account"] == row["account"] and m["campaign"] == row["campaign"])
+    dropped = client.post(f"{path}/drop")
+    return {"account": row["account"], "campaign": row["campaign"],
+            "jobs": dropped["dropped"], "recipients": recipients}
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else fmt_percent(fraction * 100)
+
+
+def pct(row: Row, rule: str) -> str:
+    return percent(row["rates"].get(rule))
+
+
+def show_list(rows: list[Row]) -> None:
     print_table(
         ["account", "campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs",
          "queued", "held"],
-        [[r["account"], r["campaign"], r["status"], r["sent"], r["delivered"],
-          pct(r, "hard_bounce"), pct(r, "complaint"), pct(r, "unsubscribe"),
-          r["queued"] + r["deferred"], r["held"]] for r in rows])
-    return 0
+        [[r["account"], r["campaign"], r.get("status", "paused" if r["paused"] else "active"),
+          r["sent"], r["delivered"], pct(r, "hard_bounce"), pct(r, "complaint"),
+          pct(r, "unsubscribe"), r["queued"] + r["deferred"], r["held"]] for r in rows])
 
 
-def pct(row: dict[str, Any], rule: str) -> str:
-    return fmt_percent(row["rates"][rule] * 100)
-
-
-def run_show(args: argparse.Namespace) -> int:
-    try:
-        with session(args) as s:
-            def show(txn: Any) -> dict[str, Any]:
-                account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
-                return admin.show_campaign(s.store, txn, account, campaign, s.thresholds)
-
-            row = s.read(show)
-            t = s.thresholds
-    except (FileNotFoundError, admin.PolicyError) as exc:
-        return fail(str(exc))
-    row["thresholds"] = {"hard_bounce": t.hard_bounce_rate / 100,
-                         "complaint": t.complaint_rate / 100,
-                         "unsubscribe": t.unsubscribe_rate / 100, "min_volume": t.min_volume}
-    if args.json:
-        print_json(row)
-        return 0
+def show_campaign(row: Row) -> None:
+    t = row["thresholds"]
     print(f"campaign  {row['campaign']} (account {row['account']})")
     print(f"status    {row['status']}" + (f": {row['reason']}" if row["reason"] else ""))
     if row["since"]:
@@ -99,82 +227,25 @@ def run_show(args: argparse.Namespace) -> int:
           f"{row['soft_bounces']}, complaints {row['complaints']}, unsubscribes "
           f"{row['unsubscribes']}")
     print_table(["rule", "rate", "threshold"], [
-        ["hard bounce (of sent)", pct(row, "hard_bounce"), f">= {fmt_percent(t.hard_bounce_rate)}"],
-        ["complaint (of delivered)", pct(row, "complaint"), f"> {fmt_percent(t.complaint_rate)}"],
+        ["hard bounce (of sent)", pct(row, "hard_bounce"),
+         f">= {percent(t['hard_bounce'])}"],
+        ["complaint (of delivered)", pct(row, "complaint"), f"> {percent(t['complaint'])}"],
         ["unsubscribe (of delivered)", pct(row, "unsubscribe"),
-         f"> {fmt_percent(t.unsubscribe_rate)}"]])
-    print(f"judged after {t.min_volume} sent; in the queue: {row['queued']} queued, "
+         f"> {percent(t['unsubscribe'])}"]])
+    print(f"judged after {t['min_volume']} sent; in the queue: {row['queued']} queued, "
           f"{row['deferred']} deferred, {row['held']} held")
-    return 0
 
 
-Action = Callable[[OfflineSession, Any, str, str], Any]
-After = Callable[[OfflineSession, str, str, Any], tuple[dict[str, Any], str]]
+def show_paused(r: Row) -> None:
+    print(f"campaign {r['campaign']} of {r['account']} paused; {r['held']} waiting jobs held "
+          f"now, due ones as the workers come to them")
 
 
-def perform(args: argparse.Namespace, action: str, act: Action, after: After) -> int:
-    """Resolve the campaign, act in one write transaction, then record and report."""
-    try:
-        with session(args, write=True) as s:
-            def op(txn: Any) -> tuple[str, str, Any]:
-                account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
-                return account, campaign, act(s, txn, account, campaign)
-
-            account, campaign, result = s.write(op)
-            shown, text = after(s, account, campaign, result)
-            s.audit(f"campaign.{action}", f"{account}/{campaign}")
-    except (FileNotFoundError, admin.PolicyError) as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(shown)
-    else:
-        print(text)
-    return 0
+def show_resumed(r: Row) -> None:
+    print(f"campaign {r['campaign']} of {r['account']} resumed; {r['released']} held jobs "
+          f"released")
 
 
-def run_pause(args: argparse.Namespace) -> int:
-    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.pause_campaign(s.store, txn, account, campaign, s.by, args.reason, s.now())
-
-    def after(s: OfflineSession, account: str, campaign: str, result: Any
-              ) -> tuple[dict[str, Any], str]:
-        s.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
-                "rule": "operator", "reason": args.reason, "held": result["held"]})
-        return result, (f"campaign {campaign} of {account} paused; {result['held']} waiting "
-                        f"jobs held now, due ones as the workers come to them")
-
-    return perform(args, "pause", act, after)
-
-
-def run_resume(args: argparse.Namespace) -> int:
-    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.resume_campaign(s.store, txn, account, campaign, s.by, s.now(),
-                                     rearm=args.rearm)
-
-    def after(s: OfflineSession, account: str, campaign: str, result: Any
-              ) -> tuple[dict[str, Any], str]:
-        s.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
-                "released": result["released"], "rearm": args.rearm})
-        return result, (f"campaign {campaign} of {account} resumed; {result['released']} "
-                        f"held jobs released")
-
-    return perform(args, "resume", act, after)
-
-
-def run_drop(args: argparse.Namespace) -> int:
-    def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.drop_campaign(s.store, txn, account, campaign, s.by, s.now())
-
-    def after(s: OfflineSession, account: str, campaign: str, removed: Any
-              ) -> tuple[dict[str, Any], str]:
-        for event in admin.removed_events(removed, "Dropped", "dropped by an operator"):
-            s.emit(event)
-        recipients = sum(len(job.recipients) for job in removed)
-        s.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
-                "jobs": len(removed), "recipients": recipients})
-        result = {"account": account, "campaign": campaign, "jobs": len(removed),
-                  "recipients": recipients}
-        return result, (f"campaign {campaign} of {account} dropped: {len(removed)} jobs, "
-                        f"{recipients} recipients removed")
-
-    return perform(args, "drop", act, after)
+def show_dropped(r: Row) -> None:
+    print(f"campaign {r['campaign']} of {r['account']} dropped: {r['jobs']} jobs, "
+          f"{r['recipients']} recipients removed")

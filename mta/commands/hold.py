@@ -2,7 +2,8 @@
 
 `release` puts a held message back in delivery (due now); `reject` removes it with a
 Rejected event per recipient. An ID is a message id (all its held jobs) or a job id
-(``<message id>.<n>``). Works on a running engine by writing to the spool directly.
+(``<message id>.<n>``). Through a running engine's admin API, or on the spool directly
+(see mta/commands/remote.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import argparse
 import time
 from typing import Any
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.commands.common import add_config_arg, config_from, print_table
+from mta.commands.remote import CommandError, add_api_args, either
+from mta.http.client import MAX_LIMIT, AdminClient, segment
 from mta.policy import admin
 from mta.policy.model import REVIEW
 from mta.policy.offline import OfflineSession
+from mta.queue.spool import QUEUED
+
+Row = dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,63 +40,120 @@ def register(sub: argparse._SubParsersAction) -> None:
     for q in (listing, release, reject):
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=run_list)
-    release.set_defaults(func=run_release)
-    reject.set_defaults(func=run_reject)
+        add_api_args(q)
+    listing.set_defaults(func=either(offline_list, online_list, show_list))
+    release.set_defaults(func=either(offline_release, online_release, show_released))
+    reject.set_defaults(func=either(offline_reject, online_reject, show_rejected))
 
 
-def run_list(args: argparse.Namespace) -> int:
-    reason = None if args.all else REVIEW
-    try:
-        with OfflineSession(config_from(args)) as s:
-            rows = s.read(lambda txn: admin.list_held(s.store, txn, reason, args.account,
-                                                      args.limit))
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(rows)
-        return 0
-    print_table(["id", "received", "account", "campaign", "from", "rcpts", "reason"], [
-        [r["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received"] or 0)),
-         r["account"], r["campaign"], r["from"] or "<>", len(r["recipients"]), r["reason"]]
-        for r in rows])
-    return 0
+def wanted(args: argparse.Namespace) -> str | None:
+    """The hold reason the command is about: review, or any (None)."""
+    return None if getattr(args, "all", False) or getattr(args, "any", False) else REVIEW
 
 
-def _change(args: argparse.Namespace, action: str, fn: Any) -> int:
-    try:
-        with OfflineSession(config_from(args), write=True) as s:
-            result, text = fn(s)
-            s.audit(f"hold.{action}", args.id)
-    except (FileNotFoundError, admin.PolicyError) as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(result)
-    else:
-        print(text)
-    return 0
+# --- list --------------------------------------------------------------------------------------
+
+def offline_list(args: argparse.Namespace) -> list[Row]:
+    with OfflineSession(config_from(args)) as s:
+        return s.read(lambda txn: admin.list_held(s.store, txn, wanted(args), args.account,
+                                                  args.limit))
 
 
-def run_release(args: argparse.Namespace) -> int:
-    reason = None if args.any else REVIEW
+def held_jobs(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    """The API's held jobs (one row per job) of the reason and account asked for."""
+    reason, account = wanted(args), getattr(args, "account", None)
+    return [r for r in client.get(f"held?limit={MAX_LIMIT}")
+            if reason in (None, r["reason"]) and account in (None, r["account"])]
 
-    def release(s: OfflineSession) -> tuple[dict[str, Any], str]:
-        count = s.write(lambda txn: admin.release_held(s.store, txn, args.id, s.now(), reason))
+
+def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    """One row per message, as `admin.list_held` makes them."""
+    rows: dict[str, Row] = {}
+    for job in held_jobs(client, args):
+        row = rows.get(job["message"])
+        if row is None:
+            if len(rows) >= args.limit:
+                break
+            message = client.get(f"messages/{segment(job['message'])}")
+            row = rows[job["message"]] = {
+                "id": job["message"], "account": job["account"], "campaign": job["campaign"],
+                "from": message["from"], "received": message["received"],
+                "size": message["size"], "reason": job["reason"], "jobs": [],
+                "recipients": []}
+        row["jobs"].append(job["job"])
+        row["recipients"] += [r for r in job["recipients"] if r not in row["recipients"]]
+    return list(rows.values())
+
+
+# --- release / reject --------------------------------------------------------------------------
+
+def _change(args: argparse.Namespace, action: str, fn: Any) -> Row:
+    with OfflineSession(config_from(args), write=True) as s:
+        result = fn(s)
+        s.audit(f"hold.{action}", args.id)
+    return result
+
+
+def offline_release(args: argparse.Namespace) -> Row:
+    def release(s: OfflineSession) -> Row:
+        count = s.write(lambda txn: admin.release_held(s.store, txn, args.id, s.now(),
+                                                       wanted(args)))
         s.emit({"type": "HeldReleased", "id": args.id, "jobs": count})
-        return {"id": args.id, "released": count}, f"{args.id}: {count} jobs released"
+        return {"id": args.id, "released": count}
 
     return _change(args, "release", release)
 
 
-def run_reject(args: argparse.Namespace) -> int:
-    reason = None if args.any else REVIEW
-
-    def reject(s: OfflineSession) -> tuple[dict[str, Any], str]:
-        removed = s.write(lambda txn: admin.reject_held(s.store, txn, args.id, reason))
+def offline_reject(args: argparse.Namespace) -> Row:
+    def reject(s: OfflineSession) -> Row:
+        removed = s.write(lambda txn: admin.reject_held(s.store, txn, args.id, wanted(args)))
         for event in admin.removed_events(removed, "Rejected", "rejected in review"):
             s.emit(event)
         recipients = sum(len(job.recipients) for job in removed)
-        return ({"id": args.id, "jobs": len(removed), "recipients": recipients},
-                f"{args.id}: rejected, {recipients} recipients not sent")
+        return {"id": args.id, "jobs": len(removed), "recipients": recipients}
 
     return _change(args, "reject", reject)
+
+
+def jobs_named(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    """The held jobs an ID names (a message's or one job), as `admin.release_held` finds."""
+    key = "job" if "." in args.id else "message"
+    found = [r for r in held_jobs(client, args) if r[key] == args.id]
+    if not found:
+        raise CommandError(f"no mail held for review with id {args.id!r}")
+    return found
+
+
+def online_release(client: AdminClient, args: argparse.Namespace) -> Row:
+    jobs = jobs_named(client, args)
+    for job in jobs:
+        client.post(f"held/{segment(job['job'])}/release")
+    return {"id": args.id, "released": len(jobs)}
+
+
+def online_reject(client: AdminClient, args: argparse.Namespace) -> Row:
+    jobs = {r["job"] for r in jobs_named(client, args)}
+    message = client.get(f"messages/{segment(args.id.partition('.')[0])}")
+    recipients = sum(1 for job in message["jobs"] if job["job"] in jobs
+                     for r in job["rcpts"] if r[1] == QUEUED)
+    for job in sorted(jobs):
+        client.post(f"held/{segment(job)}/reject")
+    return {"id": args.id, "jobs": len(jobs), "recipients": recipients}
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def show_list(rows: list[Row]) -> None:
+    print_table(["id", "received", "account", "campaign", "from", "rcpts", "reason"], [
+        [r["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received"] or 0)),
+         r["account"], r["campaign"], r["from"] or "<>", len(r["recipients"]), r["reason"]]
+        for r in rows])
+
+
+def show_released(r: Row) -> None:
+    print(f"{r['id']}: {r['released']} jobs released")
+
+
+def show_rejected(r: Row) -> None:
+    print(f"{r['id']}: rejected, {r['recipients']} recipients not sent")
+

@@ -1,14 +1,17 @@
-"""`mta queue stats|list|show`: look at the spool of a running or stopped engine."""
+"""`mta queue stats|list|show`: the spool of a running engine (through its admin API) or
+of a stopped one (read directly); see mta/commands/remote.py for which is used."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from typing import Any
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
-from mta.queue.spool import QUEUED, Spool, job_state
+from mta.commands.common import add_config_arg, config_from, print_table
+from mta.commands.remote import CommandError, add_api_args, either
+from mta.http.client import AdminClient, segment
+from mta.queue.spool import Spool
+from mta.queue.views import message_detail, message_list, queue_stats
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     for q in (stats, listing, show):
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
-    stats.set_defaults(func=run_stats)
-    listing.set_defaults(func=run_list)
-    show.set_defaults(func=run_show)
+        add_api_args(q)
+    stats.set_defaults(func=either(lambda a: with_spool(a, queue_stats),
+                                   lambda c, a: c.get("queue"), show_stats))
+    listing.set_defaults(func=either(
+        lambda a: with_spool(a, lambda s: message_list(s, a.limit)),
+        lambda c, a: c.get(f"messages?limit={a.limit}"), show_list))
+    show.set_defaults(func=either(offline_show, online_show, show_message))
 
 
 def open_spool(args: argparse.Namespace) -> Spool:
@@ -32,100 +39,56 @@ def open_spool(args: argparse.Namespace) -> Spool:
     return Spool(cfg.spool.path, cfg.spool.map_size, readonly=True)
 
 
-def queue_stats(spool: Spool) -> dict[str, Any]:
-    by_state: Counter[str] = Counter()
-    by_domain: dict[str, Counter[str]] = {}
-    recipients = 0
-    with spool.read() as txn:
-        for _, job in spool.jobs(txn):
-            state = job_state(job)
-            waiting = sum(1 for r in job["rcpts"] if r[1] == QUEUED)
-            recipients += waiting
-            by_state[state] += 1
-            by_domain.setdefault(job["domain"], Counter())[state] += 1
-    return {
-        "total": spool.count("msg"),
-        "jobs": sum(by_state.values()),
-        "recipients": recipients,
-        "by_state": dict(by_state),
-        "by_domain": {d: dict(c) for d, c in sorted(by_domain.items(), key=lambda x: -x[1].total())},
-    }
-
-
-def run_stats(args: argparse.Namespace) -> int:
+def with_spool(args: argparse.Namespace, read: Any) -> Any:
+    spool = open_spool(args)
     try:
-        spool = open_spool(args)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    stats = queue_stats(spool)
-    if args.json:
-        print_json(stats)
-        return 0
+        return read(spool)
+    finally:
+        spool.close()
+
+
+def offline_show(args: argparse.Namespace) -> dict[str, Any]:
+    found = with_spool(args, lambda s: message_detail(s, args.id))
+    if found is None:
+        raise CommandError(f"no message {args.id!r} in the spool")
+    return found
+
+
+def online_show(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]:
+    return client.get(f"messages/{segment(args.id)}")
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def clock(ts: float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return time.strftime(fmt, time.localtime(ts)) if ts else ""
+
+
+def show_counts(stats: dict[str, Any]) -> None:
     print(f"messages: {stats['total']}  delivery jobs: {stats['jobs']}  "
           f"recipients waiting: {stats['recipients']}")
     print_table(["state", "jobs"], sorted(stats["by_state"].items()))
+
+
+def show_stats(stats: dict[str, Any]) -> None:
+    show_counts(stats)
     print()
     print_table(["domain", "queued", "deferred", "held"],
                 [[d, c.get("queued", 0), c.get("deferred", 0), c.get("held", 0)]
                  for d, c in list(stats["by_domain"].items())[:50]])
-    return 0
 
 
-def message_summary(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if k != "data"}
-
-
-def run_list(args: argparse.Namespace) -> int:
-    try:
-        spool = open_spool(args)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    rows = []
-    with spool.read() as txn:
-        for message in spool.messages(txn):
-            rows.append(message_summary(message))
-            if len(rows) >= args.limit:
-                break
-    if args.json:
-        print_json(rows)
-        return 0
+def show_list(rows: list[dict[str, Any]]) -> None:
     print_table(["id", "received", "from", "rcpts", "account", "campaign", "size"], [
-        [m["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["received"])),
-         m["from"] or "<>", len(m["rcpts"]), m["account"], m["campaign"], m["size"]]
-        for m in rows])
-    return 0
+        [m["id"], clock(m["received"]), m["from"] or "<>", len(m["rcpts"]), m["account"],
+         m["campaign"], m["size"]] for m in rows])
 
 
-def run_show(args: argparse.Namespace) -> int:
-    try:
-        spool = open_spool(args)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    with spool.read() as txn:
-        message = spool.get_message(txn, args.id)
-        if message is None:
-            return fail(f"no message {args.id!r} in the spool")
-        jobs = [job for key, job in _jobs_of(spool, txn, args.id)]
-    info = message_summary(message) | {"jobs": jobs}
-    if args.json:
-        print_json(info)
-        return 0
+def show_message(info: dict[str, Any]) -> None:
     for key in ("id", "from", "account", "campaign", "msgid", "size", "client"):
         print(f"{key:9} {info.get(key)}")
-    print(f"{'received':9} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['received']))}")
-    print_table(["recipient", "state", "code", "reply", "attempts", "next attempt"], [
+    print(f"{'received':9} {clock(info.get('received'))}")
+    print_table(["recipient", "state", "code", "reply", "attempts", "next attempt", "held"], [
         [r[0], r[1], r[2], (r[3] or "")[:60], job["attempts"],
-         time.strftime("%H:%M:%S", time.localtime(job["next"] / 1000))]
-        for job in jobs for r in job["rcpts"]])
-    return 0
-
-
-def _jobs_of(spool: Spool, txn: Any, message_id: str) -> Any:
-    prefix = message_id.encode() + b"."
-    cursor = txn.cursor(db=spool.dbs["job"])
-    if not cursor.set_range(prefix):
-        return
-    for key in cursor.iternext(keys=True, values=False):
-        if not key.startswith(prefix):
-            return
-        yield key, spool.get_job(txn, key)
+         clock(job["next"] / 1000, "%H:%M:%S"), job.get("held") or ""]
+        for job in info["jobs"] for r in job["rcpts"]])

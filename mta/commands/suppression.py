@@ -3,6 +3,8 @@
 Hard bounces, complaints and unsubscribes are added by the engine itself; RCPT to a
 listed address is refused with 550 5.7.1. CSV columns: address, reason, campaign,
 created, detail (import: a header row is optional; without one, address[,reason]).
+`list`, `add` and `remove` go through a running engine's admin API, or to the spool
+directly (see mta/commands/remote.py); `import` and `export` always use the spool.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import argparse
 import sys
 from typing import Any
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.commands.common import add_config_arg, config_from, fail, print_table
+from mta.commands.remote import CommandError, add_api_args, either
+from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
 from mta.policy import admin
 from mta.policy.offline import OfflineSession
+
+Row = dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--account", required=True)
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=run_list)
-    add.set_defaults(func=run_add)
-    remove.set_defaults(func=run_remove)
-    imp.set_defaults(func=run_import)
+    for q in (listing, add, remove):
+        add_api_args(q)
+    listing.set_defaults(func=either(offline_list, online_list, show_list))
+    add.set_defaults(func=either(offline_add, online_add, show_change, change_status))
+    remove.set_defaults(func=either(offline_remove, online_remove, show_change, change_status))
+    imp.set_defaults(func=either(offline_import, None, show_change, change_status))
     exp.set_defaults(func=run_export)
 
 
@@ -46,17 +54,18 @@ def _rows(args: argparse.Namespace, limit: int | None) -> list[dict[str, Any]]:
         return s.read(lambda txn: admin.suppression_rows(s.store, txn, args.account, limit))
 
 
-def run_list(args: argparse.Namespace) -> int:
-    try:
-        rows = _rows(args, args.limit)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(rows)
-    else:
-        print_table(["address", "reason", "campaign", "created"],
-                    [[r["address"], r["reason"], r["campaign"], r["created"]] for r in rows])
-    return 0
+def offline_list(args: argparse.Namespace) -> list[Row]:
+    return _rows(args, args.limit)
+
+
+def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    path = f"suppression/{segment(args.account)}?limit={args.limit or MAX_LIMIT}"
+    return client.get(path)["entries"]
+
+
+def show_list(rows: list[Row]) -> None:
+    print_table(["address", "reason", "campaign", "created"],
+                [[r["address"], r["reason"], r["campaign"], r["created"]] for r in rows])
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -74,30 +83,47 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace, action: str, fn: Any) -> int:
-    try:
-        with OfflineSession(config_from(args), write=True) as s:
-            result = s.write(lambda txn: fn(s, txn))
-            s.audit(f"suppression.{action}", args.account, **{
-                k: v for k, v in result.items() if k != "account"})
-    except (FileNotFoundError, admin.PolicyError) as exc:
-        return fail(str(exc))
-    if args.json:
-        print_json(result)
-    else:
-        print(", ".join(f"{k} {len(v) if isinstance(v, list) else v}"
-                        for k, v in result.items() if k != "account"))
+def _write(args: argparse.Namespace, action: str, fn: Any) -> Row:
+    with OfflineSession(config_from(args), write=True) as s:
+        result = s.write(lambda txn: fn(s, txn))
+        s.audit(f"suppression.{action}", args.account, **{
+            k: v for k, v in result.items() if k != "account"})
+    return result
+
+
+def show_change(result: Row) -> None:
+    print(", ".join(f"{k} {len(v) if isinstance(v, list) else v}"
+                    for k, v in result.items() if k != "account"))
+
+
+def change_status(result: Row) -> int:
     return 0 if not result.get("invalid") else 1
 
 
-def run_add(args: argparse.Namespace) -> int:
+def offline_add(args: argparse.Namespace) -> Row:
     rows = [(a, args.reason, "", "") for a in args.addresses]
     return _write(args, "add", lambda s, txn: admin.import_suppressions(
         s.store, txn, args.account, rows, s.now()))
 
 
-def run_remove(args: argparse.Namespace) -> int:
-    def remove(s: OfflineSession, txn: Any) -> dict[str, Any]:
+def online_add(client: AdminClient, args: argparse.Namespace) -> Row:
+    """One POST an address; the counts as `admin.import_suppressions` gives them."""
+    result: Row = {"account": args.account, "added": 0, "existing": 0, "invalid": []}
+    for address in args.addresses:
+        try:
+            reply = client.post(f"suppression/{segment(args.account)}",
+                                {"address": address, "reason": args.reason})
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            result["invalid"].append(address)
+            continue
+        result["added" if reply["added"] else "existing"] += 1
+    return result
+
+
+def offline_remove(args: argparse.Namespace) -> Row:
+    def remove(s: OfflineSession, txn: Any) -> Row:
         gone = [a for a in args.addresses
                 if admin.remove_suppression(s.store, txn, args.account, a)]
         return {"account": args.account, "removed": len(gone),
@@ -106,7 +132,21 @@ def run_remove(args: argparse.Namespace) -> int:
     return _write(args, "remove", remove)
 
 
-def run_import(args: argparse.Namespace) -> int:
+def online_remove(client: AdminClient, args: argparse.Namespace) -> Row:
+    result: Row = {"account": args.account, "removed": 0, "not_listed": []}
+    for address in args.addresses:
+        try:
+            client.delete(f"suppression/{segment(args.account)}/{segment(address)}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            result["not_listed"].append(address)
+            continue
+        result["removed"] += 1
+    return result
+
+
+def offline_import(args: argparse.Namespace) -> Row:
     try:
         if args.file == "-":
             text = sys.stdin.read()
@@ -114,7 +154,7 @@ def run_import(args: argparse.Namespace) -> int:
             with open(args.file, encoding="utf-8-sig", newline="") as src:
                 text = src.read()
     except (OSError, UnicodeDecodeError) as exc:
-        return fail(f"cannot read {args.file}: {exc}")
+        raise CommandError(f"cannot read {args.file}: {exc}") from None
     rows = admin.parse_csv(text)
     return _write(args, "import", lambda s, txn: admin.import_suppressions(
         s.store, txn, args.account, rows, s.now()))

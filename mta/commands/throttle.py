@@ -1,4 +1,8 @@
-"""`mta throttle status|check|explain`: what the traffic shaping is doing and would do."""
+"""`mta throttle status|check|explain`: what the traffic shaping is doing and would do.
+
+`status` goes through a running engine's admin API, or reads the saved snapshots
+directly (see mta/commands/remote.py); `check` and `explain` read the shaping file.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Any
 
 import lmdb
 
-from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
+from mta.commands.common import add_config_arg, config_from, print_table
+from mta.commands.remote import add_api_args, either
 from mta.config import Config
 from mta.queue.spool import Spool
 from mta.throttle import Throttle, load_shaping, load_snapshots
@@ -34,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_arg(q)
     for q in (check, explain):
         q.add_argument("--shaping", help="shaping file (default: [throttle] shaping_file)")
-    status.set_defaults(func=run_status)
+    add_api_args(status)
+    status.set_defaults(func=either(
+        lambda a: annotate(read_rows(config_from(a))),
+        lambda c, a: annotate(c.get("throttle")["rows"]), show_status))
     check.set_defaults(func=run_check)
     explain.set_defaults(func=run_explain)
 
@@ -58,26 +66,23 @@ def read_rows(cfg: Config) -> list[dict[str, Any]]:
         spool.close()
 
 
-def run_status(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
-    try:
-        rows = read_rows(cfg)
-    except FileNotFoundError as exc:
-        return fail(str(exc))
+def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their age (and whether stale), sorted by destination, kind, worker."""
     now = time.time()
     for row in rows:
         row["age"] = round(now - row["saved"], 1)
         row["stale"] = row["age"] > STALE_AFTER
-    rows.sort(key=lambda r: (r["destination"], r["kind"], r["worker"]))
-    if args.json:
-        print_json(rows)
-    elif not rows:
+    return sorted(rows, key=lambda r: (r["destination"], r["kind"], r["worker"]))
+
+
+def show_status(rows: list[dict[str, Any]]) -> None:
+    if not rows:
         print("no throttle state saved (no engine running, or nothing delivered yet)")
-    else:
-        print_table(["DESTINATION", "KIND", "WORKER", "STATE", "RATE NOW/CEILING",
-                     "CONNECTIONS NOW/MAX/CEILING", "REASON", "UNTIL"],
-                    [_status_cells(r, now) for r in rows])
-    return 0
+        return
+    now = time.time()
+    print_table(["DESTINATION", "KIND", "WORKER", "STATE", "RATE NOW/CEILING",
+                 "CONNECTIONS NOW/MAX/CEILING", "REASON", "UNTIL"],
+                [_status_cells(r, now) for r in rows])
 
 
 def _status_cells(row: dict[str, Any], now: float) -> list[Any]:

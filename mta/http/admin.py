@@ -18,10 +18,10 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from mta.audit import AuditLog, action_record
-from mta.commands.queue import _jobs_of, message_summary, queue_stats
 from mta.http.policy_port import PolicyAdmin
 from mta.metrics import outcome_totals
 from mta.queue.spool import Spool
+from mta.queue.views import message_detail, message_list, queue_stats
 
 SCAN_SHARE = 20  # wait at least this many times the last scan's duration before the next
 TOP_DESTINATIONS = 10
@@ -75,25 +75,6 @@ def load_throttle_rows(spool: Spool) -> list[dict[str, Any]]:
     except ImportError:
         return []
     return load_snapshots(spool.env)
-
-
-def message_detail(spool: Spool, message_id: str) -> dict[str, Any] | None:
-    with spool.read() as txn:
-        message = spool.get_message(txn, message_id)
-        if message is None:
-            return None
-        jobs = [dict(job, job=key.decode()) for key, job in _jobs_of(spool, txn, message_id)]
-    return message_summary(message) | {"jobs": jobs}
-
-
-def message_list(spool: Spool, limit: int) -> list[dict[str, Any]]:
-    rows = []
-    with spool.read() as txn:
-        for message in spool.messages(txn):
-            rows.append(message_summary(message))
-            if len(rows) >= limit:
-                break
-    return rows
 
 
 def storage_figures(spool: Spool) -> dict[str, int]:

@@ -9,6 +9,8 @@ from typing import Any
 from urllib.parse import quote
 
 TIMEOUT = 30.0
+PROBE_TIMEOUT = 5.0
+MAX_LIMIT = 10_000  # the largest `limit` the API takes (mta.http.app.MAX_LIMIT)
 
 
 class ApiError(Exception):
@@ -52,6 +54,20 @@ class AdminClient:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the engine at {self.url}: {reason}") from None
+
+    def answers(self) -> bool:
+        """Whether an HTTP listener answers at the URL: False when the connection is
+        refused (no engine running there); ApiError when it cannot be reached otherwise."""
+        try:
+            urllib.request.urlopen(f"{self.url}/healthz", timeout=PROBE_TIMEOUT).close()
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ConnectionRefusedError):
+                return False
+            raise ApiError(f"cannot reach the engine at {self.url}: {reason}") from None
+        return True
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

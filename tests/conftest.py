@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench.rig.dns import DnsServer
-from bench.rig.sinks import AsyncioSink, SmtpSink
+from bench.rig.sinks import AsyncioSink, SinkFaults, SmtpSink
 
 
 @pytest.fixture
@@ -65,3 +65,19 @@ def redis_server() -> Iterator[Any]:
 
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def route(dns_server: DnsServer, asyncio_sink_factory: Callable[..., AsyncioSink]) -> Any:
+    """route(domain, host, faults) -> a recording sink as the domain's MX (one shared port)."""
+    port: list[int] = []
+
+    def add(domain: str, host: str, faults: SinkFaults | None = None) -> AsyncioSink:
+        sink = asyncio_sink_factory(host=host, port=port[0] if port else 0, faults=faults,
+                                    record=True)
+        port[:1] = [sink.port]
+        dns_server.add_mx(domain, [(10, f"mx.{domain}")])
+        dns_server.add_a(f"mx.{domain}", host)
+        return sink
+
+    return add

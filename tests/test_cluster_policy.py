@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +25,9 @@ from typing import Any
 import pytest
 import redis
 
+from bench.engine_proc import EngineProcess
+from bench.load import Submission, make_body, run_load
+from bench.rig.sinks import SinkFaults
 from mta.cluster.link import RedisLink
 from mta.cluster.policy import PolicySync
 from mta.cluster.policy_state import (
@@ -39,7 +44,8 @@ from mta.cluster.policy_state import (
 from mta.config import ClusterConfig
 from mta.policy import admin
 from mta.policy.guard import PolicyGuard
-from mta.policy.ledger import Applied, Batch, Submission
+from mta.policy.ledger import Applied, Batch
+from mta.policy.ledger import Submission as Counted
 from mta.policy.model import (
     PAUSED,
     CampaignState,
@@ -50,6 +56,14 @@ from mta.policy.model import (
 from mta.policy.store import PolicyStore, account_key, campaign_key, month_key, supp_key
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import NewMessage, Spool, pack
+from tests.support import engine_config, wait_until
+from tests.test_policy_engine import (
+    SENDER,
+    events,
+    finals,
+    mta,
+    notice_to_account,
+)
 from tests.test_policy_guard import Env, guard_config
 
 # --- plain logic --------------------------------------------------------------------
@@ -61,8 +75,8 @@ def test_last_writer_wins() -> None:
 
 
 def test_shared_deltas_leave_out_what_a_reservation_counted() -> None:
-    batch = Batch(submissions=[Submission("tiny", "c1", 3, "2026-11", shared=True),
-                               Submission("shop", "c2", 2, "2026-11")])
+    batch = Batch(submissions=[Counted("tiny", "c1", 3, "2026-11", shared=True),
+                               Counted("shop", "c2", 2, "2026-11")])
     applied = Applied(deltas={
         account_key("tiny"): Counters(submitted=3), month_key("tiny", "2026-11"):
         Counters(submitted=3), campaign_key("tiny", "c1"): Counters(submitted=3),
@@ -317,3 +331,168 @@ async def test_redis_stopped_and_started_again(tmp_path: Path, redis_server: Any
         totals = shared_counters(redis_server, campaign_key("shop", "spring"))
         assert (totals.sent, totals.hard) == (30, 3)  # nothing counted twice, nothing lost
         assert b.of_type("PolicySync") and a.of_type("PolicySync")
+
+
+# --- two engine nodes, one Redis -------------------------------------------------------
+
+SHOP = {"name": "shop", "email": "ops@shop.test", "plan": "standard"}
+
+
+def start_node(tmp: Path, name: str, dns: Any, port: int, redis_url: str,
+               delivery: bool = True, account: dict[str, Any] | None = None,
+               **policy: Any) -> EngineProcess:
+    """An engine node in tmp/name, its own ports and spool, sharing `redis_url`."""
+    config = engine_config(
+        tmp / name, dns={"nameservers": [dns.address], "timeout": 1.0},
+        delivery={"enabled": delivery, "port": port, "allow_loopback_mx": True,
+                  "retry_initial": 1.0, "retry_max": 1.0, "retry_jitter": 0.0,
+                  "connect_timeout": 2.0, "command_timeout": 5.0},
+        smtp={"trusted_account": "shop"}, policy={"flush_interval": 0.05, **policy},
+        accounts=[account or SHOP],
+        cluster={"redis": redis_url, "node": name, "timeout": 0.3, "retry_interval": 0.3,
+                 "node_ttl": 3.0})
+    return EngineProcess(tmp / name, config, workers=1).start()
+
+
+def load(engine: EngineProcess, campaign: str, rcpts: list[str], sessions: int = 4) -> int:
+    """Submit one message per recipient; the number accepted."""
+    def make(i: int) -> Submission:
+        return Submission(SENDER, [rcpts[i]],
+                          make_body(300, f"{campaign} {i}", SENDER, rcpts[i], campaign))
+
+    return asyncio.run(run_load(engine.host, engine.port, make, len(rcpts),
+                                sessions=sessions)).accepted
+
+
+def refused(engine: EngineProcess, campaign: str, rcpt: str = "probe@dest.test") -> bool:
+    """True if the node refuses a message of the campaign (or the recipient)."""
+    body = make_body(300, "probe", SENDER, rcpt, campaign)
+    try:
+        with smtplib.SMTP(engine.host, engine.port, timeout=10) as client:
+            client.sendmail(SENDER, [rcpt], body)
+    except (smtplib.SMTPDataError, smtplib.SMTPRecipientsRefused):
+        return True
+    return False
+
+
+def test_engines_pause_and_suppression_through_a_hold_on_b(
+        tmp_path: Path, dns_server: Any, route: Any, redis_server: Any) -> None:
+    dest = route("dest.test", "127.0.0.2")
+    a = start_node(tmp_path, "a", dns_server, dest.port, redis_server.url)
+    b = start_node(tmp_path, "b", dns_server, dest.port, redis_server.url)
+    try:
+        assert load(b, "spring", ["user0@dest.test"]) == 1
+        mta(a, "campaign", "pause", "spring", "--account", "shop", "--reason", "checking")
+        start = time.monotonic()
+        assert wait_until(lambda: refused(b, "spring"), timeout=5, interval=0.02)
+        took = time.monotonic() - start
+        assert took < 1.5, f"paused on b after {took:.2f} s"
+        assert mta(b, "campaign", "show", "spring")["status"] == "paused"
+        mta(a, "suppression", "add", "gone@dest.test", "--account", "shop")
+        assert wait_until(lambda: refused(b, "", "gone@dest.test"), timeout=3, interval=0.05)
+        mta(a, "campaign", "resume", "spring", "--account", "shop")
+        assert wait_until(lambda: not refused(b, "spring"), timeout=3, interval=0.05)
+    finally:
+        a.stop()
+        b.stop()
+    assert "user0@dest.test" in {r for m in dest.received for r in m.rcpt_tos}
+
+
+def test_engines_pause_on_the_cluster_rate_and_notify_once(
+        tmp_path: Path, dns_server: Any, route: Any, redis_server: Any) -> None:
+    dest = route("dest.test", "127.0.0.2", SinkFaults(rcpt_rules=[
+        (r"^bad", "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown")]))
+    shop = route("shop.test", "127.0.0.9")
+    nodes = [start_node(tmp_path, name, dns_server, dest.port, redis_server.url,
+                        min_volume=100) for name in ("a", "b")]
+    try:
+        for n, engine in enumerate(nodes):  # 10 % hard bounces, 60 sent on each node
+            rcpts = [f"{'bad' if i % 10 == 5 else 'user'}{n}-{i}@dest.test" for i in range(60)]
+            assert load(engine, "spread", rcpts) == 60
+        paths = [tmp_path / "a", tmp_path / "b"]
+        assert wait_until(lambda: any(events(p, "CampaignPaused", "spread") for p in paths),
+                          timeout=30)
+        assert wait_until(lambda: all(refused(e, "spread") for e in nodes), timeout=3)
+        assert wait_until(lambda: notice_to_account(shop, "spread"), timeout=20)
+        paused = [e for p in paths for e in events(p, "CampaignPaused", "spread")]
+        assert paused[0]["base"] >= 100 and paused[0]["rule"] == "hard_bounce"
+        assert sum(1 for e in paused if e["notice"]) == 1  # one notice for the cluster
+    finally:
+        for engine in nodes:
+            engine.stop()
+    for engine, path in zip(nodes, paths, strict=True):  # nothing lost: final or still queued
+        accepted = len(events(path, "Reception", "spread"))
+        assert accepted >= 60 and finals(path, "spread") + jobs_left(engine) == accepted
+    notices = [m for m in shop.received if m.rcpt_tos == ("ops@shop.test",)]
+    assert len(notices) == 1
+
+
+def test_engines_share_a_monthly_cap(tmp_path: Path, dns_server: Any,
+                                     redis_server: Any) -> None:
+    capped = {**SHOP, "subscriber_level": 1}
+    nodes = [start_node(tmp_path, name, dns_server, 9, redis_server.url, delivery=False,
+                        account=capped, monthly_cap_factor=50) for name in ("a", "b")]
+    try:
+        async def both() -> list[Any]:
+            return await asyncio.gather(*(run_load(
+                e.host, e.port, lambda i, n=n: Submission(
+                    SENDER, [f"u{n}-{i}@dest.test"],
+                    make_body(300, "cap", SENDER, f"u{n}-{i}@dest.test", "cap")),
+                40, sessions=4) for n, e in enumerate(nodes)))
+
+        results = asyncio.run(both())
+        assert sum(r.accepted for r in results) == 50
+        assert all(r.accepted > 0 for r in results)
+        month_sent = [mta(e, "account", "show", "shop")["month_sent"] for e in nodes]
+        assert wait_until(lambda: sum(mta(e, "account", "show", "shop")["month_sent"]
+                                      for e in nodes) == 50, timeout=5), month_sent
+    finally:
+        for engine in nodes:
+            engine.stop()
+
+
+def test_engines_ride_out_a_redis_restart(tmp_path: Path, dns_server: Any, route: Any,
+                                          redis_server: Any) -> None:
+    dest = route("dest.test", "127.0.0.2")
+    nodes = [start_node(tmp_path, name, dns_server, dest.port, redis_server.url)
+             for name in ("a", "b")]
+    a, b = nodes
+    paths = [tmp_path / "a", tmp_path / "b"]
+    try:
+        for n, engine in enumerate(nodes):
+            assert load(engine, "run", [f"first{n}-{i}@dest.test" for i in range(50)]) == 50
+        redis_server.stop()
+        mta(a, "campaign", "pause", "later", "--account", "shop")
+        mta(a, "suppression", "add", "late@dest.test", "--account", "shop")
+        for n, engine in enumerate(nodes):  # both keep accepting and delivering
+            assert load(engine, "run", [f"second{n}-{i}@dest.test" for i in range(50)]) == 50
+        assert not refused(b, "later")  # b cannot know before Redis is back
+        assert wait_until(lambda: all(finals(p, "run") > 50 for p in paths), timeout=20), \
+            [finals(p, "run") for p in paths]  # delivering on local limits
+        redis_server.start()
+        assert wait_until(lambda: refused(b, "later"), timeout=8, interval=0.1)
+        assert wait_until(lambda: refused(b, "", "late@dest.test"), timeout=3)
+        assert all(events(p, "PolicySync") for p in paths)
+        assert wait_until(lambda: shared(redis_server, "run")[0] == 200, timeout=5), \
+            shared(redis_server, "run")  # what was counted during the outage caught up
+        wait_until(lambda: all(finals(p, "run") == 100 for p in paths), timeout=10)
+        assert wait_until(lambda: shared(redis_server, "run")[1] == sum(
+            finals(p, "run") for p in paths), timeout=5)  # every outcome counted once
+    finally:
+        for engine in nodes:
+            engine.stop()
+    done = sum(finals(p, "run") for p in paths)
+    for engine, path in zip(nodes, paths, strict=True):  # nothing lost: final or in the spool
+        assert finals(path, "run") + jobs_left(engine) == len(events(path, "Reception"))
+    delivered = Counter(r for m in dest.received if m.accepted for r in m.rcpt_tos)
+    assert set(delivered.values()) == {1} and len(delivered) == done
+
+
+def jobs_left(engine: EngineProcess) -> int:
+    """Jobs in a stopped node's spool (held, queued or deferred)."""
+    return int(mta(engine, "queue", "stats")["jobs"])
+
+
+def shared(server: Any, campaign: str) -> tuple[int, int]:
+    totals = shared_counters(server, campaign_key("shop", campaign))
+    return totals.submitted, totals.sent

@@ -90,22 +90,6 @@ def notice_to_account(sink: Any, campaign: str) -> bool:
                in m.data for m in list(sink.received))
 
 
-@pytest.fixture
-def route(dns_server: Any, asyncio_sink_factory: Any) -> Any:
-    """route(domain, host, faults) -> a recording sink as the domain's MX (one shared port)."""
-    port: list[int] = []
-
-    def add(domain: str, host: str, faults: SinkFaults | None = None) -> Any:
-        sink = asyncio_sink_factory(host=host, port=port[0] if port else 0, faults=faults,
-                                    record=True)
-        port[:1] = [sink.port]
-        dns_server.add_mx(domain, [(10, f"mx.{domain}")])
-        dns_server.add_a(f"mx.{domain}", host)
-        return sink
-
-    return add
-
-
 def test_hard_bounces_pause_hold_notify_and_resume(tmp_path: Path, dns_server: Any,
                                                    route: Any) -> None:
     dest = route("dest.test", "127.0.0.2", SinkFaults(rcpt_rules=[

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import smtplib
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ from mta.policy.store import PolicyStore, account_key, campaign_key, month_key, 
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import NewMessage, Spool, pack
 from tests.support import engine_config, wait_until
+from tests.test_http_support import TOKEN, call
 from tests.test_policy_engine import (
     SENDER,
     events,
@@ -333,6 +335,29 @@ async def test_redis_stopped_and_started_again(tmp_path: Path, redis_server: Any
         assert b.of_type("PolicySync") and a.of_type("PolicySync")
 
 
+@pytest.mark.asyncio
+async def test_redis_back_empty_gets_every_node_copy_again(tmp_path: Path,
+                                                          redis_server: Any) -> None:
+    async with node(tmp_path, "a", redis_server.url) as a, \
+            node(tmp_path, "b", redis_server.url) as b:
+        bounce(b, 0, 10, hard=1)
+        await b.guard.flush()
+        await pause_via_admin(a, "spring")
+        await a.guard.committer.submit(lambda txn: admin.add_suppression(
+            a.guard.store, txn, "shop", "gone@dest.test", "manual", time.time()))
+        await eventually(lambda: b.guard.check_rcpt("shop", "gone@dest.test") is not None)
+        redis_server.stop()
+        for name in ("appendonlydir", "appendonly.aof"):  # lost: no append-only file
+            shutil.rmtree(redis_server.dir / name, ignore_errors=True)
+        redis_server.start()
+        await eventually(lambda: shared_counters(
+            redis_server, campaign_key("shop", "spring")).sent == 10)
+        async with node(tmp_path, "c", redis_server.url) as c:  # learns it all from Redis
+            assert c.guard.check_message(mail()) is not None
+            assert c.guard.check_rcpt("shop", "gone@dest.test") is not None
+        assert shared_counters(redis_server, campaign_key("shop", "spring")).sent == 10  # once
+
+
 # --- two engine nodes, one Redis -------------------------------------------------------
 
 SHOP = {"name": "shop", "email": "ops@shop.test", "plan": "standard"}
@@ -340,7 +365,7 @@ SHOP = {"name": "shop", "email": "ops@shop.test", "plan": "standard"}
 
 def start_node(tmp: Path, name: str, dns: Any, port: int, redis_url: str,
                delivery: bool = True, account: dict[str, Any] | None = None,
-               **policy: Any) -> EngineProcess:
+               workers: int = 1, **policy: Any) -> EngineProcess:
     """An engine node in tmp/name, its own ports and spool, sharing `redis_url`."""
     config = engine_config(
         tmp / name, dns={"nameservers": [dns.address], "timeout": 1.0},
@@ -348,10 +373,10 @@ def start_node(tmp: Path, name: str, dns: Any, port: int, redis_url: str,
                   "retry_initial": 1.0, "retry_max": 1.0, "retry_jitter": 0.0,
                   "connect_timeout": 2.0, "command_timeout": 5.0},
         smtp={"trusted_account": "shop"}, policy={"flush_interval": 0.05, **policy},
-        accounts=[account or SHOP],
+        http={"admin_token": TOKEN}, accounts=[account or SHOP],
         cluster={"redis": redis_url, "node": name, "timeout": 0.3, "retry_interval": 0.3,
                  "node_ttl": 3.0})
-    return EngineProcess(tmp / name, config, workers=1).start()
+    return EngineProcess(tmp / name, config, workers=workers).start()
 
 
 def load(engine: EngineProcess, campaign: str, rcpts: list[str], sessions: int = 4) -> int:
@@ -379,19 +404,25 @@ def test_engines_pause_and_suppression_through_a_hold_on_b(
         tmp_path: Path, dns_server: Any, route: Any, redis_server: Any) -> None:
     dest = route("dest.test", "127.0.0.2")
     a = start_node(tmp_path, "a", dns_server, dest.port, redis_server.url)
-    b = start_node(tmp_path, "b", dns_server, dest.port, redis_server.url)
+    b = start_node(tmp_path, "b", dns_server, dest.port, redis_server.url, workers=2)
     try:
         assert load(b, "spring", ["user0@dest.test"]) == 1
         mta(a, "campaign", "pause", "spring", "--account", "shop", "--reason", "checking")
         start = time.monotonic()
         assert wait_until(lambda: refused(b, "spring"), timeout=5, interval=0.02)
-        took = time.monotonic() - start
+        assert wait_until(lambda: all(refused(b, "spring") for _ in range(6)), timeout=1.0)
+        took = time.monotonic() - start  # both of b's workers refuse (probes spread)
         assert took < 1.5, f"paused on b after {took:.2f} s"
         assert mta(b, "campaign", "show", "spring")["status"] == "paused"
         mta(a, "suppression", "add", "gone@dest.test", "--account", "shop")
         assert wait_until(lambda: refused(b, "", "gone@dest.test"), timeout=3, interval=0.05)
         mta(a, "campaign", "resume", "spring", "--account", "shop")
         assert wait_until(lambda: not refused(b, "spring"), timeout=3, interval=0.05)
+        api = f"http://{a.config['http']['listen']}/api/v1"  # the admin API on node A
+        assert call(f"{api}/campaigns/shop/autumn/pause", "POST", body={})[0] == 200
+        assert call(f"{api}/suppression/shop", "POST", body={"address": "api@dest.test"})[0] == 200
+        assert wait_until(lambda: refused(b, "autumn") and refused(b, "", "api@dest.test"),
+                          timeout=1.5, interval=0.05)
     finally:
         a.stop()
         b.stop()

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +70,7 @@ CLAIM_TTL = 86400
 JOURNAL_BATCH = 500
 PULL_BATCH = 1000
 EPOCH_META = b"cluster_epoch"
+EPOCH_EVERY = 8  # sync rounds between checks that Redis still has the shared state
 LOCAL_NOTE = " (shared limits unreachable: this worker's share)"
 
 
@@ -99,7 +99,8 @@ class PolicySync:
         self.shares: dict[tuple[str, str], LocalShare] = {}
         self.cursors = dict.fromkeys(TABLES, 0)
         self.interval = min(0.25, guard.pc.cache_ttl / 2)
-        self.counts: Counter[str] = Counter()
+        self.counts = guard.counts  # in the guard's metrics (mta_policy_actions_total)
+        self.rounds = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -153,6 +154,9 @@ class PolicySync:
             await self._push_counters()
         await self._refund()
         if self.leader:
+            self.rounds += 1
+            if self.rounds % EPOCH_EVERY == 0:
+                await self._check_epoch()  # emptied without a restart (FLUSHALL)
             await self._publish()
             await self._pull()
 
@@ -180,6 +184,7 @@ class PolicySync:
         merged = await self._pull() if self.leader else 0
         report = {"counters": keys, "published": published, "merged": merged,
                   "republished": republished}
+        self.counts["shared_catch_ups"] += 1
         if self.link.outages or republished:
             log.warning("policy: Redis reachable again; caught up: %d counter keys added, "
                         "%d local changes published (%d republished), %d changes merged",
@@ -215,7 +220,7 @@ class PolicySync:
         self.sending = None
         totals = {key: parse_hash(flat) for key, flat in zip(keys, reply, strict=True)}
         self.known.update(totals)
-        self.counts["counter_pushes"] += 1
+        self.counts["shared_counts"] += 1
         return totals
 
     def _fallback(self, key: bytes) -> Counters | None:
@@ -301,6 +306,7 @@ class PolicySync:
         refusal = self.guard.limit_reply(account, count, total, monthly, month, LOCAL_NOTE)
         if refusal is None:
             share.used += count
+            self.counts["local_share_admitted"] += 1
         return refusal
 
     def known_usage(self, account: str, month: str, total: int,
@@ -355,6 +361,7 @@ class PolicySync:
                 lambda txn, k=out.journal_keys: clear_journal(self.store, txn, k))
             await self._merge(rejected)  # newer elsewhere: theirs wins here too
             published += len(out.records)
+            self.counts["shared_published"] += len(out.records)
             if len(out.journal_keys) < JOURNAL_BATCH:
                 return published
 
@@ -385,7 +392,7 @@ class PolicySync:
             merge_op(self.store, records, now_ms))
         if changes:
             self.guard.refresh()
-            self.counts["merged"] += len(changes)
+            self.counts["shared_merged"] += len(changes)
             for change in changes[:20]:
                 log.info("policy: %s %s %s on another node (%d jobs here follow)",
                          change.kind, change.name, change.status, change.jobs)

@@ -67,7 +67,7 @@ class GuardAdmin:
     async def campaign(self, account: str, campaign: str) -> dict[str, Any]:
         row = await self._read(lambda txn: admin.show_campaign(
             self.store, txn, account, campaign, self.guard.thresholds))
-        if row["status"] == ACTIVE and not any(
+        if row["status"] == ACTIVE and not row["by"] and not any(  # never counted nor acted on
                 row[k] for k in ("submitted", "sent", "queued", "deferred", "held")):
             raise NotFound(f"no campaign {campaign!r} of account {account!r}")
         return row

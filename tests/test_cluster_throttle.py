@@ -60,6 +60,9 @@ LIVE_LEASES = ("local t = redis.call('TIME') "
                "return redis.call('ZCOUNT', KEYS[1], '(' .. (t[1] + t[2] / 1e6), '+inf')")
 
 
+K = 3
+
+
 def leases(redis_server: Any) -> int:
     """Leases of the provider not expired (by Redis's clock)."""
     return int(redis_server.cli("EVAL", LIVE_LEASES, "1", "mta:throttle:leases:provider:big"))
@@ -74,12 +77,35 @@ def test_two_nodes_competing_never_hold_more_than_k_leases(redis_server) -> None
         answers = await asyncio.gather(*(g.connect(dest) for _ in range(6) for g in (a, b)))
         assert answers.count(0.0) == 3 and answers.count(WAIT_FOR_CLOSE) == 9
         assert a.open_connections() + b.open_connections() == 3 == leases(redis_server)
-        winner = a if a.open_connections() else b
-        await winner.release(dest)
+        most, fewest = sorted((a, b), key=ClusterThrottle.open_connections, reverse=True)
+        await most.release(dest)
         assert leases(redis_server) == 2
-        loser = b if winner is a else a
-        assert await loser.connect(dest) == 0.0
-        assert await winner.connect(dest) == WAIT_FOR_CLOSE
+        assert await fewest.connect(dest) == 0.0
+        assert await most.connect(dest) == WAIT_FOR_CLOSE
+        await close(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_node_gets_its_fair_share(redis_server) -> None:
+    """One node holds all K leases; another is refused: the first is told to close what
+    is over its fair share, and may not take back the room while the other waits."""
+    cfg = cluster_cfg(redis_server.url)
+
+    async def scenario() -> None:
+        (a, dest), (b, _) = await gate(cfg, "n1/0"), await gate(cfg, "n2/0")
+        for _ in range(K):
+            assert await a.connect(dest) == 0.0
+        assert not a.shed(dest)
+        assert await b.connect(dest) == WAIT_FOR_CLOSE  # b waits now
+        await a._write_leases()  # the renewal learns of b
+        assert a.shed(dest)  # 3 > ceil(3 / 2): close one
+        assert not a.shed(dest)  # only one
+        await a.release(dest)
+        await a._write_leases()
+        assert not a.shed(dest)
+        assert await a.connect(dest) == WAIT_FOR_CLOSE  # b's turn, though there is room
+        assert await b.connect(dest) == 0.0
         await close(a, b)
 
     asyncio.run(scenario())
@@ -147,9 +173,10 @@ def test_while_redis_is_down_local_shares_then_catch_up(redis_server) -> None:
         redis_server.stop()
         assert 0 < await a.connect(dest) < WAIT_FOR_CLOSE  # the hold-off
         assert not a.link.up
-        assert a.over_limit(dest)  # 2 open, local share 3 // 2 = 1: close one
+        assert a.shed(dest)  # 2 open, local share 3 // 2 = 1: close one
+        assert not a.shed(dest)  # only one
         await a.release(dest)
-        assert not a.over_limit(dest)
+        assert not a.shed(dest)
         await asyncio.sleep(a._holdoff())
         assert await a.connect(dest) == WAIT_FOR_CLOSE  # 1 open = its share
         assert a.open_connections() == 1
@@ -186,7 +213,6 @@ def test_single_worker_cannot_exceed_single_node_share_while_down(redis_server) 
 
 # --- two engine nodes against a throttling MX ---------------------------------------------
 
-K = 3
 NODE_SHAPING = """
 [default]
 max_connections = 10

@@ -23,7 +23,7 @@ own clock (TIME in the scripts): nodes' clocks do not matter.
 While Redis is down the gate keeps conservative local limits: this worker's share of
 each budget among the last known number of workers in the cluster (never more than a
 single node's split), a hold-off before opening new connections (the other workers
-notice the outage and close what is over their share meanwhile: `over_limit`), and no
+notice the outage and close what is over their share meanwhile: `shed`), and no
 Redis calls. When Redis is back, the leases of the connections still open are written
 again before any new connection is asked for.
 """
@@ -47,21 +47,55 @@ log = logging.getLogger("mta.cluster")
 BATCH_SECONDS = 0.05  # message tokens taken at once: this long at the rate (within the burst)
 TOKEN_LIFE = 1.0  # tokens in hand not used within this long (once usable) are dropped
 RESERVE_MAX = 1.0  # a message token may be reserved this far ahead
+WAITER_TTL = 3.0  # a worker refused a connection counts as waiting this long (at most node_ttl)
+RENEW_INTERVAL = 0.5  # leases renewed (and fair shares looked at) this often (at most ttl/3)
 
-# KEYS: per scope its lease set, then its connection pace key.
-# ARGV: member, lease ttl (s), then per scope: limit, connection interval (0: none), burst.
-# Returns "ok" (leases taken), "full" (a scope holds its limit) or the seconds to wait.
-ACQUIRE_LUA = """
+# Shared by the lease scripts: where worker `me` stands in one scope. A lease member is
+# "WORKER#SERIAL"; a waiter is a worker refused for lack of room (until its expiry).
+# Returns the leases, mine, the workers holding some, the others waiting, and my fair
+# share: the limit divided among all of them (rounded up; the limit itself still holds).
+STANDING_LUA = """
+local function standing(leases, waiters, me, limit, now)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+  local members = redis.call('ZRANGE', leases, 0, -1)
+  local seen, holders, mine = {}, 0, 0
+  for _, m in ipairs(members) do
+    local w = string.match(m, '^(.*)#') or m
+    if w == me then mine = mine + 1 end
+    if not seen[w] then seen[w] = true; holders = holders + 1 end
+  end
+  local waiting = 0
+  for _, w in ipairs(redis.call('ZRANGE', waiters, 0, -1)) do
+    if not seen[w] and w ~= me then waiting = waiting + 1 end
+  end
+  local parties = holders + waiting
+  if mine == 0 then parties = parties + 1 end
+  return #members, mine, waiting, math.ceil(limit / parties)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local ttl = tonumber(ARGV[2])
-local n = #KEYS / 2
+"""
+
+# KEYS: per scope its lease set, its waiters, its connection pace key.
+# ARGV: member, lease ttl (s), waiter ttl (s), then per scope: limit, connection interval
+# (0: none), burst. Returns "ok" (leases taken), "full" (no room for this worker: the
+# limit is reached, or others wait and it holds its fair share) or the seconds to wait.
+ACQUIRE_LUA = STANDING_LUA + """
+local member, ttl, wait_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local me = string.match(member, '^(.*)#') or member
+local n = #KEYS / 3
 local wait = 0
 for i = 1, n do
-  local leases, pace = KEYS[2 * i - 1], KEYS[2 * i]
-  local interval, burst = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-  if redis.call('ZCARD', leases) >= tonumber(ARGV[3 * i]) then return 'full' end
+  local leases, waiters, pace = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local limit = tonumber(ARGV[3 * i + 1])
+  local interval, burst = tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  local held, mine, waiting, fair = standing(leases, waiters, me, limit, now)
+  if held >= limit or (waiting > 0 and mine >= fair) then
+    redis.call('ZADD', waiters, now + wait_ttl, me)
+    redis.call('PEXPIRE', waiters, math.ceil(wait_ttl * 1000))
+    return 'full'
+  end
   if interval > 0 then
     local tat = math.max(tonumber(redis.call('GET', pace) or '0'), now)
     wait = math.max(wait, tat + interval - interval * burst - now)
@@ -69,10 +103,11 @@ for i = 1, n do
 end
 if wait > 1e-6 then return tostring(wait) end
 for i = 1, n do
-  local leases, pace = KEYS[2 * i - 1], KEYS[2 * i]
-  local interval = tonumber(ARGV[3 * i + 1])
-  redis.call('ZADD', leases, now + ttl, ARGV[1])
+  local leases, waiters, pace = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local interval = tonumber(ARGV[3 * i + 2])
+  redis.call('ZADD', leases, now + ttl, member)
   redis.call('PEXPIRE', leases, math.ceil(ttl * 1000))
+  redis.call('ZREM', waiters, me)
   if interval > 0 then
     local tat = math.max(tonumber(redis.call('GET', pace) or '0'), now) + interval
     redis.call('SET', pace, tostring(tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
@@ -81,19 +116,26 @@ end
 return 'ok'
 """
 
-# KEYS: lease sets; ARGV: ttl (s), then one member per key. Writes every lease again
-# (renewal, and the catch-up after an outage); returns the sets' sizes.
-RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local ttl = tonumber(ARGV[1])
-local sizes = {}
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
-  sizes[i] = redis.call('ZCARD', key)
+# KEYS: the lease sets of every lease held (one key per member), then per scope held:
+# its lease set and its waiters. ARGV: ttl (s), worker, number of leases, the members,
+# then per scope its limit. Writes every lease again (renewal, and the catch-up after an
+# outage); returns per scope how many leases this worker holds over its fair share
+# while others wait (0: none), so it closes that many connections.
+RENEW_LUA = STANDING_LUA + """
+local ttl, me, count = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+for i = 1, count do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[3 + i])
+  redis.call('PEXPIRE', KEYS[i], math.ceil(ttl * 1000))
 end
-return sizes
+local excess = {}
+for j = 1, (#KEYS - count) / 2 do
+  local limit = tonumber(ARGV[3 + count + j])
+  local held, mine, waiting, fair = standing(KEYS[count + 2 * j - 1], KEYS[count + 2 * j],
+                                             me, limit, now)
+  excess[j] = 0
+  if waiting > 0 and mine > fair then excess[j] = mine - fair end
+end
+return excess
 """
 
 # KEYS: lease sets; ARGV: one member per key.
@@ -153,14 +195,18 @@ class ClusterThrottle:
         self.throttle = throttle
         self.local_workers = max(1, local_workers)
         self.ttl = link.cfg.node_ttl
+        self.wait_ttl = min(self.ttl, WAITER_TTL)
         redis = link.redis
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._renew = redis.register_script(RENEW_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self._pace = redis.register_script(PACE_LUA)
         self._held: dict[tuple[str, ...], list[str]] = {}  # scope keys -> a lease per connection
+        self._limits: dict[str, int] = {}  # scope -> its connection limit, as last asked
+        self._excess: dict[str, int] = {}  # scope -> leases over this worker's fair share
+        self._closing: dict[str, int] = {}  # scope -> connections told to close (`shed`)
         self._serial = itertools.count(1)
-        self._tokens: dict[tuple[str, ...], Tokens] = {}  # message tokens in hand
+        self._tokens: dict[tuple[str, ...], list[Tokens]] = {}  # message tokens in hand
         self._local: dict[tuple[str, str], Gcra] = {}  # paces while Redis is down
         self._lock = asyncio.Lock()  # orders renewals and releases of this worker's leases
         self._stale = not link.up  # leases to write again before asking for more
@@ -204,16 +250,30 @@ class ClusterThrottle:
             member = members.pop()
             if not members:
                 del self._held[keys]
+            for scope in keys:
+                for count in (self._excess, self._closing):
+                    count[scope] = max(0, count.get(scope, 0) - 1)
             if self.link.up:
                 await self.link.call(lambda: self._release(
                     keys=[self._key("leases", k) for k in keys], args=[member] * len(keys)))
 
-    def over_limit(self, dest: Destination) -> bool:
-        """While Redis is down: this worker holds more connections than its local share
-        (close one after its current message)."""
-        if self.link.up:
+    def shed(self, dest: Destination) -> bool:
+        """True: this worker holds more connections to `dest` than its share, close this
+        one (it is counted as closing from now on, call `release` once closed). Its
+        share: while others wait for room, its fair share (as of the last renewal);
+        while Redis is down, its local share."""
+        budgets = self.throttle.budgets(dest)
+        if not any(self._over(b) for b in budgets):
             return False
-        return any(self._open(b.key) > self._local_max(b) for b in self.throttle.budgets(dest))
+        for b in budgets:
+            self._closing[b.key] = self._closing.get(b.key, 0) + 1
+        return True
+
+    def _over(self, budget: Budget) -> bool:
+        closing = self._closing.get(budget.key, 0)
+        if self.link.up:
+            return self._excess.get(budget.key, 0) - closing > 0
+        return self._open(budget.key) - closing > self._local_max(budget)
 
     def open_connections(self) -> int:
         return sum(len(members) for members in self._held.values())
@@ -259,6 +319,7 @@ class ClusterThrottle:
 
     def _hold(self, budgets: list[Budget], member: str) -> None:
         self._held.setdefault(tuple(b.key for b in budgets), []).append(member)
+        self._limits.update((b.key, b.max_connections) for b in budgets)
 
     def _member(self) -> str:
         return f"{self.link.member}#{next(self._serial)}"
@@ -267,11 +328,10 @@ class ClusterThrottle:
         return self.link.key("throttle", kind, scope)
 
     def _lease_keys(self, budgets: list[Budget]) -> list[str]:
-        return [key for b in budgets
-                for key in (self._key("leases", b.key), self._key("conn", b.key))]
+        return [self._key(kind, b.key) for b in budgets for kind in ("leases", "waiters", "conn")]
 
     def _lease_args(self, member: str, budgets: list[Budget]) -> list[Any]:
-        args: list[Any] = [member, self.ttl]
+        args: list[Any] = [member, self.ttl, self.wait_ttl]
         for b in budgets:
             args += [b.max_connections, 1.0 / b.connection_rate if b.connection_rate else 0, 1]
         return args
@@ -298,16 +358,16 @@ class ClusterThrottle:
     def _token_in_hand(self, keys: tuple[str, ...]) -> float | None:
         """0.0: a token was taken; > 0: tokens are reserved, usable after that wait;
         None: no tokens (ask Redis)."""
-        tokens = self._tokens.get(keys)
-        if tokens is None:
-            return None
         now = time.monotonic()
-        if tokens.count <= 0 or now > tokens.usable + TOKEN_LIFE:
-            del self._tokens[keys]
+        batches = [t for t in self._tokens.get(keys, ()) if t.count and now <= t.usable + TOKEN_LIFE]
+        if not batches:
+            self._tokens.pop(keys, None)
             return None
-        if now < tokens.usable:
-            return tokens.usable - now
-        tokens.count -= 1
+        self._tokens[keys] = batches
+        first = min(batches, key=lambda t: t.usable)
+        if now < first.usable:
+            return first.usable - now
+        first.count -= 1
         return 0.0
 
     def _reserved(self, keys: tuple[str, ...], quantity: int, result: Any) -> float:
@@ -316,8 +376,8 @@ class ClusterThrottle:
             return max(delay, 0.001)
         if delay <= 0:
             quantity -= 1  # one is used now
-        if quantity:
-            self._tokens[keys] = Tokens(quantity, time.monotonic() + delay)
+        if quantity:  # several connections may have asked at once: keep every batch
+            self._tokens.setdefault(keys, []).append(Tokens(quantity, time.monotonic() + delay))
         return delay
 
     @staticmethod
@@ -362,17 +422,26 @@ class ClusterThrottle:
 
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(min(self.ttl / 3, RENEW_INTERVAL))
             if self.link.up:
                 await self._write_leases()
 
     async def _write_leases(self) -> None:
+        """Every lease held, written again; and the excess over the fair shares learnt."""
         async with self._lock:
             pairs = [(self._key("leases", k), m)
                      for keys, members in self._held.items() for m in members for k in keys]
-            if pairs:
-                await self.link.call(lambda: self._renew(
-                    keys=[k for k, _ in pairs], args=[self.ttl, *(m for _, m in pairs)]))
+            scopes = sorted({k for keys in self._held for k in keys})
+            if not scopes:
+                self._excess.clear()
+                return
+            keys = [k for k, _ in pairs] + [self._key(kind, scope) for scope in scopes
+                                            for kind in ("leases", "waiters")]
+            args = [self.ttl, self.link.member, len(pairs), *(m for _, m in pairs),
+                    *(self._limits.get(scope, 1) for scope in scopes)]
+            excess = await self.link.call(lambda: self._renew(keys=keys, args=args))
+            if excess is not DOWN:
+                self._excess = {scope: int(n) for scope, n in zip(scopes, excess, strict=True)}
 
 
 def start_cluster_throttle(worker: Any, throttle: Throttle) -> ClusterThrottle | None:

@@ -41,6 +41,7 @@ SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
 SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
 HOST_FAILURE_MEMORY = 300.0  # an MX address that failed is tried after the others this long
 PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately opens no more
+IDLE_CHECK = 0.5  # in a cluster, an idle connection over its share closes within this
 
 
 class Resolver(Protocol):
@@ -173,13 +174,17 @@ class Deliverer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            if self.cluster is not None:  # idle over its share in the cluster: close
+                if self.cluster.shed(pool.dest):
+                    return None
+                remaining = min(remaining, IDLE_CHECK)
             pool.idle += 1
             pool.wakeup.clear()
             try:
                 async with asyncio.timeout(remaining):
                     await pool.wakeup.wait()
             except TimeoutError:
-                return None
+                continue
             finally:
                 pool.idle -= 1
         return pool.queue.popleft()
@@ -216,7 +221,7 @@ class Deliverer:
     def _over_limit(self, pool: Pool) -> bool:
         """More connections open than the (lowered) limit: close this one."""
         return self.throttle.over_connection_limit(pool.dest) or (
-            self.cluster is not None and self.cluster.over_limit(pool.dest))
+            self.cluster is not None and self.cluster.shed(pool.dest))
 
     async def _open(self, pool: Pool, item: Item) -> Connection | None:
         """A new connection for the pool, or None (the item was requeued or failed)."""

@@ -62,6 +62,7 @@ from mta.policy.ledger import Applied, Batch, Pause
 from mta.policy.model import ACTIVE, Counters, month_of
 from mta.policy.rates import find_breach
 from mta.policy.store import JOURNAL_DB, account_key, campaign_key, month_key
+from mta.queue.spool import pack, unpack
 
 log = logging.getLogger("mta.cluster.policy")
 
@@ -69,7 +70,7 @@ DONE_TTL = 86400  # seconds a counted batch id is remembered (a retry adds it on
 CLAIM_TTL = 86400
 JOURNAL_BATCH = 500
 PULL_BATCH = 1000
-EPOCH_META = b"cluster_epoch"
+EPOCH_META, CURSORS_META = b"cluster_epoch", b"cluster_cursors"
 EPOCH_EVERY = 8  # sync rounds between checks that Redis still has the shared state
 LOCAL_NOTE = " (shared limits unreachable: this worker's share)"
 
@@ -123,6 +124,8 @@ class PolicySync:
             self.store.journal = self.guard.spool.open_db(JOURNAL_DB)
         self.guard.ledger.judge = False  # judged here, on the cluster's totals
         self.guard.cluster = self
+        if self.leader:
+            self._load_cursors()
         self.link.on_up.append(self.catch_up)
         self.link.on_down.append(self.went_down)
         if self.link.up:
@@ -268,6 +271,20 @@ class PolicySync:
             claim, self.link.member, nx=True, ex=CLAIM_TTL))
         return won is DOWN or bool(won)
 
+    async def shared_totals(self, keys: list[bytes]) -> dict[bytes, Counters] | None:
+        """The cluster's counters of `keys` (admin views), or None if Redis cannot say."""
+        async def read() -> list[Any]:
+            async with self.link.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self.counter_key(key))
+                return await pipe.execute()
+
+        reply = await self.link.call(read)
+        if reply is DOWN:
+            return None
+        return {key: parse_hash([x for pair in found.items() for x in pair])
+                for key, found in zip(keys, reply, strict=True)}
+
     # --- trial and monthly limits -------------------------------------------------------
 
     async def reserve(self, message_id: str, account: str, count: int) -> str | None:
@@ -381,8 +398,21 @@ class PolicySync:
                 if len(got) < PULL_BATCH:
                     break
         changes = await self._merge(records)
-        self.cursors = cursors
+        if cursors != self.cursors:
+            await self._save_cursors(cursors)
         return len(changes)
+
+    async def _save_cursors(self, cursors: dict[str, int]) -> None:
+        """Where the pulls stand, kept in LMDB: a restart pulls only what is new."""
+        self.cursors = cursors
+        await self.guard.committer.submit(
+            lambda txn: txn.put(CURSORS_META, pack(cursors), db=self.store.meta))
+
+    def _load_cursors(self) -> None:
+        with self.store.read() as txn:
+            raw = txn.get(CURSORS_META, db=self.store.meta)
+        if raw:
+            self.cursors.update(unpack(raw))
 
     async def _merge(self, records: list[Record]) -> list[Change]:
         if not records:
@@ -417,7 +447,7 @@ class PolicySync:
             self.unpushed, self.sending = counters, None  # this node's counts, all of them
             if await self._push_counters() is DOWN:
                 return 0
-        self.cursors = dict.fromkeys(TABLES, 0)
+        await self._save_cursors(dict.fromkeys(TABLES, 0))  # the numbering starts again
         await self.guard.committer.submit(
             lambda txn: txn.put(EPOCH_META, epoch, db=self.store.meta))
         if seen is not None:

@@ -89,18 +89,25 @@ def campaign_row(account: str, campaign: str, counters: Counters, state: Campaig
                  thresholds: Thresholds, jobs_seen: Counter[str] | None = None
                  ) -> dict[str, Any]:
     """A campaign as the CLI and the admin API show it (rates as fractions)."""
-    rates = campaign_rates(counters.minus(Counters.from_dict(state.baseline)))
     seen = jobs_seen or Counter()
     return {
         "account": account, "campaign": campaign, "status": state.status,
         "paused": state.status == PAUSED, "reason": state.reason, "rule": state.rule,
         "by": state.by, "since": state.at or None, "checks": state.checks,
+        **counter_fields(counters, state),
+        "queued": seen["queued"], "deferred": seen["deferred"], "held": seen["held"],
+    }
+
+
+def counter_fields(counters: Counters, state: CampaignState) -> dict[str, Any]:
+    """A campaign row's counts and rates (since its state's baseline)."""
+    rates = campaign_rates(counters.minus(Counters.from_dict(state.baseline)))
+    return {
         "submitted": counters.submitted, "sent": counters.sent,
         "delivered": counters.delivered, "hard_bounces": counters.hard,
         "soft_bounces": counters.soft, "complaints": counters.complaints,
         "unsubscribes": counters.unsubscribes,
         "rates": {k: round(v / 100, 6) for k, v in rates.items()},
-        "queued": seen["queued"], "deferred": seen["deferred"], "held": seen["held"],
     }
 
 

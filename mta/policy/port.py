@@ -19,6 +19,7 @@ from mta.policy import admin
 from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
 from mta.policy.model import ACTIVE
 from mta.policy.rates import monthly_cap
+from mta.policy.store import account_key, campaign_key, month_key
 
 T = TypeVar("T")
 BY = "admin-api"
@@ -60,17 +61,48 @@ class GuardAdmin:
                 "unsubscribe": t.unsubscribe_rate / 100, "min_volume": t.min_volume}
 
     async def campaigns(self) -> list[dict[str, Any]]:
-        return await self._read(lambda txn: admin.list_campaigns(
-            self.store, txn, self.guard.thresholds))
+        return await self._cluster_campaigns(await self._read(lambda txn: admin.list_campaigns(
+            self.store, txn, self.guard.thresholds)))
 
     @_port_errors
     async def campaign(self, account: str, campaign: str) -> dict[str, Any]:
-        row = await self._read(lambda txn: admin.show_campaign(
-            self.store, txn, account, campaign, self.guard.thresholds))
+        row = (await self._cluster_campaigns([await self._read(lambda txn: admin.show_campaign(
+            self.store, txn, account, campaign, self.guard.thresholds))]))[0]
         if row["status"] == ACTIVE and not row["by"] and not any(  # never counted nor acted on
                 row[k] for k in ("submitted", "sent", "queued", "deferred", "held")):
             raise NotFound(f"no campaign {campaign!r} of account {account!r}")
         return row
+
+    async def _cluster_campaigns(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """On several nodes, counts and rates of all nodes (`counted` says whose)."""
+        keys = [campaign_key(r["account"], r["campaign"]) for r in rows]
+        totals = await self._totals(rows, keys)
+        if totals is None:
+            return rows
+        states = await self._read(lambda txn: [self.store.get_campaign(
+            txn, r["account"], r["campaign"]) for r in rows])
+        for row, key, state in zip(rows, keys, states, strict=True):
+            row.update(admin.counter_fields(totals[key], state), counted="cluster")
+        return rows
+
+    async def _cluster_accounts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = [k for r in rows for k in (account_key(r["name"]), month_key(r["name"], r["month"]))]
+        totals = await self._totals(rows, keys)
+        for row, i in zip(rows, range(0, len(keys), 2), strict=True) if totals else ():
+            row.update(totals=totals[keys[i]].as_dict(), counted="cluster",
+                       month_sent=totals[keys[i + 1]].submitted)
+        return rows
+
+    async def _totals(self, rows: list[dict[str, Any]], keys: list[bytes]) -> Any:
+        """The cluster's counters of `keys`, or None (one node; Redis unreachable)."""
+        sync = self.guard.cluster
+        if sync is None or not rows:
+            return None
+        totals = await sync.shared_totals(keys)
+        if totals is None:
+            for row in rows:
+                row["counted"] = "node"  # this node's own counts only, for now
+        return totals
 
     async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
@@ -112,10 +144,11 @@ class GuardAdmin:
             names = admin.known_accounts(self.store, txn, self.guard.accounts)
             return [self._account_row(txn, name) for name in names]
 
-        return await self._read(rows)
+        return await self._cluster_accounts(await self._read(rows))
 
     async def account(self, name: str) -> dict[str, Any]:
-        row = await self._read(lambda txn: self._account_row(txn, name))
+        row = (await self._cluster_accounts([await self._read(
+            lambda txn: self._account_row(txn, name))]))[0]
         if not row["configured"] and row["status"] == ACTIVE and not any(row["totals"].values()):
             raise NotFound(f"no account {name!r}")
         return row

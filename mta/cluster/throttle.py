@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ BATCH_SECONDS = 0.05  # message tokens taken at once: this long at the rate (wit
 TOKEN_LIFE = 1.0  # tokens in hand not used within this long (once usable) are dropped
 RESERVE_MAX = 1.0  # a message token may be reserved this far ahead
 WAITER_TTL = 3.0  # a worker refused a connection counts as waiting this long (at most node_ttl)
-RENEW_INTERVAL = 0.5  # leases renewed (and fair shares looked at) this often (at most ttl/3)
+RENEW_INTERVAL = 0.25  # leases renewed (and fair shares looked at) this often (at most ttl/3)
 
 # Shared by the lease scripts: where worker `me` stands in one scope. A lease member is
 # "WORKER#SERIAL"; a waiter is a worker refused for lack of room (until its expiry).
@@ -212,6 +213,9 @@ class ClusterThrottle:
         self._stale = not link.up  # leases to write again before asking for more
         self._down_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        # Called when this worker learns it holds more than its fair share (the deliverer
+        # wakes its idle connections, which then close: `shed`).
+        self.on_excess: Callable[[], None] | None = None
         link.on_down.append(self._went_down)
         link.on_up.append(self.catch_up)
 
@@ -442,6 +446,8 @@ class ClusterThrottle:
             excess = await self.link.call(lambda: self._renew(keys=keys, args=args))
             if excess is not DOWN:
                 self._excess = {scope: int(n) for scope, n in zip(scopes, excess, strict=True)}
+                if any(self._excess.values()) and self.on_excess is not None:
+                    self.on_excess()
 
 
 def start_cluster_throttle(worker: Any, throttle: Throttle) -> ClusterThrottle | None:

@@ -41,7 +41,6 @@ SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
 SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
 HOST_FAILURE_MEMORY = 300.0  # an MX address that failed is tried after the others this long
 PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately opens no more
-IDLE_CHECK = 0.5  # in a cluster, an idle connection over its share closes within this
 
 
 class Resolver(Protocol):
@@ -144,6 +143,12 @@ class Deliverer:
             dest = Destination(domain, None, (spec,))
         return dest
 
+    def wake_idle(self) -> None:
+        """Idle connections look again at their share (the cluster's fair shares moved)."""
+        for pool in self.pools.values():
+            if pool.idle:
+                pool.wakeup.set()
+
     def _kick(self, pool: Pool) -> None:
         """Wake an idle connection of the pool, or start one if the throttle may allow it
         and the connections there are not already waiting for the destination's pace."""
@@ -174,10 +179,8 @@ class Deliverer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if self.cluster is not None:  # idle over its share in the cluster: close
-                if self.cluster.shed(pool.dest):
-                    return None
-                remaining = min(remaining, IDLE_CHECK)
+            if self.cluster is not None and self.cluster.shed(pool.dest):
+                return None  # idle, and over its share while other nodes wait: close
             pool.idle += 1
             pool.wakeup.clear()
             try:
@@ -278,6 +281,8 @@ class Deliverer:
                         pool.queue.clear()
                     else:
                         pool.queue.appendleft(item)
+                        if pool.idle:  # it went idle while this one tried: it takes it
+                            pool.wakeup.set()
                     return False
                 wait = SLOT_POLL
             elif wait > SHORT_WAIT:  # suspended, or connections refused: back to the spool

@@ -116,6 +116,8 @@ def start_delivery(worker: Any) -> Deliverer:
                         on_event=lambda event: worker.emit({"type": "ThrottleChange", **event}))
     deliverer = Deliverer(cfg, resolver, throttle)
     deliverer.cluster = start_cluster_throttle(worker, throttle)
+    if deliverer.cluster is not None:
+        deliverer.cluster.on_excess = deliverer.wake_idle
     worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))

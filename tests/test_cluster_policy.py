@@ -382,6 +382,28 @@ async def test_redis_back_empty_gets_every_node_copy_again(tmp_path: Path,
         assert shared_counters(redis_server, campaign_key("shop", "spring")).sent == 10  # once
 
 
+@pytest.mark.asyncio
+async def test_a_purged_account_leaves_redis_too(tmp_path: Path, redis_server: Any) -> None:
+    async with node(tmp_path, "a", redis_server.url, retention_days=0.0) as a:
+        bounce(a, 0, 10, hard=2)  # suppressions and counters, shared
+        await a.guard.flush()
+        message = mail("c", "tiny")
+        assert await a.guard.admit(message) is None  # another account's reservation
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            await eventually(lambda: client.hlen("mta:policy:supp") == 2)  # published
+            await a.guard.committer.submit(lambda txn: admin.delete_account(
+                a.guard.store, txn, "shop", "test", time.time(), 0.0))
+            assert [r.account for r in await a.guard.purge_due(settle=0.0)] == ["shop"]
+            left = sorted(client.scan_iter(match="mta:policy:n:*"))
+            assert left == [b"mta:policy:n:Atiny", b"mta:policy:n:Mtiny\x00"
+                            + time.strftime("%Y-%m", time.gmtime()).encode()]
+            assert client.hlen("mta:policy:supp") == 0
+            await eventually(lambda: client.hkeys("mta:policy:state") == [b"Ashop"])  # purged
+        finally:
+            client.close()
+
+
 # --- two engine nodes, one Redis -------------------------------------------------------
 
 SHOP = {"name": "shop", "email": "ops@shop.test", "plan": "standard"}

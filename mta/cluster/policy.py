@@ -28,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from mta.cluster.link import DOWN, RedisLink
 from mta.cluster.policy_state import (
@@ -61,7 +64,7 @@ from mta.policy.guard import RESERVATION_GRACE, PolicyGuard
 from mta.policy.ledger import Applied, Batch, Pause
 from mta.policy.model import ACTIVE, Counters, month_of
 from mta.policy.rates import find_breach
-from mta.policy.store import JOURNAL_DB, account_key, campaign_key, month_key
+from mta.policy.store import JOURNAL_DB, account_key, campaign_key, clean_name, month_key
 from mta.queue.spool import pack, unpack
 
 log = logging.getLogger("mta.cluster.policy")
@@ -73,6 +76,11 @@ PULL_BATCH = 1000
 EPOCH_META, CURSORS_META = b"cluster_epoch", b"cluster_cursors"
 EPOCH_EVERY = 8  # sync rounds between checks that Redis still has the shared state
 LOCAL_NOTE = " (shared limits unreachable: this worker's share)"
+
+
+def glob_escape(key: bytes) -> bytes:
+    """A key prefix as a literal in a Redis MATCH pattern."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", key)
 
 
 @dataclass
@@ -98,6 +106,7 @@ class PolicySync:
         self.reservations: dict[str, Reservation] = {}
         self.refunds: list[Reservation] = []
         self.shares: dict[tuple[str, str], LocalShare] = {}
+        self.forgetting: set[str] = set()  # purged accounts still to remove from Redis
         self.cursors = dict.fromkeys(TABLES, 0)
         self.interval = min(0.25, guard.pc.cache_ttl / 2)
         self.counts = guard.counts  # in the guard's metrics (mta_policy_actions_total)
@@ -156,6 +165,8 @@ class PolicySync:
         async with self._lock:
             await self._push_counters()
         await self._refund()
+        if self.forgetting:
+            await self._forget()
         if self.leader:
             self.rounds += 1
             if self.rounds % EPOCH_EVERY == 0:
@@ -284,6 +295,47 @@ class PolicySync:
             return None
         return {key: parse_hash([x for pair in found.items() for x in pair])
                 for key, found in zip(keys, reply, strict=True)}
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def forget_account(self, account: str) -> None:
+        """A purged account's counters and suppressions leave Redis too (retried with
+        the next sync rounds while Redis is unreachable)."""
+        self.forgetting.add(account)
+        if self.leader and self.link.up:
+            await self._publish()  # no removal of its entries published after this
+        await self._forget()
+
+    async def _forget(self) -> None:
+        for account in sorted(self.forgetting):
+            try:
+                removed = await self._forget_account(clean_name(account))
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("policy: %s not removed from Redis yet (%s)", account,
+                            exc.__class__.__name__)
+                return
+            self.forgetting.discard(account)
+            log.info("policy: purged account %s removed from Redis (%d records)", account,
+                     removed)
+
+    async def _forget_account(self, name: bytes) -> int:
+        redis = self.link.redis
+        keys = [self.counter_key(b"A" + name)]
+        for kind in (b"C", b"M"):
+            match = glob_escape(self.counter_key(kind + name + b"\0")) + b"*"
+            keys += [key async for key in redis.scan_iter(match=match, count=1000)]
+        removed = int(await redis.delete(*keys))
+        for table, start in (("state", b"C" + name + b"\0"), ("supp", name + b"\0")):
+            data, versions, changes, _ = self.table_keys(table)
+            match = glob_escape(start) + b"*"
+            fields = [f async for f, _ in redis.hscan_iter(data, match=match, count=1000)]
+            for i in range(0, len(fields), 1000):
+                chunk = fields[i:i + 1000]
+                async with redis.pipeline(transaction=True) as pipe:
+                    pipe.hdel(data, *chunk).hdel(versions, *chunk).zrem(changes, *chunk)
+                    await pipe.execute()
+            removed += len(fields)
+        return removed
 
     # --- trial and monthly limits -------------------------------------------------------
 

@@ -20,6 +20,11 @@ Wiring in a worker (mta/engine.py and the delivery service)::
     worker.closers.append(guard.close)
 
 and `check_policy` among the engine's startup checks.
+
+On several nodes (`[cluster] redis`), `wire_policy` also starts `mta.cluster.policy`:
+LMDB stays each node's copy, changes are journaled (`policy.journal`) and shared through
+Redis, campaigns are judged on the cluster's counts, and trial and monthly limits are
+reserved there (`guard.admit`); without Redis nothing of this runs.
 """
 
 from mta.policy.guard import (

@@ -604,6 +604,8 @@ class PolicyGuard:
                 lambda txn, a=account: purge_account_records(self.store, txn, a, now))
             report.event_lines, report.files = await asyncio.to_thread(
                 purge_event_logs, self.cfg.engine.event_log, {account}, settle)
+            if self.cluster is not None:  # its shared records go too
+                await self.cluster.forget_account(account)
             log_report(report)
             self.emit({"type": "AccountPurged", "purged_account": account,
                        **{k: v for k, v in report.as_dict().items() if k != "account"}})

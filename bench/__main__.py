@@ -3,6 +3,7 @@
     python -m bench run [--scenario NAME] [--count N] [--target HOST:PORT]
                         [--compare postfix] [--dkim]
     python -m bench soak [--duration 600] [--rate 300] [--window 60]
+    python -m bench chaos [--duration 3600] [--kill-every 60] [--fault-every 20]
     python -m bench list
 
 See bench/run.py for what a run starts and measures, and bench/scenarios/ for the loads.
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import run, soak
+from bench import chaos, run, soak
 from bench.scenarios import ScenarioError, list_scenarios, load_scenario
 
 
@@ -25,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_arguments(run_parser)
     soak_parser = sub.add_parser("soak", help="a long run at a steady rate, window by window")
     soak.add_arguments(soak_parser)
+    chaos_parser = sub.add_parser("chaos", help="a fault soak: kill -9 and remote faults; "
+                                  "counts accepted, delivered, duplicated, lost")
+    chaos.add_arguments(chaos_parser)
     sub.add_parser("list", help="the scenarios in bench/scenarios/")
     return top
 
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_command()
         if args.command == "soak":
             return soak.main(args)
+        if args.command == "chaos":
+            return chaos.main(args)
         return run.main(args)
     except ScenarioError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -333,3 +333,12 @@ def test_redis_outage_mid_run_local_limits_then_catch_up(tmp_path, dns_server, r
         assert changes.count("ClusterDown") == changes.count("ClusterUp") >= 1
         log = node.log_text()
         assert "running on local limits" in log and "reachable again" in log
+
+
+def test_bench_goodput_counts_idle_seconds() -> None:
+    """bench/cluster_bench.py: whole seconds after the first delivery, until the end."""
+    from bench.cluster_bench import steady_rate
+
+    assert steady_rate([0, 50, 100, 100, 30], 4.3) == 100.0  # the partial last second out
+    assert steady_rate([0, 50, 100, 0, 0], 10.0) == 12.5  # locked out: idle seconds count
+    assert steady_rate([], 3.0) == 0.0

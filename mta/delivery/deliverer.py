@@ -5,7 +5,9 @@ own, or the site: the MX host set serving a domain) on one resolved address
 set, so domains hosted on the same servers share connections and one budget. Each pool runs connection workers up to the throttle's current
 connection limit; a worker keeps its connection open for many messages (up to
 the limit per connection) and closes it after an idle timeout. The throttle is
-asked before every connection and every message, and told every reply.
+asked before every connection and every message, and told every reply; with several
+nodes ([cluster] redis) the cluster's budget too (`mta.cluster.throttle`), after the
+throttle, and its lease is given back once the connection is closed.
 """
 
 from __future__ import annotations

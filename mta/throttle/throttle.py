@@ -27,6 +27,11 @@ share: the rate divided by the number of workers, the connections split as evenl
 whole numbers allow (at least 1 each). The sum never exceeds the engine-wide limit
 (except that every worker keeps at least one connection); a worker that has little
 traffic for a provider leaves part of the budget unused (see `worker_share`).
+
+Across nodes ([cluster] redis): make the Throttle with ``workers=1`` (every worker keeps
+the whole budget, so one busy worker may use all of it) and let
+`mta.cluster.throttle.ClusterThrottle` hold the budget across all workers of all nodes in
+Redis; it reads the limits in force from `Throttle.budgets`.
 """
 
 from __future__ import annotations

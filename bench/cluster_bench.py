@@ -13,7 +13,8 @@ load generator splits its sessions evenly over them. Two scenarios, each run on:
 Throughput: `--messages` messages of `--size` bytes to 20 domains served by one sink
 (bench/rig/sinks.py, its own process); printed: accepted msg/s (SMTP 250s over the
 submission time) and delivered msg/s (messages at the sink over the time from the first
-submission to the last delivery), and the CPU seconds of the engines and of Redis.
+submission to the last delivery), and the CPU of the engines (per message) and of Redis
+during the run (not the start-up).
 
 Throttled: a provider whose MX (bench/rig/throttle_mx.py) allows K connections and R
 messages/s in total, 421 beyond; the shaping file says the same (K, R). Printed: messages
@@ -24,7 +25,7 @@ the time was up) against R.
 
 Usage::
 
-    python -m bench.cluster_bench                       # 3000 x 2 KB; K=4, R=100, 1500 msgs
+    python -m bench.cluster_bench                       # 10,000 x 2 KB; K=4, R=100, 1500 msgs
     python -m bench.cluster_bench --messages 5000 --rate 150 --max-conn 6 --json out.json
 
 The machine's two cores run the nodes, Redis, the sinks, the DNS server and the load
@@ -90,7 +91,7 @@ TWO_ALONE = Topology("2 nodes, no Redis", 2, False)
 
 @dataclass
 class Options:
-    messages: int = 3000
+    messages: int = 10_000
     size: int = 2000
     sessions: int = 20
     rate: float = 100.0  # R at the throttling MX
@@ -197,14 +198,17 @@ def throughput(workdir: Path, topology: Topology, dns: DnsServer, opts: Options
                ) -> ThroughputResult:
     with AsyncioSinkProcess(SINK_HOST) as sink, \
             nodes_running(workdir, topology, dns, sink.port, opts) as (nodes, redis):
+        cpu_before = sum(n.cpu_seconds() for n in nodes)  # not the start-up
+        redis_before = _proc_cpu(redis.proc.pid) if redis is not None and redis.proc else 0.0
         start = time.monotonic()
         load = asyncio.run(submit_all(nodes, DOMAINS, opts.messages, opts))
         if not wait_for(lambda: sink.accepted >= load.accepted, DRAIN_TIMEOUT):
             print(f"  {topology.name}: only {sink.accepted} of {load.accepted} delivered",
                   file=sys.stderr)
         drained = time.monotonic() - start
-        cpu = sum(n.cpu_seconds() for n in nodes)
-        redis_cpu = _proc_cpu(redis.proc.pid) if redis is not None and redis.proc else 0.0
+        cpu = sum(n.cpu_seconds() for n in nodes) - cpu_before
+        redis_cpu = (_proc_cpu(redis.proc.pid) if redis is not None and redis.proc else 0.0
+                     ) - redis_before
         return ThroughputResult(topology.name, load.accepted, load.rate,
                                 sink.accepted / drained, cpu, redis_cpu, load.refused)
 
@@ -252,10 +256,10 @@ def make_dns(server: DnsServer) -> None:
 
 def format_throughput(rows: list[ThroughputResult]) -> str:
     lines = [f"{'throughput':<20} {'messages':>8} {'accepted/s':>11} {'delivered/s':>12} "
-             f"{'engine CPU s':>13} {'Redis CPU s':>12}"]
+             f"{'engine CPU ms/msg':>18} {'Redis CPU s':>12}"]
     lines += [f"{r.topology:<20} {r.messages:>8} {r.accepted_per_s:>11.1f} "
-              f"{r.delivered_per_s:>12.1f} {r.engine_cpu_s:>13.1f} {r.redis_cpu_s:>12.1f}"
-              for r in rows]
+              f"{r.delivered_per_s:>12.1f} {1000 * r.engine_cpu_s / max(1, r.messages):>18.2f} "
+              f"{r.redis_cpu_s:>12.2f}" for r in rows]
     return "\n".join(lines)
 
 

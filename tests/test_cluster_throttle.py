@@ -12,7 +12,9 @@ import asyncio
 import json
 import smtplib
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +277,26 @@ def redis_up_metric(node: Any) -> tuple[float, float]:
             value(metrics, "mta_cluster_redis_outages_total"))
 
 
+@contextmanager
+def two_nodes(tmp: Path, redis_url: str, dns: Any, mx_port: int, **shaping: Any
+              ) -> Iterator[list[Any]]:
+    nodes = [start_node(tmp / name, redis_url, dns, mx_port, **shaping) for name in ("n1", "n2")]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def submit_to_both(nodes: list[Any], count: int) -> None:
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(lambda n: submit(n[1], count, f"u{n[0]}-"), enumerate(nodes)))
+
+
+def all_delivered(nodes: list[Any], count: int) -> bool:
+    return wait_until(lambda: all(delivered(n) == count for n in nodes), timeout=30)
+
+
 def test_two_nodes_together_never_exceed_k_connections(tmp_path, dns_server, redis_server
                                                        ) -> None:
     """Each node alone would open K connections (one worker keeps the whole budget):
@@ -282,15 +304,9 @@ def test_two_nodes_together_never_exceed_k_connections(tmp_path, dns_server, red
     count = 60
     route_to(dns_server)
     with BackgroundThrottleMx(host="127.0.0.2", max_connections=K, rate=10_000) as mx:
-        nodes = [start_node(tmp_path / name, redis_server.url, dns_server, mx.port)
-                 for name in ("n1", "n2")]
-        try:
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda n: submit(n[1], count, f"u{n[0]}-"), enumerate(nodes)))
-            done = wait_until(lambda: all(delivered(n) == count for n in nodes), timeout=30)
-        finally:
-            for node in nodes:
-                node.stop()
+        with two_nodes(tmp_path, redis_server.url, dns_server, mx.port) as nodes:
+            submit_to_both(nodes, count)
+            done = all_delivered(nodes, count)
         stats = mx.stats
     assert done, [delivered(n) for n in nodes]
     assert stats.refused == 0, stats  # never a connection over K
@@ -306,12 +322,10 @@ def test_redis_outage_mid_run_local_limits_then_catch_up(tmp_path, dns_server, r
     count, rate = 60, 15.0  # 120 messages at 15/s: about 8 s, the outage in the middle
     route_to(dns_server)
     with BackgroundThrottleMx(host="127.0.0.2", max_connections=K, rate=10_000) as mx:
-        nodes = [start_node(tmp_path / name, redis_server.url, dns_server, mx.port,
-                            rate=f"{rate:g}/s", per_connection=20) for name in ("n1", "n2")]
-        try:
+        with two_nodes(tmp_path, redis_server.url, dns_server, mx.port,
+                       rate=f"{rate:g}/s", per_connection=20) as nodes:
             assert redis_up_metric(nodes[0]) == (1.0, 0.0)
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda n: submit(n[1], count, f"u{n[0]}-"), enumerate(nodes)))
+            submit_to_both(nodes, count)
             assert wait_until(lambda: sum(map(delivered, nodes)) >= 25, timeout=15)
             redis_server.stop()
             before = sum(map(delivered, nodes))
@@ -321,10 +335,7 @@ def test_redis_outage_mid_run_local_limits_then_catch_up(tmp_path, dns_server, r
             redis_server.start()
             assert wait_until(lambda: redis_up_metric(nodes[0])[0] == 1.0, timeout=10)
             assert redis_up_metric(nodes[0])[1] >= 1.0
-            done = wait_until(lambda: all(delivered(n) == count for n in nodes), timeout=30)
-        finally:
-            for node in nodes:
-                node.stop()
+            done = all_delivered(nodes, count)
         stats = mx.stats
     assert done, [delivered(n) for n in nodes]
     assert during > 0  # delivery went on while Redis was down

@@ -184,6 +184,16 @@ def batch_size(budgets: list[Budget]) -> int:
     return max(1, min(sizes, default=1))
 
 
+def take_all(paces: list[Gcra]) -> float:
+    """0.0 with one event taken from every pace, or the longest wait (nothing taken)."""
+    now = time.monotonic()
+    wait = max((g.wait(now) for g in paces), default=0.0)
+    if not wait:
+        for gcra in paces:
+            gcra.take(now)
+    return wait
+
+
 def local_share(total: float, cluster_workers: int) -> float:
     return total / max(1, cluster_workers)
 
@@ -295,16 +305,11 @@ class ClusterThrottle:
             return holdoff
         if any(self._open(b.key) >= self._local_max(b) for b in budgets):
             return WAIT_FOR_CLOSE
-        paces = [(self._local_gcra("conn", b.key, b.connection_rate, 1))
-                 for b in budgets if b.connection_rate]
-        now = time.monotonic()
-        wait = max((g.wait(now) for g in paces), default=0.0)
-        if wait:
-            return wait
-        for gcra in paces:
-            gcra.take(now)
-        self._hold(budgets, self._member())
-        return 0.0
+        wait = take_all([self._local_gcra("conn", b.key, b.connection_rate, 1)
+                         for b in budgets if b.connection_rate])
+        if not wait:
+            self._hold(budgets, self._member())
+        return wait
 
     def _holdoff(self) -> float:
         """New connections wait this long after Redis went down: the other workers notice
@@ -392,15 +397,8 @@ class ClusterThrottle:
         return args
 
     def _send_locally(self, budgets: list[Budget]) -> float:
-        paces = [self._local_gcra("msg", b.key, b.message_rate, b.message_burst)
-                 for b in budgets if b.message_rate]
-        now = time.monotonic()
-        wait = max((g.wait(now) for g in paces), default=0.0)
-        if wait:
-            return wait
-        for gcra in paces:
-            gcra.take(now)
-        return 0.0
+        return take_all([self._local_gcra("msg", b.key, b.message_rate, b.message_burst)
+                         for b in budgets if b.message_rate])
 
     def _local_gcra(self, kind: str, scope: str, rate: float, burst: int) -> Gcra:
         share = local_share(rate, self._cluster_workers())

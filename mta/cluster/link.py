@@ -43,6 +43,19 @@ class _Down:
 DOWN: Any = _Down()
 
 
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop and wait for its end. Cancels again while it runs on:
+    `asyncio.wait_for` (Python 3.11) can swallow a cancellation that comes just as the
+    call it waits for completes, and a loop would then never end."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.2)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s ended with %r", task.get_name(), task.exception())
+
+
 class RedisLink:
     def __init__(self, cfg: ClusterConfig, member: str,
                  client: aioredis.Redis | None = None) -> None:
@@ -71,10 +84,7 @@ class RedisLink:
         self._task = asyncio.get_running_loop().create_task(self._keep_alive())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         with contextlib.suppress(RedisError, OSError, TimeoutError):  # leave the count now
             await asyncio.wait_for(self.redis.zrem(self.key("workers"), self.member),
                                    self.cfg.timeout)

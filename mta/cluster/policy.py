@@ -26,7 +26,6 @@ its own counters again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from mta.cluster.link import DOWN, RedisLink
+from mta.cluster.link import DOWN, RedisLink, stop_task
 from mta.cluster.policy_state import (
     ADD,
     PULL,
@@ -142,10 +141,7 @@ class PolicySync:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self.leader and self.link.up:
             await self._publish()
 

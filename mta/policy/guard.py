@@ -22,7 +22,6 @@ Hooks (see the package docstring for the wiring):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.policy
 import logging
 import time
@@ -182,9 +181,9 @@ class PolicyGuard:
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():  # again if a cancellation got lost (asyncio.wait_for)
+                task.cancel()
+                await asyncio.wait([task], timeout=0.2)
         self._tasks.clear()
         await self.flush()
 

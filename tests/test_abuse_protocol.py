@@ -20,6 +20,7 @@ Policies decided here (and what the tests hold the engine to):
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -350,6 +351,23 @@ def test_unknown_commands_in_a_row_disconnect(engine) -> None:
     code, text = c.cmd("GET / HTTP/1.1")
     assert code == 421 and "4.7.0" in text
     assert c.closed()
+
+
+def test_every_reply_after_ehlo_has_an_enhanced_status_code(engine) -> None:
+    """ENHANCEDSTATUSCODES is advertised, so every reply but the greeting and EHLO's
+    carries one (RFC 2034); VRFY says nothing about mailboxes, EXPN is off."""
+    c = session(engine)
+    assert c.cmd("EHLO client.test")[0] == 250
+    commands = ["NOOP", "VRFY", "VRFY postmaster", "EXPN staff", "HELP", "RSET",
+                "MAIL FROM:<a@shop.test>", "RCPT TO:<b@dest.test>", "RSET",
+                "RCPT TO:<b@dest.test>", "DATA", "MAIL FROM:<bad", "QUIT"]
+    for command in commands:
+        code, text = c.cmd(command)
+        assert re.match(rf"{str(code)[0]}\.\d{{1,3}}\.\d{{1,3}} ", text), (command, code, text)
+        if command == "VRFY postmaster":
+            assert code == 252
+        if command.startswith("EXPN"):
+            assert code == 502
 
 
 def test_http_request_to_smtp_port_is_cut_off(engine) -> None:

@@ -203,6 +203,21 @@ class IntakeSMTP(SMTP):
         reply = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
         await self.push("\r\n".join(reply))
 
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        # RFC 5321 3.5.3: say nothing about mailboxes (no address harvesting).
+        await self.push("252 2.5.2 Cannot VRFY user, but will accept message and attempt "
+                        "delivery")
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 EXPN not available")
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push("214 2.0.0 Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT "
+                        "VRFY STARTTLS AUTH HELP")
+
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if self._tls_protocol:
             await self.push("503 5.5.1 TLS already active")

@@ -110,7 +110,8 @@ class PolicySync:
         self.interval = min(0.25, guard.pc.cache_ttl / 2)
         self.counts = guard.counts  # in the guard's metrics (mta_policy_actions_total)
         self.rounds = 0
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # counts being added
+        self._leading = asyncio.Lock()  # the epoch, the journal and the pulls (one at a time)
         self._task: asyncio.Task[None] | None = None
 
     # --- keys -----------------------------------------------------------------------
@@ -143,7 +144,8 @@ class PolicySync:
     async def close(self) -> None:
         await stop_task(self._task)
         if self.leader and self.link.up:
-            await self._publish()
+            async with self._leading:
+                await self._publish()
 
     async def _loop(self) -> None:
         while True:
@@ -165,10 +167,11 @@ class PolicySync:
             await self._forget()
         if self.leader:
             self.rounds += 1
-            if self.rounds % EPOCH_EVERY == 0:
-                await self._check_epoch()  # emptied without a restart (FLUSHALL)
-            await self._publish()
-            await self._pull()
+            async with self._leading:
+                if self.rounds % EPOCH_EVERY == 0:
+                    await self._check_epoch()  # emptied without a restart (FLUSHALL)
+                await self._publish()
+                await self._pull()
 
     def went_down(self) -> None:
         self.shares.clear()
@@ -185,13 +188,14 @@ class PolicySync:
 
     async def _catch_up(self) -> None:
         self.shares.clear()
-        republished = await self._check_epoch() if self.leader else 0
-        async with self._lock:
-            keys = len(self.unpushed) + (len(self.sending[1]) if self.sending else 0)
-            if await self._push_counters() is DOWN:
-                return
-        published = await self._publish() if self.leader else 0
-        merged = await self._pull() if self.leader else 0
+        async with self._leading:
+            republished = await self._check_epoch() if self.leader else 0
+            async with self._lock:
+                keys = len(self.unpushed) + (len(self.sending[1]) if self.sending else 0)
+                if await self._push_counters() is DOWN:
+                    return
+            published = await self._publish() if self.leader else 0
+            merged = await self._pull() if self.leader else 0
         report = {"counters": keys, "published": published, "merged": merged,
                   "republished": republished}
         self.counts["shared_catch_ups"] += 1
@@ -299,7 +303,8 @@ class PolicySync:
         the next sync rounds while Redis is unreachable)."""
         self.forgetting.add(account)
         if self.leader and self.link.up:
-            await self._publish()  # no removal of its entries published after this
+            async with self._leading:
+                await self._publish()  # no removal of its entries published after this
         await self._forget()
 
     async def _forget(self) -> None:

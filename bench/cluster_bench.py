@@ -27,6 +27,7 @@ Usage::
 
     python -m bench.cluster_bench                       # 10,000 x 2 KB; K=4, R=100, 1500 msgs
     python -m bench.cluster_bench --messages 5000 --rate 150 --max-conn 6 --json out.json
+    python -m bench.cluster_bench --rounds 3 --skip throttled   # medians of 3 rounds
 
 The machine's two cores run the nodes, Redis, the sinks, the DNS server and the load
 generator at once: the comparison is between topologies on the same machine, not a
@@ -254,6 +255,11 @@ def make_dns(server: DnsServer) -> None:
 # --- output ---------------------------------------------------------------------------------
 
 
+def median_run(runs: list[ThroughputResult]) -> ThroughputResult:
+    """The run with the median delivered rate."""
+    return sorted(runs, key=lambda r: r.delivered_per_s)[len(runs) // 2]
+
+
 def format_throughput(rows: list[ThroughputResult]) -> str:
     lines = [f"{'throughput':<20} {'messages':>8} {'accepted/s':>11} {'delivered/s':>12} "
              f"{'engine CPU ms/msg':>18} {'Redis CPU s':>12}"]
@@ -283,11 +289,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-conn", type=int, default=Options.max_connections,
                    help="K at the throttling MX")
     p.add_argument("--throttled-messages", type=int, default=Options.throttled_messages)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="throughput: rounds over the topologies (the median is printed)")
     p.add_argument("--skip", choices=("throughput", "throttled"), action="append", default=[])
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     if min(args.messages, args.size, args.sessions, args.max_conn,
-           args.throttled_messages) < 1 or args.rate <= 0:
+           args.throttled_messages, args.rounds) < 1 or args.rate <= 0:
         p.error("counts, sizes and the rate must be positive")
     return args
 
@@ -300,10 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mta-cluster-bench-") as tmp, DnsServer() as dns:
         make_dns(dns)
         if "throughput" not in args.skip:
-            rows = [throughput(Path(tmp) / f"tp{i}", t, dns, opts)
-                    for i, t in enumerate((ONE, ONE_REDIS, TWO_REDIS))]
+            # Rounds interleave the topologies, so a change in the machine's load hits
+            # them all alike; the median round of each is printed.
+            runs = [[throughput(Path(tmp) / f"tp{r}-{i}", t, dns, opts)
+                     for i, t in enumerate((ONE, ONE_REDIS, TWO_REDIS))]
+                    for r in range(args.rounds)]
+            rows = [median_run([run[i] for run in runs]) for i in range(len(runs[0]))]
             print(format_throughput(rows), flush=True)
             out["throughput"] = [asdict(r) for r in rows]
+            out["throughput_rounds"] = [[asdict(r) for r in run] for run in runs]
         if "throttled" not in args.skip:
             shaped = [throttled(Path(tmp) / f"th{i}", t, dns, opts)
                       for i, t in enumerate((ONE, TWO_REDIS, TWO_ALONE))]

@@ -72,6 +72,7 @@ class SmtpConfig:
     max_connections: int = 10_000
     max_connections_per_ip: int = 200
     max_unknown_commands: int = 5
+    max_errors: int = 20  # error replies to an untrusted, unauthenticated session; 0: no limit
     greet_pause: float = 1.0  # untrusted clients that talk before the 220 get 554; 0: off
     max_auth_failures: int = 5
     auth_failure_window: float = 300.0

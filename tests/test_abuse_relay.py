@@ -125,6 +125,22 @@ def test_open_relay_probe_from_untrusted_address_is_refused(engine, probe: str) 
     assert stored["rcpts"] == ["postmaster@inbound.test"]
 
 
+def test_untrusted_client_probing_in_one_session_is_cut_off(engine) -> None:
+    """After `max_errors` (20) refusals an untrusted, unauthenticated session ends with
+    421; a trusted client meeting as many refusals keeps its session."""
+    c = session(engine, source=UNTRUSTED)
+    assert c.cmd("MAIL FROM:<probe@remote.test>")[0] == 250
+    codes = [c.cmd(f"RCPT TO:<victim{i}@dest.test>")[0] for i in range(20)]
+    assert codes == [550] * 20
+    code, text = c.reply()  # right after the 20th refusal
+    assert code == 421 and text.startswith("4.7.0") and c.closed()
+    trusted = session(engine)
+    assert trusted.cmd("MAIL FROM:<a@shop.test>")[0] == 250
+    assert all(trusted.cmd("RCPT TO:<bad@@x>")[0] // 100 == 5 for _ in range(25))
+    assert trusted.cmd("NOOP")[0] == 250
+    trusted.close()
+
+
 def test_trusted_client_may_relay_the_same_probes(engine) -> None:
     """The refusals are relay control, not broken parsing: a trusted client relays."""
     c = session(engine)

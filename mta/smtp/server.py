@@ -62,6 +62,7 @@ class IntakeSMTP(SMTP):
         self._inbuf = bytearray()
         self._peer_ip = ""
         self._counted = False
+        self._errors = 0  # 4xx/5xx replies sent in this session
 
     # --- connection --------------------------------------------------------
 
@@ -83,6 +84,8 @@ class IntakeSMTP(SMTP):
         if self.transport is None:
             return
         data = status.encode("utf-8") if isinstance(status, str) else status
+        if data[:1] in (b"4", b"5"):
+            self._errors += 1
         self._writer.write(data + b"\r\n")
         if self.transport.get_write_buffer_size() > 65536:
             await self._writer.drain()
@@ -155,6 +158,10 @@ class IntakeSMTP(SMTP):
                 self._reset_timeout()
                 text = arg.strip().decode("utf-8", "surrogateescape")
                 await method(text or None)
+                if self._too_many_errors():
+                    await self.push("421 4.7.0 Too many errors, goodbye")
+                    self._close()
+                    break
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
@@ -164,6 +171,13 @@ class IntakeSMTP(SMTP):
             except Exception:
                 log.exception("SMTP session error from %s", self._peer_ip)
                 await self.push("451 4.3.0 Internal error, try again later")
+
+    def _too_many_errors(self) -> bool:
+        """Probing clients are cut off; trusted or authenticated senders (whose bulk
+        sessions may meet many suppressed recipients) are not."""
+        limit = self.intake.cfg.smtp.max_errors
+        return (0 < limit <= self._errors and not self.intake.is_trusted(self._peer_ip)
+                and not (self.session is not None and self.session.authenticated))
 
     async def _greet_pause(self) -> bool:
         """Hold the 220 back from untrusted clients for `greet_pause` seconds, as Postfix's

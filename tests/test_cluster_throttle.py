@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.rig.throttle_mx import BackgroundThrottleMx
 from mta.cluster import RedisLink
-from mta.cluster.throttle import ClusterThrottle, batch_size
+from mta.cluster.throttle import FULL_MEMORY, ClusterThrottle, batch_size
 from mta.config import ClusterConfig
 from mta.throttle import WAIT_FOR_CLOSE, Throttle, parse_shaping
 from mta.throttle.throttle import Budget, Destination
@@ -79,9 +79,11 @@ def test_two_nodes_competing_never_hold_more_than_k_leases(redis_server) -> None
         answers = await asyncio.gather(*(g.connect(dest) for _ in range(6) for g in (a, b)))
         assert answers.count(0.0) == 3 and answers.count(WAIT_FOR_CLOSE) == 9
         assert a.open_connections() + b.open_connections() == 3 == leases(redis_server)
+        assert await a.connect(dest) == WAIT_FOR_CLOSE  # told without asking Redis again
         most, fewest = sorted((a, b), key=ClusterThrottle.open_connections, reverse=True)
         await most.release(dest)
         assert leases(redis_server) == 2
+        await asyncio.sleep(FULL_MEMORY)
         assert await fewest.connect(dest) == 0.0
         assert await most.connect(dest) == WAIT_FOR_CLOSE
         await close(a, b)
@@ -107,6 +109,7 @@ def test_a_waiting_node_gets_its_fair_share(redis_server) -> None:
         await a._write_leases()
         assert not a.shed(dest)
         assert await a.connect(dest) == WAIT_FOR_CLOSE  # b's turn, though there is room
+        await asyncio.sleep(FULL_MEMORY)
         assert await b.connect(dest) == 0.0
         await close(a, b)
 

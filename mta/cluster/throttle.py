@@ -49,6 +49,7 @@ BATCH_SECONDS = 0.05  # message tokens taken at once: this long at the rate (wit
 TOKEN_LIFE = 1.0  # tokens in hand not used within this long (once usable) are dropped
 RESERVE_MAX = 1.0  # a message token may be reserved this far ahead
 WAITER_TTL = 3.0  # a worker refused a connection counts as waiting this long (at most node_ttl)
+FULL_MEMORY = 0.05  # after "full", connect() answers so itself this long (no round trip)
 RENEW_INTERVAL = 0.25  # leases renewed (and fair shares looked at) this often (at most ttl/3)
 
 # Shared by the lease scripts: where worker `me` stands in one scope. A lease member is
@@ -216,6 +217,7 @@ class ClusterThrottle:
         self._limits: dict[str, int] = {}  # scope -> its connection limit, as last asked
         self._excess: dict[str, int] = {}  # scope -> leases over this worker's fair share
         self._closing: dict[str, int] = {}  # scope -> connections told to close (`shed`)
+        self._full_until: dict[tuple[str, ...], float] = {}  # refused: no asking until then
         self._serial = itertools.count(1)
         self._tokens: dict[tuple[str, ...], list[Tokens]] = {}  # message tokens in hand
         self._local: dict[tuple[str, str], Gcra] = {}  # paces while Redis is down
@@ -244,6 +246,9 @@ class ClusterThrottle:
         """0.0: a connection may be opened (call `release` once it is closed); else
         WAIT_FOR_CLOSE (the cluster holds the limit) or seconds to wait."""
         budgets = self.throttle.budgets(dest)
+        keys = tuple(b.key for b in budgets)
+        if time.monotonic() < self._full_until.get(keys, 0.0):
+            return WAIT_FOR_CLOSE  # just refused: the deliverer asks again and again
         if self._stale and self.link.up:
             await self.catch_up()
         if self.link.up:
@@ -267,6 +272,8 @@ class ClusterThrottle:
             for scope in keys:
                 for count in (self._excess, self._closing):
                     count[scope] = max(0, count.get(scope, 0) - 1)
+            self._full_until = {k: t for k, t in self._full_until.items()
+                                if not set(k) & set(keys)}  # room again, maybe
             if self.link.up:
                 await self.link.call(lambda: self._release(
                     keys=[self._key("leases", k) for k in keys], args=[member] * len(keys)))
@@ -297,7 +304,10 @@ class ClusterThrottle:
         if text == "ok":
             self._hold(budgets, member)
             return 0.0
-        return WAIT_FOR_CLOSE if text == "full" else max(float(text), 0.001)
+        if text == "full":
+            self._full_until[tuple(b.key for b in budgets)] = time.monotonic() + FULL_MEMORY
+            return WAIT_FOR_CLOSE
+        return max(float(text), 0.001)
 
     def _connect_locally(self, budgets: list[Budget]) -> float:
         holdoff = self._holdoff()

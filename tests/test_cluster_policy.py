@@ -552,7 +552,8 @@ def test_engines_ride_out_a_redis_restart(tmp_path: Path, dns_server: Any, route
         assert all(events(p, "PolicySync") for p in paths)
         assert wait_until(lambda: shared(redis_server, "run")[0] == 200, timeout=5), \
             shared(redis_server, "run")  # what was counted during the outage caught up
-        wait_until(lambda: all(finals(p, "run") == 100 for p in paths), timeout=10)
+        assert wait_until(lambda: all(finals(p, "run") == 100 for p in paths), timeout=20), \
+            [finals(p, "run") for p in paths]  # all delivered
         assert wait_until(lambda: shared(redis_server, "run")[1] == sum(
             finals(p, "run") for p in paths), timeout=5)  # every outcome counted once
     finally:

@@ -39,6 +39,9 @@ from mta.cluster.policy_state import (
     merge_op,
     newer,
     parse_hash,
+    parse_pull,
+    parse_rejected,
+    put_args,
     read_journal,
     shared_deltas,
 )
@@ -95,6 +98,18 @@ def test_counter_script_arguments_and_replies() -> None:
     assert add_args(60, deltas) == [60, 2, "sent", 2, "hard", 1, 1, "submitted", -4]
     assert parse_hash([b"sent", b"7", b"hard", b"2"]) == Counters(sent=7, hard=2)
 
+
+def test_shared_records_in_and_out_of_the_scripts() -> None:
+    records = [Record("state", b"Cshop\0spring", b"\x81", 12.5),
+               Record("supp", b"shop\0a@b.test", TOMBSTONE, 13.0)]
+    assert put_args(records) == [b"Cshop\0spring", b"\x81", "12.5",
+                                 b"shop\0a@b.test", b"", "13.0"]
+    pulled, top = parse_pull("supp", [b"shop\0a@b.test", b"7", b"", b"13.0",
+                                      b"shop\0c@d.test", b"9", b"\x81", b"14"])
+    assert top == 9 and [r.version for r in pulled] == [13.0, 14.0]
+    assert pulled[0].value == TOMBSTONE and pulled[1].ref == b"Sshop\0c@d.test"
+    assert parse_rejected("state", [b"Ax", b"\x81", b"20"]) == [
+        Record("state", b"Ax", b"\x81", 20.0)]
 
 def test_a_worker_share_of_what_is_left_while_redis_is_down() -> None:
     limits = (None, 500)

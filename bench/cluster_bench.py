@@ -142,6 +142,7 @@ def node_config(workdir: Path, dns: DnsServer, port: int, shaping: Path,
                      "retry_initial": 300.0, "connect_timeout": 5.0, "command_timeout": 10.0,
                      "connection_idle_timeout": 2.0},
         "throttle": {"shaping_file": str(shaping)},
+        "bounce": {"verp_secret": "bench-verp"}, "policy": {"unsubscribe_secret": "bench-unsub"},
         "cluster": {"redis": redis_url, "node": workdir.name},
     }
 

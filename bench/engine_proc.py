@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,13 @@ import tomli_w
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
+
+
+def read_events(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The engine's event log, complete lines only (the engine may be writing the last one)."""
+    text = path.read_text() if path.exists() else ""
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]
+    return [e for e in map(json.loads, lines) if kind is None or e.get("type") == kind]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import EngineProcess, free_port
+from bench.engine_proc import EngineProcess, free_port, read_events
 from bench.load import SmtpSession, Submission, make_body
 from bench.rig.dns import DnsServer
 from bench.rig.throttle_mx import ThrottleMx
@@ -283,12 +283,6 @@ class Feeder:
 
     async def run(self) -> None:
         await asyncio.gather(*(self._session() for _ in range(self.sessions)))
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def queued_jobs(spool_path: Path, late: float = LATE) -> tuple[int, int]:

@@ -161,7 +161,7 @@ class BounceConfig:
     fbl_domain: str = ""  # feedback-loop reports arrive here; empty: same as domain
     verp: bool = True  # outgoing mail gets a VERP return path on `domain`
     verp_prefix: str = "b"
-    verp_secret: str = "change-me-verp-secret"
+    verp_secret: str = ""  # HMAC key of VERP tokens; empty: a random key kept in the spool
     unparsed_dir: str = "./var/unparsed"  # reports the parser could not read, for an operator
 
 

@@ -63,6 +63,9 @@ def check_startup(cfg: Config) -> None:
     from mta.policy import check_policy
 
     check_policy(cfg)
+    from mta.cluster import check_cluster
+
+    check_cluster(cfg)
     for extension in startup_checks:
         extension(cfg)
     host, port = parse_hostport(cfg.smtp.listen)

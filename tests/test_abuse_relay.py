@@ -10,7 +10,6 @@ config values.
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from bench.engine_proc import read_events
 from mta.config import ConfigError, load_config
 from mta.smtp.address import AddressError, parse_path
 from mta.smtp.auth import hash_password
@@ -205,10 +205,7 @@ def test_parser_reads_parameters() -> None:
 
 
 def auth_events(tmp: Path) -> list[dict]:
-    path = tmp / "events.jsonl"
-    if not path.exists():
-        return []
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("type") == "Auth"]
+    return read_events(tmp / "events.jsonl", "Auth")
 
 
 def test_auth_in_plain_text_from_untrusted_is_refused_and_never_checked(engine) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from mta.cluster import DOWN, RedisLink
-from mta.config import ClusterConfig
+import pytest
+
+from mta.cluster import DOWN, RedisLink, check_cluster
+from mta.config import ClusterConfig, Config, ConfigError
 
 
 def test_registers_goes_down_and_comes_back(redis_server) -> None:
@@ -41,3 +43,15 @@ def test_registers_goes_down_and_comes_back(redis_server) -> None:
         await a.close()
 
     asyncio.run(scenario())
+
+
+def test_a_cluster_needs_the_same_secrets_on_every_node() -> None:
+    cfg = Config(cluster=ClusterConfig(redis="redis://127.0.0.1:6379/0"))
+    check_cluster(Config())  # a single node keeps its per-spool random key
+    with pytest.raises(ConfigError, match=r"^\[policy\] unsubscribe_secret: set it"):
+        check_cluster(cfg)
+    cfg.policy.unsubscribe_secret = "shared"
+    with pytest.raises(ConfigError, match=r"^\[bounce\] verp_secret: set it"):
+        check_cluster(cfg)
+    cfg.bounce.verp_secret = "also-shared"
+    check_cluster(cfg)

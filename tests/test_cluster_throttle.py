@@ -9,7 +9,6 @@ connections in total; and Redis is stopped mid-run and started again.
 from __future__ import annotations
 
 import asyncio
-import json
 import smtplib
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.engine_proc import read_events
 from bench.rig.throttle_mx import BackgroundThrottleMx
 from mta.cluster import RedisLink
 from mta.cluster.throttle import FULL_MEMORY, ClusterThrottle, batch_size
@@ -250,7 +250,8 @@ def start_node(tmp: Path, redis_url: str, dns: Any, mx_port: int, rate: str = "u
         delivery={"enabled": True, "port": mx_port, "allow_loopback_mx": True,
                   "retry_initial": 300.0, "connect_timeout": 3.0, "command_timeout": 5.0,
                   "connection_idle_timeout": 1.0},
-        throttle={"shaping_file": str(shaping)},
+        throttle={"shaping_file": str(shaping)}, bounce={"verp_secret": "cluster-verp"},
+        policy={"unsubscribe_secret": "cluster-unsub"},
         cluster={"redis": redis_url, "node": tmp.name, "timeout": 0.3,
                  "retry_interval": 0.3, "node_ttl": 2.0})
 
@@ -264,10 +265,7 @@ def submit(node: Any, count: int, tag: str) -> None:
 
 
 def events(node: Any, kind: str) -> list[dict[str, Any]]:
-    path = node.workdir / "events.jsonl"
-    text = path.read_text() if path.exists() else ""
-    lines = text.split("\n")[:-1]  # complete lines only: the engine may be writing one
-    return [e for e in map(json.loads, filter(None, lines)) if e["type"] == kind]
+    return read_events(node.workdir / "events.jsonl", kind)
 
 
 def delivered(node: Any) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import email
-import json
 import smtplib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.engine_proc import read_events
 from bench.rig.sinks import SinkFaults
 from tests.support import start_engine, wait_until
 
@@ -31,11 +31,7 @@ def delivering(tmp: Path, dns: Any, port: int, **delivery: Any):
 
 
 def events(tmp: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = tmp / "events.jsonl"
-    if not path.exists():
-        return []
-    found = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [e for e in found if kind is None or e["type"] == kind]
+    return read_events(tmp / "events.jsonl", kind)
 
 
 def submit(engine: Any, recipients: list[str], subject: str = "hello",

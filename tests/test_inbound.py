@@ -6,6 +6,7 @@ import smtplib
 from pathlib import Path
 
 from mta.bounce.verp import parse_return_path
+from mta.queue.spool import Spool, domain_hash
 from tests.support import start_engine, wait_until
 from tests.test_delivery import events
 
@@ -13,13 +14,13 @@ BOUNCE_DOMAIN = "bounces.shop.test"
 SECRET = "test-verp-secret"
 
 
-def engine_with_sink(tmp: Path, dns, sink):
+def engine_with_sink(tmp: Path, dns, sink, secret: str = SECRET, workers: int | None = None):
     dns.add_mx("dest.test", [(10, "mx.dest.test")])
     dns.add_a("mx.dest.test", "127.0.0.2")
     return start_engine(
-        tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+        tmp, workers, dns={"nameservers": [dns.address], "timeout": 1.0},
         delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True},
-        bounce={"domain": BOUNCE_DOMAIN, "verp_secret": SECRET,
+        bounce={"domain": BOUNCE_DOMAIN, "verp_secret": secret,
                 "unparsed_dir": str(tmp / "unparsed")})
 
 
@@ -120,3 +121,38 @@ def test_bounce_and_complaint_come_back_attributed(tmp_path, dns_server,
     assert len(list((tmp_path / "unparsed").glob("*.eml"))) == 1
     # None of the inbound mail was relayed anywhere.
     assert sink.accepted == 1
+
+
+def test_without_a_verp_secret_each_spool_makes_its_own_and_keeps_it(
+        tmp_path, dns_server, asyncio_sink_factory) -> None:
+    sink = asyncio_sink_factory(host="127.0.0.2", record=True)
+    # one domain for each of the two workers' deliverers
+    domains = [next(f"w{w}-{n}.test" for n in range(100) if domain_hash(f"w{w}-{n}.test") % 2 == w)
+               for w in (0, 1)]
+    for domain in domains:
+        dns_server.add_mx(domain, [(10, "mx.dest.test")])
+    for run in range(2):  # the key outlives a restart: old bounces still verify
+        engine = engine_with_sink(tmp_path, dns_server, sink, secret="", workers=2)
+        try:
+            with smtplib.SMTP(engine.host, engine.port) as client:
+                for i in range(4):
+                    client.sendmail("news@shop.test", [f"u{run}{i}@{domains[i % 2]}"],
+                                    b"From: news@shop.test\r\nSubject: s\r\n\r\nhi\r\n")
+            assert wait_until(lambda n=4 * (run + 1): sink.accepted == n, timeout=15)
+        finally:
+            engine.stop()
+    spool = Spool(tmp_path / "spool")
+    try:
+        key = spool.secret("verp")
+    finally:
+        spool.close()
+    assert len(key) == 32 and key != b"change-me-verp-secret"
+    ids = {e["id"]: e["recipient"] for e in events(tmp_path, "Delivery")}
+    assert len(ids) == 8 and {e["worker"] for e in events(tmp_path, "Delivery")} == {0, 1}
+    verified = [parse_return_path(key, m.mail_from) for m in sink.received]
+    assert sorted(verified) == sorted(ids.items())
+    other = Spool(tmp_path / "other")
+    try:
+        assert other.secret("verp") != key
+    finally:
+        other.close()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from bench.engine_proc import read_events
 from mta.config import load_config
 from mta.policy.guard import PolicyGuard
 from mta.policy.model import REVIEW, Counters, Suppression
@@ -80,9 +81,7 @@ def seed(tmp: Path) -> dict[str, str]:
 
 
 def events(tmp: Path, kind: str) -> list[dict[str, Any]]:
-    path = tmp / "events.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for e in map(json.loads, lines) if e["type"] == kind]
+    return read_events(tmp / "events.jsonl", kind)
 
 
 def held(tmp: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from bench.engine_proc import PROJECT_ROOT, EngineProcess
+from bench.engine_proc import PROJECT_ROOT, EngineProcess, read_events
 from bench.load import Submission, make_body, run_load
 from bench.rig.sinks import SinkFaults
 from tests.support import engine_config, wait_until
@@ -46,10 +46,8 @@ def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) 
 
 
 def events(tmp: Path, kind: str, campaign: str | None = None) -> list[dict[str, Any]]:
-    path = tmp / "events.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for e in map(json.loads, lines)
-            if e["type"] == kind and campaign in (None, e.get("campaign"))]
+    return [e for e in read_events(tmp / "events.jsonl", kind)
+            if campaign in (None, e.get("campaign"))]
 
 
 def finals(tmp: Path, campaign: str) -> int:

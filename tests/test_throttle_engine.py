@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.engine_proc import read_events
 from bench.rig.sinks import SinkFaults
 from bench.rig.throttle_mx import BackgroundThrottleMx
 from bench.throttle_bench import Scenario, analyse, format_result, run_scenario, shaping_text
@@ -30,11 +31,7 @@ FOLLOW_BOUND = 13.0  # seconds to deliver at the new rate after a change (3-s wi
 
 
 def events(tmp: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = tmp / "events.jsonl"
-    if not path.exists():
-        return []
-    found = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [e for e in found if kind is None or e["type"] == kind]
+    return read_events(tmp / "events.jsonl", kind)
 
 
 def engine_with_shaping(tmp: Path, dns: Any, port: int, scenario: Scenario,

@@ -17,7 +17,25 @@ from typing import Any
 
 from mta.cluster.link import DOWN, RedisLink
 
-__all__ = ["DOWN", "RedisLink", "node_name", "start_cluster"]
+__all__ = ["DOWN", "RedisLink", "check_cluster", "node_name", "start_cluster"]
+
+
+def check_cluster(cfg: Any) -> None:
+    """A startup check: the secrets that sign links and return paths must be shared.
+
+    A VERP bounce or an unsubscribe click may come back to any node; with each node's
+    own random key, the other nodes would not recognise it.
+    """
+    from mta.config import ConfigError
+
+    if not cfg.cluster.redis:
+        return
+    if not cfg.policy.unsubscribe_secret:
+        raise ConfigError("[policy] unsubscribe_secret: set it, the same on every node, "
+                          "when [cluster] redis is set")
+    if not cfg.bounce.verp_secret:
+        raise ConfigError("[bounce] verp_secret: set it, the same on every node, "
+                          "when [cluster] redis is set")
 
 
 def node_name(cfg: Any) -> str:

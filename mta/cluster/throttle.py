@@ -31,7 +31,6 @@ again before any new connection is asked for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mta.cluster.link import DOWN, RedisLink
+from mta.cluster.link import DOWN, RedisLink, stop_task
 from mta.throttle.gcra import Gcra
 from mta.throttle.throttle import WAIT_FOR_CLOSE, Budget, Destination, Throttle
 
@@ -235,10 +234,7 @@ class ClusterThrottle:
         self._task = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     # --- connections ----------------------------------------------------------------
 

@@ -33,13 +33,17 @@ EVENT_BY_KIND = {"hard": "Bounce", "soft": "Bounce", "complaint": "Complaint",
 MailboxHandler = Callable[[str, bytes], Awaitable[tuple[int, str]]]
 
 
-def verp_transform(cfg: Config) -> Callable[[Item, str, bytes], tuple[str, bytes]]:
+def verp_secret(cfg: Config, spool: Spool) -> bytes:
+    """[bounce] verp_secret, or the spool's own random key when it is empty."""
+    return cfg.bounce.verp_secret.encode() or spool.secret("verp")
+
+
+def verp_transform(cfg: Config, secret: bytes) -> Callable[[Item, str, bytes], tuple[str, bytes]]:
     """Outgoing mail's return path names the message and its (first) recipient.
 
     One transaction carries every recipient of a domain, so a job with several
     recipients is named by its first; the bounce's own text names the failed one.
     """
-    secret = cfg.bounce.verp_secret.encode()
     prefix, domain = cfg.bounce.verp_prefix, cfg.bounce.domain
 
     def transform(item: Item, sender: str, data: bytes) -> tuple[str, bytes]:
@@ -62,7 +66,7 @@ class InboundHandler:
         self.spool = spool
         self.emit = emit
         self.complete = complete
-        self.secret = cfg.bounce.verp_secret.encode()
+        self.secret = verp_secret(cfg, spool)
         self.unparsed_dir = Path(cfg.bounce.unparsed_dir)
         self.mailboxes: dict[str, MailboxHandler] = {}  # local-part prefix -> handler
         self.unparsed = 0

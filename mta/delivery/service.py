@@ -12,7 +12,7 @@ from mta.cluster.throttle import start_cluster_throttle
 from mta.config import Config, parse_hostport, shipped_path
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
-from mta.delivery.inbound import InboundHandler, verp_transform
+from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
 from mta.delivery.mx import MxResolver
 from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
@@ -123,7 +123,7 @@ def start_delivery(worker: Any) -> Deliverer:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))
     deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
     if cfg.bounce.verp:
-        deliverer.transforms.insert(0, verp_transform(cfg))
+        deliverer.transforms.insert(0, verp_transform(cfg, verp_secret(cfg, worker.spool)))
 
     def on_outcome(item: Item, outcome: AttemptOutcome) -> None:
         for event in outcome_events(item, outcome, item.domain in deliverer.local_domains):

@@ -153,6 +153,24 @@ class Spool:
                 results.append(_as_full(exc))
         return results
 
+    def secret(self, name: str) -> bytes:
+        """A random key kept in the spool, made on first use: every worker, and every run
+        on this spool, gets the same one."""
+        key = b"secret:" + name.encode()
+
+        def get_or_make(txn: Any) -> bytes:
+            found = txn.get(key, db=self.dbs["meta"])
+            if found:
+                return bytes(found)
+            made = os.urandom(32)
+            txn.put(key, made, db=self.dbs["meta"])
+            return made
+
+        [result] = self.apply([get_or_make])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def store_op(self, message: NewMessage) -> Callable[[Any], str]:
         """An operation that stores a message and its delivery jobs."""
 

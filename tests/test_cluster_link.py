@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from mta.cluster import DOWN, RedisLink, check_cluster
+from mta.cluster.link import without_password
 from mta.config import ClusterConfig, Config, ConfigError
 
 
@@ -55,3 +56,9 @@ def test_a_cluster_needs_the_same_secrets_on_every_node() -> None:
         check_cluster(cfg)
     cfg.bounce.verp_secret = "also-shared"
     check_cluster(cfg)
+
+
+def test_logs_never_show_the_redis_password() -> None:
+    assert without_password("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert without_password("rediss://ops:s3cret@r.test/1") == "rediss://ops:***@r.test/1"
+    assert without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

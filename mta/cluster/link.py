@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -56,12 +57,23 @@ async def stop_task(task: asyncio.Task[Any] | None) -> None:
         log.error("background task %s ended with %r", task.get_name(), task.exception())
 
 
+def without_password(url: str) -> str:
+    """The Redis URL as logs may show it: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 class RedisLink:
     def __init__(self, cfg: ClusterConfig, member: str,
                  client: aioredis.Redis | None = None) -> None:
         self.cfg = cfg
         self.member = member  # "node/worker", unique in the cluster
         self.prefix = cfg.key_prefix
+        self.where = without_password(cfg.redis)
         self.redis = client or aioredis.Redis.from_url(
             cfg.redis, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
             health_check_interval=0)
@@ -80,7 +92,7 @@ class RedisLink:
         await self._check()
         if not self.up:
             log.warning("cluster: Redis %s unreachable at start; running on local limits",
-                        self.cfg.redis)
+                        self.where)
         self._task = asyncio.get_running_loop().create_task(self._keep_alive())
 
     async def close(self) -> None:
@@ -139,7 +151,7 @@ class RedisLink:
         self.down_since = time.time()
         self.outages += 1
         log.warning("cluster: Redis %s unreachable (%s); running on local limits",
-                    self.cfg.redis, exc.__class__.__name__)
+                    self.where, exc.__class__.__name__)
         for callback in self.on_down:
             callback()
 
@@ -147,7 +159,7 @@ class RedisLink:
         self.up = True
         if self.down_since is not None and self.outages:
             log.warning("cluster: Redis %s reachable again after %.1f s; catching up",
-                        self.cfg.redis, time.time() - self.down_since)
+                        self.where, time.time() - self.down_since)
         self.down_since = None
         for callback in self.on_up:
             try:

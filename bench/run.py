@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,7 @@ import tomli_w
 import uvloop
 
 from bench.engine_proc import EngineProcess, free_port
-from bench.load import LoadResult, Submission, run_load
+from bench.load import LoadResult, Logins, Submission, run_load
 from bench.report import (
     RunResult,
     Sample,
@@ -68,11 +69,13 @@ from bench.scenarios import (
     Planned,
     Scenario,
     Traffic,
+    account_name,
     destinations,
     index_of,
     load_scenario,
 )
 from mta.queue.spool import Spool
+from mta.smtp.auth import hash_password
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DKIM_SELECTOR = "bench"
@@ -435,6 +438,8 @@ class Target(Protocol):
 
     def queue_depth(self) -> int | None: ...
 
+    def logins(self, traffic: Traffic) -> Logins | None: ...
+
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
@@ -476,7 +481,14 @@ class EngineTarget:
         self.workdir = workdir
         self.port = free_port()
         self.host = "127.0.0.1"
+        # Every account of the scenario is an engine account: sessions authenticate as
+        # the account whose campaign they send, as an upstream app would.
+        password = secrets.token_urlsafe(12)
+        self.passwords = {account_name(k): password for k in range(scenario.messages.accounts)}
         self.config = deep_merge(self._base_config(rig, dkim), scenario.engine)
+        hashed = hash_password(password)
+        self.config.setdefault("accounts", []).extend(
+            {"name": name, "password_hash": hashed, "plan": "pro"} for name in self.passwords)
         if scenario.shaping:
             shaping = workdir / "shaping.toml"
             shaping.write_text(tomli_w.dumps(scenario.shaping))
@@ -500,6 +512,9 @@ class EngineTarget:
             config["dkim"] = {"keys": [{"domain": dkim.domain, "selector": dkim.selector,
                                         "key_file": str(dkim.path)}]}
         return config
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        return Logins(lambda i: traffic.campaign(i)[0], self.passwords)
 
     def _roots(self) -> list[int]:
         proc = self.engine.proc
@@ -554,6 +569,9 @@ class PostfixTarget:
     def queue_depth(self) -> int | None:
         return self.relay.queue_depth()
 
+    def logins(self, traffic: Traffic) -> Logins | None:
+        return None  # a relay for its own network: no SASL
+
     def stop(self) -> None:
         self.relay.stop()
         if self.dkim is not None:
@@ -565,10 +583,17 @@ class ExternalTarget:
 
     processes: ProcessTree | None = None
 
-    def __init__(self, hostport: str) -> None:
+    def __init__(self, hostport: str, auth: str = "") -> None:
         host, _, port = hostport.rpartition(":")
         self.host, self.port = host.strip("[]") or "127.0.0.1", int(port)
         self.label = hostport
+        self.auth = auth  # USER:PASSWORD, or empty: no AUTH
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        if not self.auth:
+            return None
+        user, _, password = self.auth.partition(":")
+        return Logins.single(user, password)
 
     def start(self) -> ExternalTarget:
         return self
@@ -592,6 +617,7 @@ class Options:
     dns_port: int = 0
     keep: bool = False
     progress: bool = True
+    auth: str = ""  # USER:PASSWORD for a --target HOST:PORT
 
 
 class Progress:
@@ -712,7 +738,8 @@ async def drive(target: Target, rig: Rig, traffic: Traffic, tracker: ArrivalTrac
         started = time.time()
         result = await run_load(target.host, target.port, accepts.submission, load.count,
                                 load.sessions, load.messages_per_session, load.rate,
-                                load.duration, on_accept=accepts.on_accept)
+                                load.duration, on_accept=accepts.on_accept,
+                                logins=target.logins(traffic))
         drain = await wait_for_drain(accepts, tracker, rig, scenario)
     finally:
         stop.set()
@@ -773,7 +800,7 @@ def make_target(kind: str, workdir: Path, rig: Rig, opts: Options,
         return EngineTarget(workdir, opts.scenario, rig, opts.workers, dkim)
     if kind == "postfix":
         return PostfixTarget(workdir, opts.scenario, rig, dkim)
-    return ExternalTarget(kind)
+    return ExternalTarget(kind, opts.auth)
 
 
 def run_once(kind: str, opts: Options) -> RunResult:
@@ -843,6 +870,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the PNG plot and the JSON figures")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--quiet", action="store_true", help="no live progress line")
+    parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
+                        help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
+                             "when offered); the engine target authenticates per account")
 
 
 def scenario_from(args: argparse.Namespace) -> Scenario:
@@ -884,7 +914,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     scenario = scenario_from(args)
     opts = Options(scenario, args.workers, args.dkim, args.sink_port, args.dns_port, args.keep,
-                   not args.quiet)
+                   not args.quiet, args.auth)
     results: list[RunResult] = []
     try:
         for kind in targets_of(args):

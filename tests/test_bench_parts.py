@@ -14,6 +14,7 @@ from bench.rig.postfix import main_cf, master_cf, opendkim_conf, transport_table
 from bench.rig.sinks import CAPTURE_SEPARATOR
 from bench.run import (
     AcceptLog,
+    EngineTarget,
     ProcessTree,
     _CaptureReader,
     deep_merge,
@@ -31,6 +32,7 @@ from bench.scenarios import (
     parse_scenario,
 )
 from bench.soak import verdict, windows
+from mta.smtp.auth import verify_password
 
 SEP = CAPTURE_SEPARATOR.encode()
 
@@ -108,6 +110,22 @@ def test_sequential_campaigns_come_in_blocks() -> None:
     traffic = Traffic(s, destinations(s))
     assert traffic.campaign(0) == traffic.campaign(9) == ("acct0", "acct0-c0")
     assert traffic.campaign(10) == ("acct1", "acct1-c1")
+
+
+def test_the_engine_target_knows_every_account_and_logs_in_per_campaign(tmp_path: Path) -> None:
+    s = load_scenario("campaigns")
+    rig = SimpleNamespace(dns=SimpleNamespace(address="127.0.0.1:53"), sink_port=25)
+    target = EngineTarget(tmp_path, s, rig, workers=1, dkim=None)  # type: ignore[arg-type]
+    names = [a["name"] for a in target.config["accounts"]]
+    assert names == [f"acct{k}" for k in range(s.messages.accounts)] == list(target.passwords)
+    traffic = Traffic(s, destinations(s))
+    logins = target.logins(traffic)
+    assert logins is not None
+    for i in (0, 49, 50, 1000, 19999):
+        login = logins.login(i)
+        assert login.user == traffic.campaign(i)[0] and login.password == target.passwords[login.user]
+        assert verify_password(login.password.encode(),
+                               target.config["accounts"][names.index(login.user)]["password_hash"])
 
 
 def test_the_index_is_read_from_the_top_headers_only() -> None:

@@ -247,7 +247,7 @@ class Traffic:
             number = i // size
         else:
             number = i % max(1, m.campaigns)
-        account = f"acct{number % max(1, m.accounts)}"
+        account = account_name(number % max(1, m.accounts))
         return account, f"{account}-c{number}"
 
     def recipients(self, i: int) -> list[str]:
@@ -283,6 +283,10 @@ class Traffic:
         if self._date[1] != now:
             self._date = (time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now)), now)
         return self._date[0]
+
+
+def account_name(k: int) -> str:
+    return f"acct{k}"
 
 
 def filler(size: int) -> bytes:

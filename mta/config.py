@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -46,6 +47,20 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} has no valid port")
     return host.strip("[]"), int(port)
+
+
+def check_bindable(key: str, address: str, reuse: int) -> None:
+    """A startup check: `address` ("HOST:PORT", the value of `key`) can be bound with
+    the socket option `reuse` set; else one ConfigError line naming the key."""
+    host, port = parse_hostport(address)
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, reuse, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 @dataclass

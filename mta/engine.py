@@ -23,7 +23,7 @@ from typing import Any
 
 import uvloop
 
-from mta.config import Config, ConfigError, parse_hostport
+from mta.config import Config, ConfigError, check_bindable, parse_hostport
 from mta.events import EventLog
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import Spool
@@ -68,15 +68,7 @@ def check_startup(cfg: Config) -> None:
     check_cluster(cfg)
     for extension in startup_checks:
         extension(cfg)
-    host, port = parse_hostport(cfg.smtp.listen)
-    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        probe.bind((host, port))
-    except OSError as exc:
-        raise ConfigError(f"[smtp] listen {cfg.smtp.listen}: {exc.strerror}") from None
-    finally:
-        probe.close()
+    check_bindable("[smtp] listen", cfg.smtp.listen, socket.SO_REUSEPORT)
 
 
 # Other parts add checks that must stop `mta serve` at start (DKIM keys, ...).

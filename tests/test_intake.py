@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from bench.load import Submission, make_body, run_load
 from mta.smtp.auth import hash_password
-from tests.support import RawSmtp, spooled_ids, start_engine, wait_until
+from tests.support import RawSmtp, engine_config, spooled_ids, start_engine, wait_until
 
 MSG = b"From: a@shop.test\r\nTo: b@dest.test\r\nSubject: t\r\nX-Campaign-ID: spring\r\n\r\nhello\r\n"
 
@@ -274,6 +276,21 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, named: str) -> 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("section", ["smtp", "http"])
+def test_a_listen_address_in_use_is_one_clear_line(tmp_path: Path, section: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = engine_config(tmp_path, **{section: {"listen": address}})
+        path = tmp_path / "mta.toml"
+        path.write_text(tomli_w.dumps(config))
+        result = mta("serve", "--config", str(path), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"mta: config error: [{section}] listen {address}: Address already in use"], result.stderr
 
 
 def test_default_config_loads_and_documents_the_contract_keys() -> None:

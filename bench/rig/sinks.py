@@ -739,7 +739,31 @@ class _SinkProtocol(asyncio.Protocol):
 SESSIONS, MESSAGES, ACCEPTED = range(3)
 
 
-class AsyncioSink:
+class _CountingSink:
+    """What both forms of our sink report: `counts` is [sessions, messages, accepted]."""
+
+    host: str
+    port: int
+    counts: Sequence[int]
+
+    @property
+    def address(self) -> str:
+        return _hostport(self.host, self.port)
+
+    @property
+    def sessions(self) -> int:
+        return self.counts[SESSIONS]
+
+    @property
+    def messages(self) -> int:
+        return self.counts[MESSAGES]
+
+    @property
+    def accepted(self) -> int:
+        return self.counts[ACCEPTED]
+
+
+class AsyncioSink(_CountingSink):
     """Our SMTP sink: counts, records and fails on purpose (see SinkFaults).
 
     Counters: `sessions` (connections accepted), `messages` (final dots received,
@@ -772,22 +796,6 @@ class AsyncioSink:
         self._connections: set[_SinkProtocol] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return _hostport(self.host, self.port)
-
-    @property
-    def sessions(self) -> int:
-        return self.counts[SESSIONS]
-
-    @property
-    def messages(self) -> int:
-        return self.counts[MESSAGES]
-
-    @property
-    def accepted(self) -> int:
-        return self.counts[ACCEPTED]
 
     def _bump(self, index: int) -> int:
         self.counts[index] += 1
@@ -958,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop.close()
 
 
-class AsyncioSinkProcess:
+class AsyncioSinkProcess(_CountingSink):
     """An AsyncioSink in a child process (`python -m bench.rig.sinks`), for the bench.
 
     The child reports its counters on stdout; `sessions`, `messages` and `accepted`
@@ -973,25 +981,9 @@ class AsyncioSinkProcess:
         self.faults = faults or SinkFaults()
         self.hostname = hostname
         self.python = python
-        self._counters = (0, 0, 0)
+        self.counts: tuple[int, ...] = (0, 0, 0)
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return _hostport(self.host, self.port)
-
-    @property
-    def sessions(self) -> int:
-        return self._counters[SESSIONS]
-
-    @property
-    def messages(self) -> int:
-        return self._counters[MESSAGES]
-
-    @property
-    def accepted(self) -> int:
-        return self._counters[ACCEPTED]
 
     def start(self) -> AsyncioSinkProcess:
         if self._proc is not None:
@@ -1023,7 +1015,7 @@ class AsyncioSinkProcess:
             tail = (tail + chunk)[-512:]
             matches = _PROCESS_COUNTERS.findall(tail)
             if matches:
-                self._counters = tuple(int(x) for x in matches[-1])  # type: ignore[assignment]
+                self.counts = tuple(int(x) for x in matches[-1])
 
     def wait_for(self, *, messages: int = 0, sessions: int = 0, timeout: float = 10.0) -> bool:
         return wait_until(lambda: self.messages >= messages and self.sessions >= sessions,

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from mta.audit import AuditLog, start_audit
-from mta.config import Config, ConfigError, parse_hostport
+from mta.config import Config, ConfigError, check_bindable, parse_hostport
 from mta.http.admin import Admin
 from mta.http.app import HttpState, build_app
 from mta.http.auth import FailureLimiter, TokenChecker
@@ -30,15 +30,7 @@ def check_http(cfg: Config) -> None:
     """A startup check: the HTTP address can be bound (stops `mta serve` with one line)."""
     if not cfg.http.enabled:
         return
-    host, port = parse_hostport(cfg.http.listen)
-    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind((host, port))
-    except OSError as exc:
-        raise ConfigError(f"[http] listen {cfg.http.listen}: {exc.strerror}") from None
-    finally:
-        probe.close()
+    check_bindable("[http] listen", cfg.http.listen, socket.SO_REUSEADDR)
 
 
 def policy_source(worker: Any) -> Any:

@@ -151,6 +151,7 @@ class DeliveryConfig:
     retry_jitter: float = 0.1
     max_age: float = 432_000.0
     helo_name: str = ""
+    line_length_limit: int = 998  # longer lines are broken before signing; 0: sent as they are
     domains: dict[str, DomainDeliveryConfig] = field(default_factory=dict)
 
 
@@ -285,6 +286,12 @@ def _check_nameservers(value: list[str]) -> None:
 def _check_port(value: int) -> None:
     if not 0 < value < 65536:
         raise ValueError("must be a port number (1-65535)")
+
+
+@_validator("delivery", "line_length_limit")
+def _check_line_length_limit(value: int) -> None:
+    if value != 0 and not 78 <= value <= 998:
+        raise ValueError("must be 0 (off) or 78-998 (RFC 5322 2.1.1)")
 
 
 @_validator("smtp", "max_recipients")

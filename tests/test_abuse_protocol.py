@@ -10,7 +10,8 @@ Policies decided here (and what the tests hold the engine to):
   refused whole with 550 5.5.2; the session goes on and later mail is accepted.
 - Data lines longer than 1000 octets are accepted and stored byte for byte, as
   Postfix does (RFC 5321 4.5.3.1.6 limits what a sender may emit; refusing
-  would lose real-world mail). Memory stays bounded by max_message_size.
+  would lose real-world mail). Memory stays bounded by max_message_size. They are
+  broken before sending (tests/test_long_lines.py).
 - 8-bit data is accepted with or without BODY=8BITMIME, in EHLO and HELO sessions,
   and stored byte for byte (Postfix's default); nothing is rewritten.
 - Command lines longer than max_command_line get 500 5.5.2; the session goes on.

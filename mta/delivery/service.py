@@ -13,6 +13,7 @@ from mta.config import Config, parse_hostport, shipped_path
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.dsn import build_dsn, should_notify
 from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
+from mta.delivery.lines import wrap_long_lines
 from mta.delivery.mx import MxResolver
 from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
@@ -84,6 +85,15 @@ def dkim_transform(signer: DkimSigner) -> Any:
     return sign
 
 
+def line_wrap_transform(limit: int) -> Any:
+    """Breaks lines over `limit` octets, before signing (mta.delivery.lines)."""
+
+    def wrap(item: Item, sender: str, data: bytes) -> tuple[str, bytes]:
+        return sender, wrap_long_lines(data, limit)
+
+    return wrap
+
+
 def check_delivery_config(cfg: Config) -> None:
     """Stops `mta serve` at start, with one line, on a bad DKIM key or shaping file."""
     if cfg.dkim.keys:
@@ -119,6 +129,8 @@ def start_delivery(worker: Any) -> Deliverer:
     if deliverer.cluster is not None:
         deliverer.cluster.on_excess = deliverer.wake_idle
     worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
+    if cfg.delivery.line_length_limit:
+        deliverer.transforms.append(line_wrap_transform(cfg.delivery.line_length_limit))
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))
     deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}

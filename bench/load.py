@@ -227,7 +227,6 @@ async def run_load(host: str, port: int, submissions: Callable[[int], Submission
                         or session.login != login:
                     if session is not None:
                         await session.close()
-                    session = None
                     session = await SmtpSession.open(host, port, login=login)
                     sent_on_session = 0
                 t0 = time.monotonic()

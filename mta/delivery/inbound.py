@@ -61,12 +61,13 @@ class InboundHandler:
     """Processes the items the deliverer routes to the engine's own domains."""
 
     def __init__(self, cfg: Config, spool: Spool, emit: Callable[[dict[str, Any]], None],
-                 complete: Callable[[Item, list[RcptResult]], Awaitable[Any]]) -> None:
+                 complete: Callable[[Item, list[RcptResult]], Awaitable[Any]],
+                 secret: bytes) -> None:
         self.cfg = cfg
         self.spool = spool
         self.emit = emit
         self.complete = complete
-        self.secret = verp_secret(cfg, spool)
+        self.secret = secret  # of the VERP tokens (`verp_secret`)
         self.unparsed_dir = Path(cfg.bounce.unparsed_dir)
         self.mailboxes: dict[str, MailboxHandler] = {}  # local-part prefix -> handler
         self.unparsed = 0

@@ -134,8 +134,9 @@ def start_delivery(worker: Any) -> Deliverer:
     if worker.dkim_signer is not None:
         deliverer.transforms.append(dkim_transform(worker.dkim_signer))
     deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
+    secret = verp_secret(cfg, worker.spool)
     if cfg.bounce.verp:
-        deliverer.transforms.insert(0, verp_transform(cfg, verp_secret(cfg, worker.spool)))
+        deliverer.transforms.insert(0, verp_transform(cfg, secret))
 
     def on_outcome(item: Item, outcome: AttemptOutcome) -> None:
         for event in outcome_events(item, outcome, item.domain in deliverer.local_domains):
@@ -146,7 +147,7 @@ def start_delivery(worker: Any) -> Deliverer:
                           build_dsn=make_dsn_builder(cfg))
     deliverer.scheduler = scheduler
     worker.inbound = deliverer.local_handler = InboundHandler(
-        cfg, worker.spool, worker.emit, scheduler.complete)
+        cfg, worker.spool, worker.emit, scheduler.complete, secret)
     worker.intake.on_stored = scheduler.notify_stored
     scheduler.start()
 

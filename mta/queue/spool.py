@@ -157,8 +157,12 @@ class Spool:
         """A random key kept in the spool, made on first use: every worker, and every run
         on this spool, gets the same one."""
         key = b"secret:" + name.encode()
+        with self.env.begin(db=self.dbs["meta"]) as txn:
+            found = txn.get(key)
+        if found:
+            return bytes(found)  # no write transaction (and no fsync) once it exists
 
-        def get_or_make(txn: Any) -> bytes:
+        def get_or_make(txn: Any) -> bytes:  # another worker may have made it meanwhile
             found = txn.get(key, db=self.dbs["meta"])
             if found:
                 return bytes(found)

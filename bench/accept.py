@@ -20,8 +20,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.engine_proc import EngineProcess, free_port
+from bench.engine_proc import EngineProcess
 from bench.load import Submission, make_body, run_load
+from bench.net import free_port
 from bench.rig.postfix import PostfixRelay
 
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import EngineProcess, free_port
+from bench.engine_proc import EngineProcess
 from bench.load import Submission, make_body, run_load
+from bench.net import free_port
 from bench.rig.dns import DnsServer
 from bench.rig.sinks import AsyncioSink, SinkFaults
 

@@ -12,9 +12,9 @@ second (wall clock) and CPU milliseconds per message of the event loop's thread
 (resource.RUSAGE_THREAD: the sink and the counter-reading thread are not counted).
 
 Clients:
-- aiosmtplib: what mta/delivery/client.py used before, MAIL, RCPT, DATA one at a
+- aiosmtplib: what mta/delivery/connection.py used before, MAIL, RCPT, DATA one at a
   time (four round trips per message; aiosmtplib cannot pipeline).
-- ours: mta.delivery.client with PIPELINING (two round trips per message).
+- ours: mta.delivery.connection with PIPELINING (two round trips per message).
 - ours-nopipe: ours against a sink that does not offer PIPELINING (-p).
 """
 
@@ -33,7 +33,7 @@ import uvloop
 
 from bench.load import make_body
 from bench.rig.sinks import SmtpSink
-from mta.delivery.client import ConnectSettings, Target, connect
+from mta.delivery.connection import ConnectSettings, Target, connect
 
 HOST = "127.0.0.2"
 SENDER = "bench@client-speed.test"

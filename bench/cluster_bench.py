@@ -48,8 +48,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import EngineProcess, _proc_cpu, free_port
+from bench.engine_proc import EngineProcess
 from bench.load import LoadResult, Submission, make_body, run_load
+from bench.net import free_port
+from bench.procstat import cpu_seconds
 from bench.rig.dns import DnsServer
 from bench.rig.redis import RedisServer
 from bench.rig.sinks import AsyncioSinkProcess
@@ -201,7 +203,7 @@ def throughput(workdir: Path, topology: Topology, dns: DnsServer, opts: Options
     with AsyncioSinkProcess(SINK_HOST) as sink, \
             nodes_running(workdir, topology, dns, sink.port, opts) as (nodes, redis):
         cpu_before = sum(n.cpu_seconds() for n in nodes)  # not the start-up
-        redis_before = _proc_cpu(redis.proc.pid) if redis is not None and redis.proc else 0.0
+        redis_before = cpu_seconds(redis.proc.pid) if redis is not None and redis.proc else 0.0
         start = time.monotonic()
         load = asyncio.run(submit_all(nodes, DOMAINS, opts.messages, opts))
         if not wait_for(lambda: sink.accepted >= load.accepted, DRAIN_TIMEOUT):
@@ -209,7 +211,7 @@ def throughput(workdir: Path, topology: Topology, dns: DnsServer, opts: Options
                   file=sys.stderr)
         drained = time.monotonic() - start
         cpu = sum(n.cpu_seconds() for n in nodes) - cpu_before
-        redis_cpu = (_proc_cpu(redis.proc.pid) if redis is not None and redis.proc else 0.0
+        redis_cpu = (cpu_seconds(redis.proc.pid) if redis is not None and redis.proc else 0.0
                      ) - redis_before
         return ThroughputResult(topology.name, load.accepted, load.rate,
                                 sink.accepted / drained, cpu, redis_cpu, load.refused)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,13 @@ from typing import Any
 
 import tomli_w
 
+from bench import procstat
+from bench.net import wait_for_port
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+RESIGNAL_EVERY = 1.0
 
 
 def read_events(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -24,45 +28,6 @@ def read_events(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
     text = path.read_text() if path.exists() else ""
     lines = [line for line in text.split("\n")[:-1] if line.strip()]
     return [e for e in map(json.loads, lines) if kind is None or e.get("type") == kind]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None
-                  ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"engine exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-
-
-def _children(pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids += [int(x) for x in task.read_text().split()]
-        except OSError:
-            continue
-    return pids
 
 
 class EngineProcess:
@@ -91,18 +56,18 @@ class EngineProcess:
         log = self.stderr or open(self.workdir / "engine.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log, env=env,
                                      start_new_session=True)
-        wait_for_port(self.host, self.port, START_TIMEOUT, self.proc)
+        wait_for_port(self.host, self.port, START_TIMEOUT, self.proc, name="engine")
         return self
 
     def worker_pids(self) -> list[int]:
-        return _children(self.proc.pid) if self.proc else []
+        return procstat.children(self.proc.pid) if self.proc else []
 
     def cpu_seconds(self) -> float:
         """CPU time of the supervisor and its workers (workers remembered after they exit)."""
         if self.proc is None:
             return 0.0
         for pid in [self.proc.pid, *self.worker_pids()]:
-            self._cpu_seen[pid] = max(self._cpu_seen.get(pid, 0.0), _proc_cpu(pid))
+            self._cpu_seen[pid] = max(self._cpu_seen.get(pid, 0.0), procstat.cpu_seconds(pid))
         return sum(self._cpu_seen.values())
 
     def kill9(self) -> None:
@@ -112,15 +77,24 @@ class EngineProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, then SIGKILL if the engine is still there after `timeout` seconds.
+
+        The SIGTERM is repeated every RESIGNAL_EVERY seconds: the supervisor passes each
+        one on to its workers, and a worker still starting up (the engine listens as soon
+        as its first worker does) does not act on a SIGTERM that comes before its event
+        loop handles signals; a later one stops it."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            return None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.proc.send_signal(signal.SIGTERM)  # nothing if it has exited meanwhile
+            try:
+                return self.proc.wait(min(RESIGNAL_EVERY, left))
+            except subprocess.TimeoutExpired:
+                continue
+        self.kill9()
+        return None
 
     def __enter__(self) -> EngineProcess:
         return self.start()

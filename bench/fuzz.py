@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from bench.engine_proc import PROJECT_ROOT
+
 HYPOTHESIS_FILES = ["tests/test_fuzz_parsers.py", "tests/test_fuzz_smtp.py"]
 BOUNCE_CORPUS = [PROJECT_ROOT.parent / "shared" / "corpus" / "bounces",
                  Path("/work/shared/corpus/bounces")]
@@ -107,14 +108,14 @@ def _target(name: str) -> Callable[[bytes], None]:
     import atheris
 
     with atheris.instrument_imports():
+        import mta.address  # noqa: F401
         import mta.bounce  # noqa: F401
         import mta.dkim.canon  # noqa: F401
         import mta.dkim.signer  # noqa: F401
-        import mta.smtp.address  # noqa: F401
         import mta.smtp.intake  # noqa: F401
-        import mta.smtp.server  # noqa: F401
+        import mta.smtp.session  # noqa: F401
     from mta.smtp.intake import from_domains, header_value
-    from mta.smtp.server import is_clean_data, unstuff
+    from mta.smtp.session import is_clean_data, unstuff
     from tests import test_fuzz_parsers as props
 
     def path(data: bytes) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,3 +219,13 @@ def plot(results: Sequence[RunResult], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_outputs(results: Sequence[RunResult], out: Path) -> str:
+    """The JSON figures and the PNG plot in `out`, named after the scenario and the time;
+    returns the line that says where the plot is."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{results[0].scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json(results, out / f"{stem}.json")
+    png = plot(results, out / f"{stem}.png")
+    return f"plot: {png}" if png else "plot: skipped (pip install matplotlib)"

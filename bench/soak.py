@@ -16,9 +16,12 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import run
-from bench.report import RunResult, Sample, last_line, percentiles
+from bench.engine_proc import PROJECT_ROOT
+from bench.interrupts import stop_on_signals
+from bench.orchestrator import Options, run_once
+from bench.report import RunResult, Sample, last_line, percentiles, save_outputs
 from bench.scenarios import load_scenario
+from bench.targets import check_target
 
 
 @dataclass
@@ -42,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="engine")
     parser.add_argument("--dkim", action="store_true")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--out", default=str(run.PROJECT_ROOT / "bench" / "out"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "out"))
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -106,14 +109,14 @@ def verdict(rows: list[Window]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    stop_on_signals()
     scenario = load_scenario(args.scenario)
     load = replace(scenario.load, count=0, duration=args.duration, rate=args.rate)
     scenario.load = replace(load, sessions=args.sessions) if args.sessions else load
-    if args.target not in ("engine", "postfix"):
-        run.check_external(args.target)
-    opts = run.Options(scenario, args.workers, args.dkim, progress=not args.quiet)
+    check_target(args.target)
+    opts = Options(scenario, args.workers, args.dkim, progress=not args.quiet)
     try:
-        result = run.run_once(args.target, opts)
+        result = run_once(args.target, opts)
     except KeyboardInterrupt:
         print("\ninterrupted: everything started has been stopped")
         return 130
@@ -121,7 +124,6 @@ def main(args: argparse.Namespace) -> int:
     print(format_windows(rows))
     for line in verdict(rows):
         print(line)
-    png = run.save_outputs([result], Path(args.out))
-    print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
+    print(save_outputs([result], Path(args.out)))
     print(last_line(result), flush=True)
     return 0

@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import EngineProcess, free_port, read_events
+from bench.engine_proc import EngineProcess, read_events
 from bench.load import SmtpSession, Submission, make_body
+from bench.net import free_port
 from bench.rig.dns import DnsServer
 from bench.rig.throttle_mx import ThrottleMx
 from mta.queue.spool import Spool
@@ -291,7 +292,7 @@ def queued_jobs(spool_path: Path, late: float = LATE) -> tuple[int, int]:
     try:
         limit = (time.time() + late) * 1000
         with spool.read() as txn:
-            due = [job["next"] for _, job in spool.jobs(txn)]
+            due = [job.next_ms for job in spool.jobs(txn)]
     finally:
         spool.close()
     return len(due), sum(d > limit for d in due)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mta.context import WorkerContext
+
 MAX_FIELD = 300  # long client-supplied strings are cut, so one record stays one small write
 
 
@@ -100,14 +102,13 @@ def read_audit(path: str | os.PathLike[str], limit: int = 1000) -> list[dict[str
     return records
 
 
-def start_audit(worker: Any) -> AuditLog:
+def start_audit(ctx: WorkerContext) -> AuditLog:
     """Open the audit log in a worker and record its SMTP AUTH attempts."""
-    audit = AuditLog(worker.cfg.engine.audit_log)
-    worker.events.listeners.append(audit.on_event)
-    worker.audit = audit
+    audit = AuditLog(ctx.cfg.engine.audit_log)
+    ctx.listen(audit.on_event)
 
     async def close() -> None:
         audit.close()
 
-    worker.closers.append(close)
+    ctx.on_close(close)
     return audit

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
+import os
 import sys
+from typing import TextIO
 
 from mta.config import ConfigError
+from mta.text import shown
 
 # Each module has `register(subparsers)`; its parsers set `func(args) -> int`.
 COMMAND_MODULES = [
@@ -30,8 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class SafeOutput(io.TextIOBase):
+    """A command's output as a terminal may show it: names and words from outside (a
+    campaign, a bounce's reply) cannot move the cursor, recolour the screen or break
+    lines; each line is escaped (mta.text.shown), line ends and tabs are kept."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        lines = text.split("\n")
+        self.stream.write("\n".join("\t".join(shown(part) for part in line.split("\t"))
+                                    for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # the engine's own output is its log, not a report
+        sys.stdout = SafeOutput(sys.stdout)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -39,3 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mta ... | head`: the reader has all it wanted
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the exit's flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)

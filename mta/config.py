@@ -67,6 +67,10 @@ def check_bindable(key: str, address: str, reuse: int) -> None:
 class EngineConfig:
     workers: int = 0  # 0: one per core
     hostname: str = "mta.localhost"
+    # Mail for postmaster (and `local_mailboxes`) at the engine's own names goes here;
+    # empty: it stays on the engine, handled as mail to the [bounce] domain.
+    operator_address: str = ""
+    local_mailboxes: list[str] = field(default_factory=lambda: ["abuse"])
     event_log: str = "./var/events.jsonl"
     audit_log: str = "./var/audit.jsonl"
     log_level: str = "info"
@@ -88,6 +92,7 @@ class SmtpConfig:
     max_connections_per_ip: int = 200
     max_unknown_commands: int = 5
     max_errors: int = 20  # error replies to an untrusted, unauthenticated session; 0: no limit
+    max_junk_commands: int = 100  # NOOP, RSET, HELP, ... of such a session; 0: no limit
     greet_pause: float = 1.0  # untrusted clients that talk before the 220 get 554; 0: off
     max_auth_failures: int = 5
     auth_failure_window: float = 300.0
@@ -141,7 +146,6 @@ class DeliveryConfig:
     source_address: str = ""
     max_mx_addresses: int = 5
     max_connections_per_destination: int = 20
-    max_messages_per_connection: int = 100
     max_concurrent_deliveries: int = 2000
     connection_idle_timeout: float = 30.0
     connect_timeout: float = 30.0
@@ -179,6 +183,11 @@ class BounceConfig:
     verp_prefix: str = "b"
     verp_secret: str = ""  # HMAC key of VERP tokens; empty: a random key kept in the spool
     unparsed_dir: str = "./var/unparsed"  # reports the parser could not read, for an operator
+    unparsed_quota: int = 100 * 1024**2  # bytes kept there at most; past it, not kept
+    max_report_size: int = 1024**2  # mail from unauthenticated clients to the engine's domains
+    # Networks of feedback loops whose complaints count without a token of ours.
+    feedback_sources: list[str] = field(default_factory=list)
+    cfbl: bool = True  # campaign mail carries CFBL-Address and CFBL-Feedback-ID (RFC 9477)
 
 
 @dataclass
@@ -270,6 +279,7 @@ def _check_hostport(value: str) -> None:
 
 
 @_validator("smtp", "trusted_networks")
+@_validator("bounce", "feedback_sources")
 def _check_networks(value: list[str]) -> None:
     for net in value:
         ipaddress.ip_network(net, strict=False)
@@ -363,6 +373,37 @@ def _check_domain_list(value: list[str]) -> None:
 def _check_field_name(value: str) -> None:
     if not _FIELD_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a header field name")
+
+
+@_validator("engine", "local_mailboxes")
+def _check_local_parts(value: list[str]) -> None:
+    for item in value:
+        _check_local_part(item)
+
+
+@_validator("engine", "operator_address")
+def _check_operator_address(value: str) -> None:
+    if not value:
+        return
+    local, at, domain = value.rpartition("@")
+    if not at:
+        raise ValueError(f"{value!r} is not an e-mail address (local@domain)")
+    _check_local_part(local)
+    _check_domain_name(domain)
+    if domain.lower().rstrip(".").split(".")[-1] == "localhost":
+        raise ValueError(f"{value!r} is one of the engine's own names: mail to it would loop")
+
+
+@_validator("smtp", "max_junk_commands")
+def _check_not_negative(value: int) -> None:
+    if value < 0:
+        raise ValueError("must be 0 (no limit) or more")
+
+
+@_validator("bounce", "max_report_size")
+def _check_report_size(value: int) -> None:
+    if value < 1024:
+        raise ValueError("must be at least 1024 bytes")
 
 
 @_validator("bounce", "verp_prefix")

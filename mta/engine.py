@@ -5,6 +5,12 @@ address (SO_REUSEPORT, so the kernel spreads connections over the workers),
 its own handle on the LMDB spool (opened after fork, never before) and the
 delivery of its share of the destinations (partitioned by domain hash, so a
 destination's limits are held by exactly one process).
+
+This is the one place where a worker is assembled (`Worker.run`), in the order mail
+flows: intake checks (the policy guard) -> spool (group commit) -> scheduler -> hold
+check (the guard's holds) -> transforms (policy headers and footer, VERP, line
+breaking, DKIM) -> delivery -> outcomes -> events (log, metrics, the guard's counts).
+No part reaches into another to rewire it.
 """
 
 from __future__ import annotations
@@ -19,16 +25,43 @@ import socket
 import ssl
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
+from mta.cluster import check_cluster, connect_cluster
+from mta.cluster.link import RedisLink
+from mta.cluster.policy import PolicySync
+from mta.cluster.throttle import ClusterThrottle
 from mta.config import Config, ConfigError, check_bindable, parse_hostport
+from mta.context import WorkerContext
+from mta.delivery.deliverer import Deliverer, Transform
+from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
+from mta.delivery.service import (
+    bounce_domains,
+    check_delivery_config,
+    dkim_transform,
+    emit_outcomes,
+    keep_throttle_snapshots,
+    line_wrap_transform,
+    make_dsn_builder,
+    make_resolver,
+    make_throttle,
+)
+from mta.dkim.signer import DkimSigner
 from mta.events import EventLog
+from mta.http import check_http, start_operators
+from mta.http.guard_operations import GuardOperations
+from mta.metrics import LiveParts
+from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
+from mta.queue.scheduler import Scheduler
 from mta.queue.spool import Spool
 from mta.smtp.intake import Intake
 from mta.smtp.server import IntakeSMTP
+from mta.throttle import Throttle
+from mta.throttle.shared import LocalBudget, SharedBudget
 
 log = logging.getLogger("mta.engine")
 
@@ -54,86 +87,142 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 def check_startup(cfg: Config) -> None:
     """Everything that can fail at start fails here, with one line, before any fork."""
     tls_context(cfg)
-    from mta.delivery.service import check_delivery_config
-
     check_delivery_config(cfg)
-    from mta.http import check_http
-
     check_http(cfg)
-    from mta.policy import check_policy
-
     check_policy(cfg)
-    from mta.cluster import check_cluster
-
     check_cluster(cfg)
-    for extension in startup_checks:
-        extension(cfg)
     check_bindable("[smtp] listen", cfg.smtp.listen, socket.SO_REUSEPORT)
 
 
-# Other parts add checks that must stop `mta serve` at start (DKIM keys, ...).
-startup_checks: list[Any] = []
-# Other parts add `async start(worker) -> None` hooks run in each worker.
-worker_extensions: list[Any] = []
+@dataclass
+class Delivery:
+    scheduler: Scheduler
+    deliverer: Deliverer
+    signer: DkimSigner | None
 
 
 class Worker:
-    """Everything one process runs."""
+    """Everything one process runs, assembled in `run` in the order mail flows."""
 
     def __init__(self, cfg: Config, index: int, workers: int) -> None:
         self.cfg = cfg
         self.index = index
         self.workers = workers
         self.stopping = asyncio.Event()
-        self.closers: list[Any] = []
 
     async def run(self) -> None:
+        ctx = self.open_context()
+        link = await connect_cluster(ctx)  # Redis shared by several nodes, when configured
+        guard = await start_guard(ctx, link)  # the sending contract, when enabled
+        delivery = await start_delivery(ctx, guard, link) if self.cfg.delivery.enabled else None
+        intake = Intake(self.cfg, ctx.spool, ctx.committer, policy=guard, emit=ctx.emit,
+                        on_stored=delivery.scheduler.notify_stored if delivery else None)
+        ctx.on_close(intake.close)
+        live = LiveParts(delivery.deliverer if delivery else None,
+                         delivery.scheduler if delivery else None,
+                         delivery.signer if delivery else None, guard, link)
+        await start_operators(ctx, GuardOperations(guard) if guard else None, live)
+        server = await self.listen(intake)
+        await self.stopping.wait()
+        in_flight = len(delivery.scheduler.in_flight) if delivery else 0
+        log.info("worker %d stopping: %d deliveries in flight (they go out again after a "
+                 "restart if they were cut off)", self.index, in_flight)
+        await self.shutdown(ctx, server)
+        log.info("worker %d stopped; spool closed cleanly", self.index)
+
+    def open_context(self) -> WorkerContext:
         cfg = self.cfg
-        self.spool = Spool(cfg.spool.path, cfg.spool.map_size)
-        self.events = EventLog(cfg.engine.event_log)
-        self.events.start()
-        self.committer = GroupCommitter(self.spool, cfg.spool.max_batch)
-        self.committer.start()
-        self.intake = Intake(cfg, self.spool, self.committer, emit=self.emit)
-        from mta.cluster import start_cluster
+        spool = Spool(cfg.spool.path, cfg.spool.map_size)
+        events = EventLog(cfg.engine.event_log)
+        events.start()
+        committer = GroupCommitter(spool, cfg.spool.max_batch)
+        committer.start()
+        return WorkerContext(cfg, self.index, self.workers, spool, committer, events)
 
-        await start_cluster(self)  # Redis shared by several nodes, when configured
-        if cfg.delivery.enabled:
-            from mta.delivery.service import start_delivery
-
-            self.deliverer = start_delivery(self)
-        from mta.policy.wiring import wire_policy
-
-        await wire_policy(self)  # the sending contract: intake checks, holds, footer, rates
-        from mta.http import start_worker as start_operators
-
-        await start_operators(self)  # audit log and metrics in every worker, HTTP in worker 0
-        for extension in worker_extensions:
-            await extension(self)
+    async def listen(self, intake: Intake) -> asyncio.Server:
+        cfg = self.cfg
         host, port = parse_hostport(cfg.smtp.listen)
         tls = tls_context(cfg)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: IntakeSMTP(self.intake, tls), host, port, reuse_port=True, backlog=4096)
+        server = await loop.create_server(
+            lambda: IntakeSMTP(intake, tls), host, port, reuse_port=True, backlog=4096)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("worker %d/%d listening on %s", self.index, self.workers, cfg.smtp.listen)
-        await self.stopping.wait()
-        await self.shutdown()
+        return server
 
-    def emit(self, event: dict[str, Any]) -> None:
-        event.setdefault("worker", self.index)
-        self.events.emit(event)
-
-    async def shutdown(self) -> None:
-        self.server.close()
+    async def shutdown(self, ctx: WorkerContext, server: asyncio.Server) -> None:
+        server.close()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.server.wait_closed(), SHUTDOWN_GRACE)
-        for close in reversed(self.closers):
+            await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+        for close in reversed(ctx.closers):
             await close()
-        await self.committer.close()
-        self.events.close()
-        self.spool.close()
+        await ctx.committer.close()
+        ctx.events.close()
+        ctx.spool.close()
+
+
+async def start_guard(ctx: WorkerContext, link: RedisLink | None) -> PolicyGuard | None:
+    """The policy guard: intake checks, holds, the message transform, counting."""
+    cfg = ctx.cfg
+    if not cfg.policy.enabled:
+        return None
+    guard = PolicyGuard(cfg, ctx.spool, ctx.committer, emit=ctx.emit)
+    await guard.start(daily_purge=ctx.index == 0)
+    ctx.listen(guard.on_event)
+    ctx.on_close(guard.close)
+    if link is not None:  # several nodes: share pauses, counters and limits through Redis
+        sync = PolicySync(guard, link, leader=ctx.index == 0)
+        guard.share(sync)
+        await sync.start()
+        ctx.on_close(sync.close)  # closed before the guard's final flush
+    return guard
+
+
+def shared_budget(ctx: WorkerContext, link: RedisLink | None, throttle: Throttle
+                  ) -> SharedBudget:
+    if link is None:
+        return LocalBudget()
+    budget = ClusterThrottle(link, throttle, ctx.workers)
+    budget.start()
+    ctx.on_close(budget.close)
+    return budget
+
+
+async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
+                         link: RedisLink | None) -> Delivery:
+    """The path of a queued message, in order: the scheduler finds it due, the hold check
+    keeps a paused campaign's mail, the transforms rewrite it, delivery sends it (or the
+    inbound handler takes mail for our own domains), its outcome is recorded and emitted."""
+    cfg = ctx.cfg
+    local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
+    scheduler = Scheduler(ctx.spool, ctx.committer, cfg.delivery, ctx.index, ctx.workers,
+                          on_outcome=emit_outcomes(ctx, local_domains),
+                          build_dsn=make_dsn_builder(cfg),
+                          hold_check=guard.holds if guard else None)
+    verp_key = verp_secret(cfg, ctx.spool)
+    signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
+    transforms: list[Transform] = [
+        *([guard.transform] if guard and guard.transform else []),  # footer, List-Unsubscribe
+        *([verp_transform(cfg, verp_key)] if cfg.bounce.verp else []),  # the return path
+        *([line_wrap_transform(cfg.delivery.line_length_limit)]
+          if cfg.delivery.line_length_limit else []),
+        *([dkim_transform(signer)] if signer else []),  # last: signs what is sent
+    ]
+    mailboxes = {cfg.policy.unsubscribe_mailbox.lower(): guard.unsubscribe_mailbox} if guard else {}
+    inbound = InboundHandler(cfg, ctx.spool, ctx.emit, scheduler.complete, verp_key, mailboxes)
+    throttle = make_throttle(ctx, shared=link is not None)
+    deliverer = Deliverer(cfg, make_resolver(cfg), throttle, shared_budget(ctx, link, throttle),
+                          scheduler, transforms, local_domains, inbound)
+    scheduler.start(dispatch=deliverer.dispatch)
+    keep_throttle_snapshots(ctx, throttle)
+
+    async def close() -> None:
+        await scheduler.stop()
+        await deliverer.close()
+
+    ctx.on_close(close)
+    return Delivery(scheduler, deliverer, signer)
 
 
 def run_worker(cfg: Config, index: int, workers: int) -> None:
@@ -155,7 +244,6 @@ def setup_logging(cfg: Config) -> None:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
 
 
 def serve(cfg: Config, workers: int | None = None) -> int:
@@ -168,10 +256,15 @@ def serve(cfg: Config, workers: int | None = None) -> int:
     n = worker_count(cfg, workers)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    exit_code = 0
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
+            # The supervisor's handlers must not run here: until the worker's loop has its
+            # own, a stop request ends the worker at once (it has accepted nothing yet).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
                 run_worker(cfg, index, n)
@@ -210,15 +303,18 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             continue
         code = os.waitstatus_to_exitcode(status)
         if code == 2:  # a configuration problem: restarting would fail the same way
+            exit_code = 2
             stop(signal.SIGTERM, None)
             continue
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < 60] + [now]
         if len(restarts) > 10:
             log.error("workers keep dying; stopping the engine")
+            exit_code = 1
             stop(signal.SIGTERM, None)
             continue
         log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
         spawn(index)
     cleanup_metrics_dir(cfg, metrics_dir)
-    return 0
+    log.info("engine stopped")
+    return exit_code

@@ -30,12 +30,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from mta.context import WorkerContext
+
+if TYPE_CHECKING:
+    from mta.delivery.deliverer import Deliverer
+    from mta.dkim.signer import DkimSigner
+    from mta.policy.guard import PolicyGuard
+    from mta.queue.scheduler import Scheduler
 
 log = logging.getLogger("mta.metrics")
 
@@ -239,30 +248,23 @@ class EngineMetrics:
 
     # --- sampled figures -----------------------------------------------------------------
 
-    def sample(self, worker: Any) -> None:
+    def sample(self, ctx: WorkerContext, live: LiveParts) -> None:
         """Live figures of one worker: connections, in-flight, DKIM, commits."""
-        deliverer = getattr(worker, "deliverer", None)
-        if deliverer is not None:
-            self.set_connections(pool_connections(deliverer, self.providers))
-        scheduler = getattr(worker, "scheduler", None)
-        if scheduler is not None:
-            self.in_flight.set(len(scheduler.in_flight))
-        signer = getattr(worker, "dkim_signer", None)
-        if signer is not None:
-            self._advance("signed", signer.signed, self.dkim.labels("signed"))
-            self._advance("unsigned", signer.unsigned, self.dkim.labels("unsigned"))
-        guard = getattr(getattr(worker, "intake", None), "policy", None)
-        if guard is not None and callable(getattr(guard, "metrics", None)):
-            for action, total in guard.metrics().items():
+        if live.deliverer is not None:
+            self.set_connections(pool_connections(live.deliverer, self.providers))
+        if live.scheduler is not None:
+            self.in_flight.set(len(live.scheduler.in_flight))
+        if live.signer is not None:
+            self._advance("signed", live.signer.signed, self.dkim.labels("signed"))
+            self._advance("unsigned", live.signer.unsigned, self.dkim.labels("unsigned"))
+        if live.guard is not None:
+            for action, total in live.guard.metrics().items():
                 self._advance(f"policy:{action}", total, self.policy_actions.labels(action))
-        committer = getattr(worker, "committer", None)
-        if committer is not None:
-            self._advance("commits", committer.commits, self.commits)
-            self._advance("operations", committer.operations, self.commit_ops)
-        link = getattr(worker, "cluster", None)
-        if link is not None:
-            self.cluster_up.labels(str(worker.index)).set(1 if link.up else 0)
-            self._advance("cluster_outages", link.outages, self.cluster_outages)
+        self._advance("commits", ctx.committer.commits, self.commits)
+        self._advance("operations", ctx.committer.operations, self.commit_ops)
+        if live.link is not None:
+            self.cluster_up.labels(str(ctx.index)).set(1 if live.link.up else 0)
+            self._advance("cluster_outages", live.link.outages, self.cluster_outages)
 
     def set_connections(self, by_provider: dict[str, int]) -> None:
         for provider in self._providers_open - by_provider.keys():
@@ -289,30 +291,48 @@ def pool_connections(deliverer: Any, providers: ProviderNames) -> dict[str, int]
     return counts
 
 
-async def _sample_forever(metrics: EngineMetrics, worker: Any, interval: float) -> None:
+async def _sample_forever(metrics: EngineMetrics, ctx: WorkerContext, live: LiveParts,
+                          interval: float) -> None:
     while True:
         try:
-            metrics.sample(worker)
+            metrics.sample(ctx, live)
         except Exception:  # a half-built worker must not stop the sampling
             log.debug("metrics sampling failed", exc_info=True)
         await asyncio.sleep(interval)
 
 
-def start_metrics(worker: Any) -> EngineMetrics:
+class LinkState(Protocol):
+    """A link to the state other nodes share (mta.cluster.link.RedisLink)."""
+
+    up: bool
+    outages: int
+
+
+@dataclass
+class LiveParts:
+    """The parts of a worker whose live figures are sampled (those it runs)."""
+
+    deliverer: Deliverer | None = None
+    scheduler: Scheduler | None = None
+    signer: DkimSigner | None = None
+    guard: PolicyGuard | None = None
+    link: LinkState | None = None
+
+
+def start_metrics(ctx: WorkerContext, live: LiveParts) -> EngineMetrics:
     """Record a worker's metrics: attach the event listener and start the sampler."""
-    cfg = worker.cfg
-    metrics = EngineMetrics(load_provider_names(cfg, getattr(worker, "throttle", None)))
-    worker.events.listeners.append(metrics.on_event)
-    worker.metrics = metrics
+    cfg = ctx.cfg
+    metrics = EngineMetrics(load_provider_names(cfg, None))
+    ctx.listen(metrics.on_event)
     task = asyncio.get_running_loop().create_task(
-        _sample_forever(metrics, worker, cfg.http.sample_interval))
+        _sample_forever(metrics, ctx, live, cfg.http.sample_interval))
 
     async def close() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    worker.closers.append(close)
+    ctx.on_close(close)
     return metrics
 
 

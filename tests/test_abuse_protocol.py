@@ -27,8 +27,7 @@ import time
 
 import pytest
 
-from tests.support import RawSmtp, spooled_ids, start_engine, wait_until
-from tests.test_abuse_support import (
+from tests.helpers.abuse import (
     body_of,
     engine_log,
     new_messages,
@@ -39,6 +38,7 @@ from tests.test_abuse_support import (
     starttls,
     stored_messages,
 )
+from tests.helpers.engine import RawSmtp, spooled_ids, start_engine, wait_until
 
 MSG = b"From: a@shop.test\r\nTo: b@dest.test\r\nSubject: legit\r\n\r\nhello\r\n"
 SMUGGLING = {

@@ -19,11 +19,10 @@ import pytest
 import tomli_w
 
 from bench.engine_proc import read_events
+from mta.address import AddressError, parse_path
 from mta.config import ConfigError, load_config
-from mta.smtp.address import AddressError, parse_path
 from mta.smtp.auth import hash_password
-from tests.support import RawSmtp, spooled_ids, start_engine, wait_until
-from tests.test_abuse_support import (
+from tests.helpers.abuse import (
     body_of,
     engine_log,
     new_messages,
@@ -31,6 +30,7 @@ from tests.test_abuse_support import (
     self_signed_cert,
     starttls,
 )
+from tests.helpers.engine import RawSmtp, spooled_ids, start_engine, wait_until
 
 UNTRUSTED = "127.0.0.2"
 PLAIN_TEXT_IP = "127.0.0.3"  # untrusted, used only by the plain-text AUTH test

@@ -9,18 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench.accepts import AcceptLog
+from bench.arrivals import CaptureReader, header, split_partial_separator
+from bench.procstat import ProcessTree
 from bench.report import RunResult, Sample, last_line, percentile, percentiles, rates
 from bench.rig.postfix import main_cf, master_cf, opendkim_conf, transport_table
 from bench.rig.sinks import CAPTURE_SEPARATOR
-from bench.run import (
-    AcceptLog,
-    EngineTarget,
-    ProcessTree,
-    _CaptureReader,
-    deep_merge,
-    header,
-    split_partial_separator,
-)
 from bench.scenarios import (
     ScenarioError,
     Traffic,
@@ -32,6 +26,7 @@ from bench.scenarios import (
     parse_scenario,
 )
 from bench.soak import verdict, windows
+from bench.targets import EngineTarget, deep_merge
 from mta.smtp.auth import verify_password
 
 SEP = CAPTURE_SEPARATOR.encode()
@@ -147,7 +142,7 @@ def capture(index: int, rcpts: int = 1) -> bytes:
 def test_capture_reader_takes_only_what_the_counter_vouches_for(tmp_path: Path) -> None:
     path = tmp_path / "messages"
     sink = SimpleNamespace(messages=0, capture_file=path)
-    reader = _CaptureReader(sink)  # type: ignore[arg-type]
+    reader = CaptureReader(sink)  # type: ignore[arg-type]
     path.write_bytes(capture(1) + capture(2, rcpts=3) + SEP[:5])
     sink.messages = 1
     reader.poll_counter()
@@ -164,11 +159,11 @@ def test_capture_reader_takes_only_what_the_counter_vouches_for(tmp_path: Path) 
 
 def test_capture_reader_rotates_a_large_file(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bench.run.ROTATE_BYTES", 10)
-    monkeypatch.setattr("bench.run.ROTATE_SETTLE", 0.0)
+    monkeypatch.setattr("bench.arrivals.ROTATE_BYTES", 10)
+    monkeypatch.setattr("bench.arrivals.ROTATE_SETTLE", 0.0)
     path = tmp_path / "messages"
     sink = SimpleNamespace(messages=2, capture_file=path)
-    reader = _CaptureReader(sink)  # type: ignore[arg-type]
+    reader = CaptureReader(sink)  # type: ignore[arg-type]
     path.write_bytes(capture(1) + capture(2))
     assert [index_of(d) for d, _, _ in reader.read()] == [1, 2]
     assert not path.exists() and reader.offset == 0
@@ -179,7 +174,7 @@ def test_capture_reader_rotates_a_large_file(tmp_path: Path,
 
 
 def test_capture_reader_dates_by_the_counter() -> None:
-    reader = _CaptureReader(SimpleNamespace(messages=0, capture_file=None))  # type: ignore[arg-type]
+    reader = CaptureReader(SimpleNamespace(messages=0, capture_file=None))  # type: ignore[arg-type]
     reader.times, reader.counts = [10.0, 11.0, 12.0], [2, 5, 6]
     assert [reader.arrival(n) for n in (1, 2, 3, 5, 6)] == [10.0, 10.0, 11.0, 11.0, 12.0]
 

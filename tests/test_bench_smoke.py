@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.engine_proc import read_events
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"accepted_rate=\d+\.\d e2e_rate=\d+\.\d p50_ms=\d+\.\d p99_ms=\d+\.\d")
 RIG_LINE = re.compile(r"rig: DNS on (\S+):(\d+) .* MX on (.*) port (\d+)")
@@ -80,34 +82,63 @@ def test_postfix_with_opendkim_signs_and_relays(tmp_path: Path) -> None:
     assert_torn_down(done.stderr)
 
 
-def test_ctrl_c_tears_the_rig_down() -> None:
+def ignore_sigint() -> None:
+    """What a shell without job control does to a background command (`cmd &` in a
+    script, a test suite run in the background): the child starts with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait_for_load(workdir: Path, timeout: float) -> None:
+    """Until the engine has accepted a message of the load (its event log says so)."""
+    deadline = time.monotonic() + timeout
+    while not read_events(workdir / "events.jsonl", "Reception"):
+        assert time.monotonic() < deadline, f"no message accepted after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("moment", "sigint"), [
+    ("rig up", "default"),  # as soon as the target is up, before the load has started
+    ("mid-load", "default"),
+    ("mid-load", "inherited ignored"),
+])
+def test_ctrl_c_tears_the_rig_down(moment: str, sigint: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "run", "--count", "100000", "--rate", "100", "--quiet"],
         cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, start_new_session=True,  # its sinks die with it on failure
+        preexec_fn=ignore_sigint if sigint != "default" else None)
     try:
         stderr = read_until(proc, "target:", timeout=60)
-        time.sleep(1.0)
+        if moment == "mid-load":
+            target = TARGET_LINE.search(stderr)
+            assert target, stderr
+            wait_for_load(Path(target.group(3)), timeout=60)
         os.kill(proc.pid, signal.SIGINT)
-        _, rest = proc.communicate(timeout=60)
+        interrupted = time.monotonic()
+        _, rest = proc.communicate(timeout=30)
+        took = time.monotonic() - interrupted
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, stderr + rest
+    assert took < 15, f"teardown took {took:.1f}s\n{stderr + rest}"
     assert_torn_down(stderr + rest)
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """Its stderr up to the end of the line with `marker` (read from the descriptor:
+    select() would not see lines a buffered reader had already taken in)."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
     seen = ""
     deadline = time.monotonic() + timeout
-    while marker not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+    while "\n" not in seen.partition(marker)[2] and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
         if ready:
-            line = proc.stderr.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            seen += line
+            seen += chunk.decode(errors="replace")
     assert marker in seen, seen
     return seen

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from bench.engine_proc import free_port
+from bench.net import free_port
 from mta.audit import read_audit
 from mta.smtp.auth import hash_password
+from tests.helpers.http import HttpEngine, start_http_engine
 from tests.test_http_api import message
-from tests.test_http_support import HttpEngine, start_http_engine
 
 PROJECT = Path(__file__).resolve().parents[1]
 ALICE = "alice-token-abcdefghijklmnop"

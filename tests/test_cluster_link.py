@@ -46,6 +46,39 @@ def test_registers_goes_down_and_comes_back(redis_server) -> None:
     asyncio.run(scenario())
 
 
+def test_a_restart_no_call_noticed_still_runs_the_catch_up(redis_server) -> None:
+    """Redis stopped and started while this worker made no call (the connection pool
+    replaces the closed connections by itself): the probe sees the server's new run_id
+    and the link catches up."""
+    cfg = ClusterConfig(redis=redis_server.url, timeout=0.3, retry_interval=0.1, node_ttl=2.0)
+
+    async def scenario() -> None:
+        link = RedisLink(cfg, "n1/0")
+        events: list[str] = []
+
+        async def up() -> None:
+            events.append("up")
+
+        link.on_up.append(up)
+        link.on_down.append(lambda: events.append("down"))
+        await link._check()  # no keep-alive task: nothing runs during the outage
+        first = link.run_id
+        redis_server.stop()
+        await asyncio.sleep(0.1)  # the pool sees its connections closed; no call is made
+        redis_server.start()
+        # The worker's own traffic: the pool reconnects by itself, nothing fails.
+        assert await link.call(lambda: link.redis.get(link.key("x"))) is None
+        assert link.up and link.outages == 0
+        await link._check()
+        assert link.up and link.outages == 1 and events == ["up", "down", "up"]
+        assert link.run_id and link.run_id != first
+        await link._check()  # the same server again: nothing more
+        assert link.outages == 1 and events == ["up", "down", "up"]
+        await link.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_cluster_needs_the_same_secrets_on_every_node() -> None:
     cfg = Config(cluster=ClusterConfig(redis="redis://127.0.0.1:6379/0"))
     check_cluster(Config())  # a single node keeps its per-spool random key

@@ -24,8 +24,8 @@ from mta.cluster.throttle import FULL_MEMORY, ClusterThrottle, batch_size
 from mta.config import ClusterConfig
 from mta.throttle import WAIT_FOR_CLOSE, Throttle, parse_shaping
 from mta.throttle.throttle import Budget, Destination
-from tests.support import wait_until
-from tests.test_http_support import start_http_engine
+from tests.helpers.engine import wait_until
+from tests.helpers.http import start_http_engine
 from tests.test_metrics_engine import scrape, value
 
 SHAPING = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.engine_proc import EngineProcess
 from bench.load import Submission, make_body, run_load
-from tests.support import engine_config, wait_until
+from tests.helpers.engine import engine_config, wait_until
 from tests.test_delivery import events, submit
 
 QUEUE_ID = re.compile(rb"with E?SMTPS?A? id ([0-9A-F]{20})")

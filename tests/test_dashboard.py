@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_http_support import TOKEN, HttpEngine, call, start_http_engine
+from tests.helpers.http import TOKEN, HttpEngine, call, start_http_engine
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(

@@ -11,7 +11,7 @@ import pytest
 
 from bench.engine_proc import read_events
 from bench.rig.sinks import SinkFaults
-from tests.support import start_engine, wait_until
+from tests.helpers.engine import start_engine, wait_until
 
 SENDER = "news@shop.test"
 

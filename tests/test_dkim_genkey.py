@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mta.config import DkimConfig, DkimKeyConfig
 from mta.dkim import DkimSigner, TxtRecord
-from tests.test_dkim_support import dkimpy_results, opendkim_results
+from tests.helpers.dkim import dkimpy_results, opendkim_results
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: genkey\r\n\r\nhello\r\n"
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mta.config import ConfigError, DkimConfig, DkimKeyConfig
 from mta.dkim import DkimSigner, TxtRecord, txt_record
-from tests.test_dkim_support import (
+from tests.helpers.dkim import (
     cached_private_key,
     dkimpy_results,
     opendkim_results,

@@ -1,4 +1,4 @@
-"""Signed mail sent with aiosmtplib to an aiosmtpd sink on 127.0.0.1 verifies as received."""
+"""Signed mail sent with aiosmtplib to an SMTP sink on 127.0.0.1 verifies as received."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from bench.rig.sinks import AsyncioSink
 from mta.config import DkimConfig
 from mta.dkim import DkimSigner
-from tests.test_dkim_support import dkimpy_results, opendkim_results, write_key
+from tests.helpers.dkim import dkimpy_results, opendkim_results, write_key
 from tests.test_dkim_verify import (
     bare_lf_body,
     long_folded_headers,
@@ -24,23 +24,9 @@ DOTS = (
 )
 
 
-class Sink:
-    """aiosmtpd handler keeping each message's bytes exactly as received."""
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        assert envelope.original_content is not None
-        self.received.append(envelope.original_content)
-        return "250 OK"
-
-
 async def send_all(messages: list[bytes]) -> list[bytes]:
-    sink = Sink()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SMTP(sink), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    """Each message's bytes as the sink received them (dot-stuffing undone)."""
+    sink = await AsyncioSink("127.0.0.1", record=True).start_async()
     try:
         for message in messages:
             await aiosmtplib.send(
@@ -48,13 +34,12 @@ async def send_all(messages: list[bytes]) -> list[bytes]:
                 sender="bounce@example.com",
                 recipients=["x@example.org"],
                 hostname="127.0.0.1",
-                port=port,
+                port=sink.port,
                 timeout=10,
             )
     finally:
-        server.close()
-        await server.wait_closed()
-    return sink.received
+        await sink.stop_async()
+    return [m.data for m in sink.received]
 
 
 def test_signed_messages_verify_after_smtp(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from mta.config import DkimConfig
 from mta.dkim import DkimSigner, normalize_line_endings
 from mta.dkim.canon import ensure_final_crlf
-from tests.test_dkim_support import (
+from tests.helpers.dkim import (
     dkimpy_results,
     opendkim_results,
     without_signatures,

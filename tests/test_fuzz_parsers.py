@@ -1,5 +1,6 @@
 """Parsers under fuzzing (issue 10): hypothesis on the RFC 5321 path parser, the DATA
-helpers (end-of-data and dot-stuffing), the bounce/ARF parser and the DKIM signer.
+helpers (end-of-data and dot-stuffing), the SMTP server session (without sockets), the
+bounce/ARF parser and the DKIM signer.
 
 Short, bounded runs here (FUZZ_EXAMPLES, 150 by default); `bench/fuzz.py` runs the
 same properties with many more examples (and atheris, when it is installed).
@@ -17,13 +18,34 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mta.address import Address, AddressError, parse_path
 from mta.bounce import KINDS, REASONS, parse_bounce
-from mta.config import DkimConfig
+from mta.config import Config, DkimConfig
 from mta.dkim import DkimSigner
 from mta.dkim.canon import normalize_message
-from mta.smtp.address import Address, AddressError, parse_path
-from mta.smtp.intake import from_domains, header_value, sender_routed
-from mta.smtp.server import is_clean_data, unstuff
+from mta.queue.commit import GroupCommitter
+from mta.queue.spool import Spool
+from mta.smtp.intake import (
+    Intake,
+    from_domains,
+    header_value,
+    read_campaign,
+    sender_routed,
+    unquoted,
+)
+from mta.smtp.session import (
+    CheckLogin,
+    Client,
+    Deliver,
+    Envelope,
+    Event,
+    Reply,
+    ServerSession,
+    Settings,
+    is_clean_data,
+    unstuff,
+)
+from mta.text import MAX_NAME, name_problem
 
 FUZZ_EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "150"))
 fuzz = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
@@ -121,7 +143,7 @@ def test_dot_stuffing_round_trips(lines: list[bytes]) -> None:
     message = b"".join(line + b"\r\n" for line in lines)
     stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
                        for line in lines)
-    wire = b"\r\n" + stuffed  # as _read_data hands it over: the DATA line's CRLF first
+    wire = b"\r\n" + stuffed  # as the session holds it: the DATA line's CRLF first
     assert is_clean_data(wire)
     assert unstuff(wire) == message
     assert b"\r\n.\r\n" not in wire  # a stuffed message never holds the end of data
@@ -141,6 +163,88 @@ def test_any_bare_cr_lf_or_nul_makes_data_unclean(lines: list[bytes], data: st.D
     assert not is_clean_data(dirty)
 
 
+# --- the SMTP server session, without sockets -----------------------------------------------
+
+
+class StubPolicy:
+    """Refuses recipients at refused.test; 300 bytes of data at most."""
+
+    def check_mail(self, client: Client, sender: Address, size: int) -> str | None:
+        return None
+
+    def check_rcpt(self, client: Client, envelope: Envelope, rcpt: Address) -> str | None:
+        return "550 5.7.1 Relay access denied" if rcpt.domain == "refused.test" else None
+
+    def data_limit(self, client: Client, envelope: Envelope) -> int:
+        return 300
+
+    def auth_delay(self, ip: str) -> float | None:
+        return 0.0
+
+
+def converse(chunks: list[bytes], policy: StubPolicy, trusted: bool = True) -> list[Event]:
+    """Feed the chunks in turn; answer each piece of work at once (a message is stored,
+    the password "pw" is right). A trusted client may AUTH in clear; an untrusted one is
+    held to 3 commands that move no mail."""
+    settings = Settings(hostname="mx.test", max_message_size=300, max_command_line=80,
+                        max_unknown_commands=1000, max_errors=0, max_junk_commands=3)
+    session = ServerSession(settings, Client("192.0.2.1", trusted=trusted), policy)
+    events = answered(session, session.start())
+    for chunk in chunks:
+        events += answered(session, session.feed(chunk))
+    session.connection_lost()
+    return events
+
+
+def answered(session: ServerSession, events: list[Event]) -> list[Event]:
+    out = list(events)
+    last = events[-1] if events else None
+    if isinstance(last, Deliver):
+        out += answered(session, session.delivered("250 2.0.0 Ok"))
+    elif isinstance(last, CheckLogin):
+        out += answered(session, session.login_checked(last.password == b"pw"))
+    return out
+
+
+TRANSACTION = b"EHLO c.test\r\nMAIL FROM:<a@shop.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n"
+session_command = st.sampled_from([
+    b"EHLO c.test\r\n", b"HELO c.test\r\n", b"MAIL FROM:<a@shop.test>\r\n",
+    b"MAIL FROM:<a@shop.test> SIZE=99999\r\n", b"RCPT TO:<b@dest.test>\r\n",
+    b"RCPT TO:<b@refused.test>\r\n", b"RCPT TO:<postmaster>\r\n", b"DATA\r\n", b"RSET\r\n",
+    b"NOOP\r\n", b"QUIT\r\n", b"STARTTLS\r\n", b"AUTH PLAIN AHNob3AAcHc=\r\n", b"AUTH LOGIN\r\n",
+    b"AUTH PLAIN\r\n", b"c2hvcA==\r\n", b"cHc=\r\n", b"*\r\n", b"\r\n.\r\n", b"BOGUS\r\n",
+    b"NOOP\n", b"x" * 100 + b"\r\n", b"HELP\r\n", b"VRFY <a@b.test>\r\n", b"EXPN x\r\n",
+])
+message = st.lists(st.sampled_from([b"Subject: x", b"", b".", b"..", b"..x", b"a\rb", b"a\nb",
+                                    b"n\0l", b"y" * 120]), max_size=6).map(
+    lambda lines: b"".join(line + b"\r\n" for line in lines) + b".\r\n")
+session_streams = st.lists(st.one_of(session_command, message.map(TRANSACTION.__add__),
+                                     st.binary(max_size=8)), max_size=20).map(b"".join)
+
+
+@fuzz
+@given(session_streams, st.lists(st.integers(0, 400), max_size=6), st.booleans())
+@example(TRANSACTION + b"hello\r\n.\r\nNOOP\r\n", [len(TRANSACTION) + 8], True)
+@example(b"NOOP " + b"x" * 100 + b"\r\nNOOP\r\n", [90], True)
+@example(b"EHLO a\r\nNOOP\r\nRSET\r\nEHLO b\r\nHELP\r\nNOOP\r\n", [12, 30], False)
+def test_session_answers_alike_however_the_input_is_cut(stream: bytes, cuts: list[int],
+                                                        trusted: bool) -> None:
+    """The server session is a state machine over bytes: the same input gives the same
+    replies and work whether it comes in one piece or cut anywhere; every reply is a
+    well-formed SMTP reply and every message handed over is clean."""
+    whole = converse([stream], StubPolicy(), trusted)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    cut = converse([stream[a:b] for a, b in zip(points, points[1:], strict=False)], StubPolicy(),
+                   trusted)
+    assert whole == cut
+    for event in whole:
+        if isinstance(event, Reply):
+            for line in event.text.split("\r\n"):
+                assert re.fullmatch(r"[2-5]\d\d[ -][^\r\n]*", line), event
+        elif isinstance(event, Deliver):
+            assert is_clean_data(b"\r\n" + event.content) and event.envelope.recipients
+
+
 # --- header reading at intake ----------------------------------------------------------------
 
 header_piece = st.sampled_from([b"From", b"from", b"FROM", b"X-Campaign-ID", b"Subject", b":",
@@ -156,6 +260,66 @@ def test_intake_header_readers_never_raise(block: bytes) -> None:
     assert "\r" not in value and "\n" not in value
     for dom in from_domains(block):
         assert dom and dom == dom.lower()
+
+
+# Every kind of line break, control and format characters, encoded-words, long runs.
+name_piece = st.sampled_from([
+    "spring", "Sale 2024", " ", "\t", "\r", "\n", "\r\n", "\r\n ", "\r\n\t", "\x0b", "\x0c",
+    "\x1c", "\x85", "\u2028", "\u2029", "\x00", "\x1b[31m", "\x7f", "\u202e", "\u200b", "\ufeff",
+    "\u00a0", "=?utf-8?q?", "?=", "=?", "\u00e9", "\U0001f600", "x" * 60, ":", "X-Campaign-ID: ",
+])
+campaign_value = st.one_of(st.lists(name_piece, max_size=8).map(lambda p: "".join(p).encode()),
+                           st.binary(max_size=20))
+
+
+@fuzz
+@given(campaign_value, st.lists(st.sampled_from([b"Subject: x\r\n", b"From: a@b.test\r\n",
+                                                 b"x-campaign-id: other\r\n"]), max_size=3))
+@example("spring\u2028sale".encode(), [])
+@example(b"c" * (MAX_NAME + 1), [])
+def test_campaign_names_are_taken_whole_or_refused(value: bytes, others: list[bytes]) -> None:
+    """Whatever a campaign field holds, the intake either takes a fit name, exactly as
+    written (a fold reads as one space), or refuses with one clean 550 5.6.0 line naming
+    the field; it never truncates, never raises."""
+    block = b"".join(others) + b"X-Campaign-ID: " + value + b"\r\n"
+    name, refusal = read_campaign(block, "X-Campaign-ID")
+    if refusal is not None:
+        assert name == "" and re.fullmatch(r"550 5\.6\.0 X-Campaign-ID: [\x20-\x7e]+", refusal)
+        return
+    assert name_problem(name) is None and len(name) <= MAX_NAME
+    assert b"x-campaign-id" not in b"".join(others)  # a second field is never taken
+    assert name.encode() in re.sub(rb"\r\n[ \t]+", b" ", block)
+
+
+# --- mail for the engine's own names ------------------------------------------------------------
+
+
+@cache
+def intake() -> Intake:
+    spool = Spool(Path(tempfile.mkdtemp(prefix="mta-fuzz-intake-")), map_size=16 * 1024**2)
+    return Intake(Config(), spool, GroupCommitter(spool))  # hostname mta.localhost
+
+
+@fuzz
+@given(st.sampled_from(["postmaster", "PostMaster", "abuse", "root", "a.b", '"postmaster"',
+                        '"post master"', "postmaster+x", "x%y", "a!b", '"a@b"', "mailer-daemon"]),
+       st.sampled_from(["mta.localhost", "MTA.localhost", "localhost", "x.y.localhost",
+                        "localhost.localdomain", "[127.0.0.1]", "[127.9.9.9]", "[IPv6:::1]",
+                        "[0.0.0.0]"]),
+       st.booleans())
+def test_own_names_take_postmaster_and_local_mailboxes_only(local: str, dom: str,
+                                                            trusted: bool) -> None:
+    """At any of the engine's own names, whoever asks: postmaster and abuse are taken,
+    every other mailbox gets one clean 550 5.1.1 (or 5.7.1 for an outsider's route)."""
+    address, _ = parse_path(f"<{local}@{dom}>")
+    refusal = intake().check_rcpt(Client("192.0.2.9", trusted=trusted), Envelope(), address)
+    if not trusted and sender_routed(address.local):
+        assert refusal is not None and refusal.startswith("550 5.7.1 ")
+    elif unquoted(address.local).lower() in ("postmaster", "abuse"):
+        assert refusal is None
+    else:
+        assert refusal is not None and re.fullmatch(r"550 5\.1\.1 <[\x20-\x7e]+>: no such mailbox here",
+                                                    refusal), refusal
 
 
 # --- the bounce / ARF parser -------------------------------------------------------------------
@@ -238,7 +402,7 @@ def test_bounce_parser_never_raises_on_cut_and_spliced_reports(data: bytes, at: 
 
 @cache
 def signer() -> DkimSigner:
-    from tests.test_dkim_support import write_key
+    from tests.helpers.dkim import write_key
 
     directory = Path(tempfile.mkdtemp(prefix="mta-fuzz-dkim-"))
     keys = [write_key(directory, "example.com", "rsa1").config,

@@ -5,7 +5,8 @@ line end) go to the engine in one or a few packets. Whatever it gets, every repl
 well-formed SMTP reply line, no exception escapes a session (no 451 "internal error",
 no traceback in the log), the session ends in step (a trailing NOOP is answered, or the
 engine hung up on purpose), and the engine keeps serving. Random clean messages, dot
-lines and all, are stored byte for byte.
+lines and all, are stored byte for byte; random campaign names, hostile characters and
+all, are stored whole or refused.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support import RawSmtp, spooled_ids, start_engine
-from tests.test_abuse_support import body_of, engine_log, new_messages
+from mta.text import name_problem
+from tests.helpers.abuse import body_of, engine_log, new_messages
+from tests.helpers.engine import RawSmtp, spooled_ids, start_engine
+from tests.test_fuzz_parsers import name_piece
 
 FUZZ_EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "150"))
 live = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
@@ -60,6 +63,7 @@ args = st.sampled_from([
     b"<a%b@inbound.test>", b"<@r.test:a@inbound.test>", b" AHNob3AAcHc=", b" AGEAYg==", b"*",
     b"<a@inbound.test> BODY=8BITMIME SMTPUTF8", b"<\xc3\xa9@inbound.test> SMTPUTF8", b"\xff\xfe",
     b"\x00", b"\x1b[0m", b"x" * 600, b"=?utf-8?q?x?=", b"<a@b>>", b"<<a@b>", b"\t",
+    b"<anyone@mta.localhost>", b"<postmaster@MTA.localhost>", b"<x@localhost>", b"<abuse@[::1]>",
 ])
 raw = st.binary(max_size=40)
 line_end = st.sampled_from([b"\r\n"] * 8 + [b"\n", b"\r", b"", b"\r\r\n", b"\n\r"])
@@ -151,6 +155,46 @@ def test_random_clean_messages_are_stored_byte_for_byte(engine, lines: list[byte
     assert code == 250, text
     (stored,) = new_messages(tmp / "spool", before)
     assert body_of(stored) == message
+
+
+def expected_campaign(value: bytes) -> str | None:
+    """The campaign a field holding `value` names, folds read as one space; None if the
+    name is unfit (`name_problem`) or not UTF-8."""
+    try:
+        name = re.sub(rb"\r\n[ \t]+", b" ", value).strip(b" \t").decode()
+    except UnicodeDecodeError:
+        return None
+    return None if name_problem(name) else name
+
+
+# Line breaks here come as folds (CRLF and white space) or inside the name: a bare CR or
+# LF refuses the whole message before its fields are read (tests/test_intake_hostile.py).
+folded_names = st.lists(name_piece.filter(lambda p: p not in ("\r", "\n", "\r\n")),
+                        max_size=6).map(lambda p: "".join(p).encode())
+
+
+@live
+@given(st.one_of(folded_names, st.binary(max_size=12).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b""))))
+def test_random_campaign_names_are_stored_whole_or_refused(engine, value: bytes) -> None:
+    proc, tmp = engine
+    before = spooled_ids(tmp / "spool")
+    c = RawSmtp(proc.host, proc.port)
+    try:
+        c.greet()
+        c.send(b"MAIL FROM:<a@shop.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+        code, text = c.cmd(b"X-Campaign-ID: " + value + b"\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    finally:
+        c.close()
+    name = expected_campaign(value)
+    if name is None:
+        assert code == 550 and text.startswith(("5.6.0 X-Campaign-ID: ", "5.5.2 ")), text
+        assert spooled_ids(tmp / "spool") == before
+    else:
+        assert code == 250, text
+        (stored,) = new_messages(tmp / "spool", before)
+        assert stored["campaign"] == name
 
 
 def test_engine_serves_normally_after_the_fuzzing(engine) -> None:

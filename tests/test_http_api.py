@@ -14,8 +14,8 @@ import pytest
 
 from mta.audit import read_audit
 from mta.smtp.auth import hash_password
-from tests.support import wait_until
-from tests.test_http_support import TOKEN, HttpEngine, call, start_http_engine
+from tests.helpers.engine import wait_until
+from tests.helpers.http import TOKEN, HttpEngine, call, start_http_engine
 
 ALICE = "alice-token-abcdefghijklmnop"
 CAMPAIGNS = {"spring": 3, "autumn": 2, "winter": 2, "": 1}
@@ -158,7 +158,7 @@ def test_pause_resume_drop_a_campaign_and_release_or_reject_held_mail(
 
 
 def guard_wired(e: HttpEngine) -> bool:
-    """True once the engine wires the policy guard's PolicyAdmin (worker.policy_admin)."""
+    """True once the engine wires the policy guard's PolicyOperations (worker.policy_admin)."""
     status = call(e.url + "/api/v1/suppression/shop")[0]
     assert status in (200, 501)
     return status == 200

@@ -13,11 +13,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mta.audit import AuditLog, read_audit
 from mta.config import AccountConfig, Config
-from mta.http.admin import Admin, Sampler, busiest_destinations, throttle_summary
+from mta.http.api import AdminApi, Sampler, busiest_destinations, throttle_summary
 from mta.http.app import HttpState, build_app
 from mta.http.auth import FailureLimiter, TokenChecker, bearer_token
 from mta.http.client import base_url
-from mta.http.policy_port import InvalidToken, NotFound, PolicyAdmin, SpoolPolicy
+from mta.http.operations import InvalidToken, NotFound, PolicyOperations, SpoolOperations
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import Spool
 
@@ -98,10 +98,10 @@ def test_base_url_from_the_listen_address() -> None:
     assert base_url("[::1]:8025") == "http://[::1]:8025"
 
 
-# --- routes that need the guard, with an in-memory PolicyAdmin ---------------------------
+# --- routes that need the guard, with an in-memory PolicyOperations ---------------------------
 
-class MemoryPolicy(SpoolPolicy):
-    """A PolicyAdmin that keeps suppression, suspension and unsubscribes in memory."""
+class MemoryPolicy(SpoolOperations):
+    """A PolicyOperations that keeps suppression, suspension and unsubscribes in memory."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -146,9 +146,9 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[TestClient, MemoryPolicy
     committer.start()
     events: list[dict[str, Any]] = []
     policy = MemoryPolicy(cfg, spool, committer.submit, events.append)
-    assert isinstance(policy, PolicyAdmin)
+    assert isinstance(policy, PolicyOperations)
     audit = AuditLog(cfg.engine.audit_log)
-    admin = Admin(cfg, spool, lambda: policy, audit)
+    admin = AdminApi(cfg, spool, policy, audit)
     st = HttpState(admin, TokenChecker("tok"), FailureLimiter(10, 60.0), audit, None)
     async with TestClient(TestServer(build_app(st))) as c:
         yield c, policy, Path(cfg.engine.audit_log)

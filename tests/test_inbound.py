@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mta.bounce.verp import parse_return_path
 from mta.queue.spool import Spool, domain_hash
-from tests.support import start_engine, wait_until
+from tests.helpers.engine import start_engine, wait_until
+from tests.helpers.reports import arf, dsn
 from tests.test_delivery import events
 
 BOUNCE_DOMAIN = "bounces.shop.test"
@@ -22,66 +23,6 @@ def engine_with_sink(tmp: Path, dns, sink, secret: str = SECRET, workers: int | 
         delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True},
         bounce={"domain": BOUNCE_DOMAIN, "verp_secret": secret,
                 "unparsed_dir": str(tmp / "unparsed")})
-
-
-def dsn_for(verp: str, recipient: str) -> bytes:
-    return f"""From: MAILER-DAEMON@mx.dest.test
-To: {verp}
-Subject: Undelivered Mail Returned to Sender
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: text/plain
-
-Your message could not be delivered.
-
---B
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; mx.dest.test
-
-Final-Recipient: rfc822; {recipient}
-Action: failed
-Status: 5.1.1
-Diagnostic-Code: smtp; 550 5.1.1 <{recipient}>: Recipient address rejected: User unknown
-
---B--
-""".replace("\n", "\r\n").encode()
-
-
-def arf_for(recipient: str, message_id: str) -> bytes:
-    return f"""From: fbl@isp.test
-To: fbl@{BOUNCE_DOMAIN}
-Subject: Abuse report
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=feedback-report; boundary="F"
-
---F
-Content-Type: text/plain
-
-This is an abuse report.
-
---F
-Content-Type: message/feedback-report
-
-Feedback-Type: abuse
-User-Agent: isp-fbl/1.0
-Version: 1
-Original-Rcpt-To: {recipient}
-
---F
-Content-Type: message/rfc822
-
-From: news@shop.test
-To: {recipient}
-Subject: spring sale
-Message-ID: <{message_id}@shop.test>
-X-Campaign-ID: spring
-
-hello
---F--
-""".replace("\n", "\r\n").encode()
 
 
 def test_bounce_and_complaint_come_back_attributed(tmp_path, dns_server,
@@ -100,13 +41,18 @@ def test_bounce_and_complaint_come_back_attributed(tmp_path, dns_server,
         assert parse_return_path(SECRET.encode(), verp) == (original_id, "gone@dest.test")
         # The remote MX bounces later, from an address that is not trusted: no AUTH needed
         # for the bounce domain, and the report names no campaign: VERP attributes it.
+        # The complaint quotes the original's return path; one that quotes none proves
+        # nothing and is only shown.
         with smtplib.SMTP(engine.host, engine.port, source_address=("127.0.0.3", 0)) as remote:
-            remote.sendmail("", [verp], dsn_for(verp, "gone@dest.test"))
-            remote.sendmail("fbl@isp.test", [f"fbl@{BOUNCE_DOMAIN}"],
-                            arf_for("angry@dest.test", "m2"))
+            remote.sendmail("", [verp], dsn(verp, ["gone@dest.test"]))
+            fbl = f"fbl@{BOUNCE_DOMAIN}"
+            remote.sendmail("fbl@isp.test", [fbl], arf(fbl, ["angry@dest.test"],
+                                                       f"Return-Path: <{verp}>\n"))
+            remote.sendmail("fbl@isp.test", [fbl], arf(fbl, ["angry@dest.test"]))
             remote.sendmail("x@isp.test", [f"postmaster@{BOUNCE_DOMAIN}"],
                             b"Subject: hello\r\n\r\njust chatting\r\n")
         assert wait_until(lambda: events(tmp_path, "Bounce") and events(tmp_path, "Complaint")
+                          and events(tmp_path, "UnverifiedFeedback")
                           and events(tmp_path, "Unparsed"), timeout=15)
     finally:
         engine.stop()
@@ -115,9 +61,12 @@ def test_bounce_and_complaint_come_back_attributed(tmp_path, dns_server,
         "async", "hard", "userunknown", "5.1.1")
     assert (bounce["id"], bounce["recipient"], bounce["campaign"], bounce["account"]) == (
         original_id, "gone@dest.test", "spring", "default")
-    complaint = events(tmp_path, "Complaint")[0]
+    [complaint] = events(tmp_path, "Complaint")
+    # The token binds the recipient: the report's own Original-Rcpt-To cannot widen it.
     assert (complaint["recipient"], complaint["campaign"], complaint["feedback_type"]) == (
-        "angry@dest.test", "spring", "abuse")
+        "gone@dest.test", "spring", "abuse")
+    [unverified] = events(tmp_path, "UnverifiedFeedback")
+    assert unverified["claimed"] == ["angry@dest.test"] and "source" not in unverified
     assert len(list((tmp_path / "unparsed").glob("*.eml"))) == 1
     # None of the inbound mail was relayed anywhere.
     assert sink.accepted == 1

@@ -17,7 +17,7 @@ import tomli_w
 
 from bench.load import Submission, make_body, run_load
 from mta.smtp.auth import hash_password
-from tests.support import RawSmtp, engine_config, spooled_ids, start_engine, wait_until
+from tests.helpers.engine import RawSmtp, engine_config, spooled_ids, start_engine, wait_until
 
 MSG = b"From: a@shop.test\r\nTo: b@dest.test\r\nSubject: t\r\nX-Campaign-ID: spring\r\n\r\nhello\r\n"
 

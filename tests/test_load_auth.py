@@ -13,8 +13,8 @@ from bench.engine_proc import read_events
 from bench.load import AuthRefused, Logins, Submission, make_body, run_load, session_streams
 from mta.queue.spool import Spool
 from mta.smtp.auth import hash_password
-from tests.support import start_engine, wait_until
-from tests.test_abuse_support import self_signed_cert
+from tests.helpers.abuse import self_signed_cert
+from tests.helpers.engine import start_engine, wait_until
 
 ACCOUNTS = {"acct0": "pw-zero", "acct1": "pw-one", "acct2": "pw-two"}
 

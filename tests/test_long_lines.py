@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mta.delivery.lines import wrap_long_lines
-from tests.support import start_engine, wait_until
-from tests.test_dkim_support import dkimpy_results, write_key
+from tests.helpers.dkim import dkimpy_results, write_key
+from tests.helpers.engine import start_engine, wait_until
 
 
 def longest(data: bytes) -> int:

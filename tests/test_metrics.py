@@ -17,6 +17,7 @@ from mta.config import Config
 from mta.metrics import (
     MULTIPROC_ENV,
     EngineMetrics,
+    LiveParts,
     ProviderNames,
     feedback_kind,
     metrics_process_dead,
@@ -122,16 +123,15 @@ def test_sampled_connections_dkim_and_commits() -> None:
     signer = SimpleNamespace(signed=10, unsigned=1)
     counts = {"refused_suppressed": 2, "pauses": 1}
     guard = SimpleNamespace(metrics=lambda: dict(counts))
-    worker = SimpleNamespace(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}),
-                             intake=SimpleNamespace(policy=guard),
-                             dkim_signer=signer, committer=SimpleNamespace(commits=4,
-                                                                          operations=9))
+    live = LiveParts(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}),
+                     signer=signer, guard=guard)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(index=0, committer=SimpleNamespace(commits=4, operations=9))
     assert pool_connections(deliverer, m.providers) == {"gmail": 3, "other": 2}
-    m.sample(worker)
+    m.sample(ctx, live)  # type: ignore[arg-type]
     signer.signed = 15
     counts["refused_suppressed"] = 5
     gmail.workers = 0
-    m.sample(worker)
+    m.sample(ctx, live)  # type: ignore[arg-type]
     got = families(m.registry)
     assert got["mta_open_connections"] == {(("provider", "gmail"),): 0.0,
                                            (("provider", "other"),): 2.0}

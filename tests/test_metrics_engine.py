@@ -14,8 +14,8 @@ from bench.engine_proc import PROJECT_ROOT
 from bench.rig.dns import DnsServer
 from bench.rig.sinks import AsyncioSink, SinkFaults
 from mta.queue.spool import domain_hash
-from tests.support import wait_until
-from tests.test_http_support import call, start_http_engine
+from tests.helpers.engine import wait_until
+from tests.helpers.http import call, start_http_engine
 
 SHAPING = """
 [provider.sinkco]

@@ -255,15 +255,17 @@ async def test_a_running_guard_honours_the_cli_within_a_second(tmp_path: Path) -
         with spool.read() as txn:
             message = spool.get_message(txn, ids["now"])
             job_id = f"{ids['now']}.0".encode()
-            item = Item(job_id, spool.get_job(txn, job_id), message, time.time())
+            job = spool.get_job(txn, job_id)
+            assert job is not None
+            item = Item(job, message, time.time())
         new = NewMessage("n@shop.test", ["z@x.test"], b"", "shop", "spring")
-        assert guard.hold_reason(item) is None and guard.check_message(new) is None
+        assert guard.holds.hold_reason(item) is None and guard.check_message(new) is None
         await asyncio.to_thread(mta, config, "campaign", "pause", "spring", "--account", "shop")
         decided = time.monotonic()
-        while guard.hold_reason(item) is None and time.monotonic() - decided < 3:
+        while guard.holds.hold_reason(item) is None and time.monotonic() - decided < 3:
             await asyncio.sleep(0.02)
         assert time.monotonic() - decided <= 1.0
-        assert guard.hold_reason(item) == "campaign:shop/spring"
+        assert guard.holds.hold_reason(item) == "campaign:shop/spring"
         reply = guard.check_message(new)
         assert reply is not None and reply.startswith("550 5.7.1 Campaign spring")
         assert "list" not in reply and "paused by an operator" in reply
@@ -272,9 +274,9 @@ async def test_a_running_guard_honours_the_cli_within_a_second(tmp_path: Path) -
         assert guard.check_rcpt("shop", "z@x.test") is not None  # read fresh, no cache
         await asyncio.to_thread(mta, config, "campaign", "resume", "spring", "--account", "shop")
         decided = time.monotonic()
-        while guard.hold_reason(item) is not None and time.monotonic() - decided < 3:
+        while guard.holds.hold_reason(item) is not None and time.monotonic() - decided < 3:
             await asyncio.sleep(0.02)
-        assert guard.hold_reason(item) is None and time.monotonic() - decided <= 1.0
+        assert guard.holds.hold_reason(item) is None and time.monotonic() - decided <= 1.0
     finally:
         await guard.close()
         await committer.close()

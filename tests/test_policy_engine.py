@@ -26,7 +26,7 @@ import pytest
 from bench.engine_proc import PROJECT_ROOT, EngineProcess, read_events
 from bench.load import Submission, make_body, run_load
 from bench.rig.sinks import SinkFaults
-from tests.support import engine_config, wait_until
+from tests.helpers.engine import engine_config, wait_until
 
 SENDER = "news@shop.test"
 

@@ -14,25 +14,28 @@ from typing import Any
 
 import pytest
 
+from mta.address import Address
 from mta.bounce import BounceResult
 from mta.config import (
     AccountConfig,
     BounceConfig,
     Config,
+    DeliveryConfig,
     EngineConfig,
     HttpConfig,
     PolicyConfig,
     SpoolConfig,
 )
-from mta.policy import admin
+from mta.delivery.deliverer import envelopes
+from mta.policy import operations
 from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
 from mta.policy.model import REVIEW, campaign_hold
 from mta.policy.store import campaign_key
 from mta.policy.tokens import make_token
 from mta.queue.commit import GroupCommitter
-from mta.queue.scheduler import Item
+from mta.queue.jobs import HoldResult, Job, Recipient, message_jobs
+from mta.queue.scheduler import Item, Scheduler
 from mta.queue.spool import NewMessage, Spool
-from mta.smtp.address import Address
 
 ACCOUNTS = [
     AccountConfig(name="shop", email="ops@shop.test", plan="standard", subscriber_level=100),
@@ -65,13 +68,16 @@ class Env:
         with self.spool.read() as txn:
             message = self.spool.get_message(txn, message_id)
             assert message is not None
-            return [Item(job_id, job, message, time.time()) for job_id, job in
-                    self._jobs(txn, message_id)]
+            return [Item(job, message, time.time())
+                    for job in message_jobs(self.spool, txn, message_id)]
 
-    def _jobs(self, txn: Any, message_id: str) -> list[tuple[bytes, dict[str, Any]]]:
-        from mta.policy.jobs import message_jobs
-
-        return message_jobs(self.spool, txn, message_id)
+    async def hold(self, item: Item, reason: str) -> bool:
+        """The scheduler's hold, with the guard as its hold check: True if held."""
+        scheduler = Scheduler(self.spool, self.guard.committer, DeliveryConfig(), 0, 1,
+                              on_outcome=lambda item, outcome: None,
+                              build_dsn=lambda message, failed, expired: None,
+                              hold_check=self.guard.holds)
+        return await scheduler.hold(item, reason) == HoldResult.HELD
 
     def held(self) -> dict[bytes, str]:
         with self.spool.read() as txn:
@@ -177,12 +183,12 @@ async def test_pause_holds_waiting_jobs_and_due_ones_at_dispatch(tmp_path: Path)
         assert sorted(held) == sorted(i.job_id for i in env.items(later.id))
         assert set(held.values()) == {reason}
         item = env.items(now.id)[0]
-        assert item.job_id not in held and g.hold_reason(item) == reason
-        assert await g.hold_item(item, reason) and env.held()[item.job_id] == reason
-        assert not await g.hold_item(item, reason)  # already held
-        assert g.hold_reason(env.items(summer.id)[0]) is None
+        assert item.job_id not in held and g.holds.hold_reason(item) == reason
+        assert await env.hold(item, reason) and env.held()[item.job_id] == reason
+        assert not await env.hold(item, reason)  # already held
+        assert g.holds.hold_reason(env.items(summer.id)[0]) is None
         notice = env.of_type("CampaignPaused")[0]["notice"]
-        assert g.hold_reason(env.items(notice)[0]) is None  # the notice is never held
+        assert g.holds.hold_reason(env.items(notice)[0]) is None  # the notice is never held
 
 
 @pytest.mark.asyncio
@@ -194,20 +200,20 @@ async def test_resume_releases_held_mail_and_leaves_automatic_pausing_off(tmp_pa
         await g.flush()
         assert env.held()
         now = time.time()
-        result = await g.committer.submit(lambda txn: admin.resume_campaign(
+        result = await g.committer.submit(lambda txn: operations.resume_campaign(
             g.store, txn, "shop", "spring", "test", now))
         g.refresh()
         assert result["released"] == 1 and not env.held()
         with env.spool.read() as txn:
             job = env.spool.get_job(txn, env.items(later.id)[0].job_id)
-        assert job is not None and job["next"] <= int(time.time() * 1000) and "held" not in job
+        assert job is not None and job.next_ms <= int(time.time() * 1000) and not job.held
         assert g.check_message(NewMessage("a@shop.test", ["x@y.test"], b"", "shop",
                                           "spring")) is None
         env.hard_bounces(20, start=10)
         await g.flush()
         assert len(env.of_type("CampaignPaused")) == 1  # not paused again
         # Re-armed: judged again from here, after a fresh minimum volume.
-        await g.committer.submit(lambda txn: admin.resume_campaign(
+        await g.committer.submit(lambda txn: operations.resume_campaign(
             g.store, txn, "shop", "spring", "test", time.time(), rearm=True))
         env.deliveries(9)
         await g.flush()
@@ -267,9 +273,9 @@ async def test_unsubscribes_suppress_count_once_and_pause(tmp_path: Path) -> Non
         reply = g.check_rcpt("shop", "USER3@dest.test")
         assert reply is not None and "unsubscribed" in reply
         token = g.token_for("shop", "spring", "user10@dest.test")
-        by_mail = await g.unsubscribe_mail(f"unsubscribe {token}",
-                                           "unsubscribe@bounces.mta.test", "user10@dest.test")
-        assert by_mail.counted
+        by_mail = await g.unsubscribes.unsubscribe_mail(f"unsubscribe {token}",
+                                                        "unsubscribe@bounces.mta.test")
+        assert by_mail.counted and by_mail.recipient == "user10@dest.test"
         paused = env.of_type("CampaignPaused")
         assert len(paused) == 1 and paused[0]["rule"] == "unsubscribe"
         assert paused[0]["rate"] == 1.1
@@ -287,7 +293,8 @@ async def test_forged_or_altered_tokens_are_refused(tmp_path: Path) -> None:
             with pytest.raises(InvalidUnsubscribe):
                 await g.unsubscribe(token)
         with pytest.raises(InvalidUnsubscribe):
-            await g.unsubscribe_mail("please unsubscribe me", "unsubscribe@bounces.mta.test")
+            await g.unsubscribes.unsubscribe_mail("please unsubscribe me",
+                                                  "unsubscribe@bounces.mta.test")
         assert g.check_rcpt("shop", "bob@dest.test") is None
         assert env.counters()["unsubscribes"] == 0 and g.metrics()["forged_tokens"] == 6
 
@@ -359,15 +366,15 @@ async def test_suspended_account_is_refused_and_held(tmp_path: Path) -> None:
         g = env.guard
         waiting = env.store(["a@later.test"], due_in=3600)
         due = env.store(["b@now.test"])
-        result = await g.committer.submit(lambda txn: admin.suspend_account(
+        result = await g.committer.submit(lambda txn: operations.suspend_account(
             g.store, txn, "shop", "test", "unpaid", time.time()))
         assert result["held"] == 1
         g.refresh()
         reply = g.check_mail("shop", Address("a", "shop.test"))
         assert reply == "550 5.7.1 Account shop is suspended: unpaid"
-        assert g.hold_reason(env.items(due.id)[0]) == "account:shop"
+        assert g.holds.hold_reason(env.items(due.id)[0]) == "account:shop"
         assert env.held() == {env.items(waiting.id)[0].job_id: "account:shop"}
-        await g.committer.submit(lambda txn: admin.resume_account(
+        await g.committer.submit(lambda txn: operations.resume_account(
             g.store, txn, "shop", "test", time.time()))
         g.refresh()
         assert g.check_mail("shop", Address("a", "shop.test")) is None and not env.held()
@@ -378,8 +385,8 @@ async def test_suspended_account_is_refused_and_held(tmp_path: Path) -> None:
 def item_for(account: str, campaign: str, rcpts: list[str], **extra: Any) -> Item:
     message = {"id": "M1", "from": "news@shop.test", "account": account, "campaign": campaign,
                "data": b"From: news@shop.test\r\nSubject: hi\r\n\r\nhello\r\n", **extra}
-    job = {"domain": "dest.test", "rcpts": [[r, "queued", None, None] for r in rcpts]}
-    return Item(b"M1.0", job, message, time.time())
+    job = Job(b"M1.0", "M1", "dest.test", account, campaign, [Recipient(r) for r in rcpts])
+    return Item(job, message, time.time())
 
 
 @pytest.mark.asyncio
@@ -387,7 +394,8 @@ async def test_transform_adds_footer_and_list_unsubscribe(tmp_path: Path) -> Non
     async with guard_env(tmp_path, footer_text="Email Marketing by Test") as env:
         g = env.guard
         item = item_for("shop", "spring", ["bob@dest.test"])
-        sender, data = g.transform(item, "news@shop.test", item.message["data"])
+        sender, data = g.transform(item, ["bob@dest.test"], "news@shop.test",
+                                   item.message["data"])
         assert sender == "news@shop.test"
         assert data.endswith(b"hello\r\n\r\nEmail Marketing by Test\r\n")
         token = g.token_for("shop", "spring", "bob@dest.test")
@@ -395,20 +403,22 @@ async def test_transform_adds_footer_and_list_unsubscribe(tmp_path: Path) -> Non
         assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in data
         assert (await g.unsubscribe(token)).recipient == "bob@dest.test"
         # A pro account: no footer; mail without a campaign: no List-Unsubscribe.
-        _, pro = g.transform(item_for("vip", "launch", ["a@d.test"]), "n@vip.test",
-                             item.message["data"])
+        _, pro = g.transform(item_for("vip", "launch", ["a@d.test"]), ["a@d.test"],
+                             "n@vip.test", item.message["data"])
         assert b"Email Marketing" not in pro and b"List-Unsubscribe:" in pro
-        _, plain = g.transform(item_for("vip", "", ["a@d.test"]), "n@vip.test",
-                               item.message["data"])
+        _, plain = g.transform(item_for("vip", "", ["a@d.test"]), ["a@d.test"],
+                               "n@vip.test", item.message["data"])
         assert plain == item.message["data"]
         # Notices and DSNs are the engine's own mail: left alone.
         for extra in ({"notice": "CampaignPaused"}, {"dsn_for": "X"}):
             own = item_for("shop", "spring", ["a@d.test"], **extra)
-            assert g.transform(own, "", own.message["data"])[1] == own.message["data"]
-        # Several recipients in one job: the link names none of them.
-        _, shared = g.transform(item_for("shop", "spring", ["a@d.test", "b@d.test"]),
-                                "news@shop.test", item.message["data"])
-        assert g.token_for("shop", "spring", "") in shared.decode()
+            assert g.transform(own, ["a@d.test"], "", own.message["data"])[1] == (
+                own.message["data"])
+        # Each recipient of a job with several gets a copy with a link of its own.
+        several = item_for("shop", "spring", ["a@d.test", "b@d.test"])
+        assert envelopes(several) == [["a@d.test"], ["b@d.test"]]
+        _, for_b = g.transform(several, ["b@d.test"], "news@shop.test", item.message["data"])
+        assert g.token_for("shop", "spring", "b@d.test") in for_b.decode()
 
 
 # --- retention ------------------------------------------------------------------------------------
@@ -429,7 +439,7 @@ async def test_deleted_account_is_purged_after_its_retention(tmp_path: Path) -> 
         await g.flush()
         kept = env.store(["x@dest.test"], account="tiny", due_in=3600)
         env.store(["y@dest.test"], due_in=3600)
-        await g.committer.submit(lambda txn: admin.delete_account(
+        await g.committer.submit(lambda txn: operations.delete_account(
             g.store, txn, "shop", "test", time.time(), 0.0))
         g.refresh()
         assert g.check_mail("shop", Address("a", "shop.test")) is not None
@@ -497,15 +507,17 @@ async def test_inbound_reports_feed_counters_and_suppression(tmp_path: Path) -> 
 
 
 @pytest.mark.asyncio
-async def test_unsubscribe_mailbox_reads_the_token_from_the_subject(tmp_path: Path) -> None:
+async def test_unsubscribe_mailbox_acts_only_for_the_token_s_recipient(tmp_path: Path) -> None:
     async with guard_env(tmp_path) as env:
         g = env.guard
-        token = g.token_for("shop", "spring", "")  # a shared message: no recipient inside
-        mail = (f"From: Bob <Bob@Dest.test>\r\nTo: unsubscribe@bounces.mta.test\r\n"
+        token = g.token_for("shop", "spring", "bob@dest.test")
+        # From: names someone else: anyone can write it, so it is never who unsubscribes.
+        mail = (f"From: Eve <Eve@Dest.test>\r\nTo: unsubscribe@bounces.mta.test\r\n"
                 f"Subject: unsubscribe {token}\r\n\r\n\r\n").encode()
         code, text = await g.unsubscribe_mailbox("unsubscribe@bounces.mta.test", mail)
         assert code == 250 and "bob@dest.test unsubscribed" in text
         assert g.check_rcpt("shop", "bob@dest.test") is not None
+        assert g.check_rcpt("shop", "eve@dest.test") is None
         forged = mail.replace(token[-4:].encode(), b"AAAA" if token[-4:] != "AAAA" else b"BBBB")
         code, text = await g.unsubscribe_mailbox("unsubscribe@bounces.mta.test", forged)
         assert code == 250 and "ignored" in text
@@ -517,31 +529,31 @@ async def test_a_lifted_pause_is_not_applied_from_a_stale_cache(tmp_path: Path) 
     async with guard_env(tmp_path, cache_ttl=1.0) as env:
         g = env.guard
         message = env.store(["a@now.test"])
-        await g.committer.submit(lambda txn: admin.pause_campaign(
+        await g.committer.submit(lambda txn: operations.pause_campaign(
             g.store, txn, "shop", "spring", "test", "", time.time()))
         g.refresh()
         item = env.items(message.id)[0]
-        reason = g.hold_reason(item)
+        reason = g.holds.hold_reason(item)
         assert reason == "campaign:shop/spring"
         # Another process resumes; this worker's copy still says paused.
-        await g.committer.submit(lambda txn: admin.resume_campaign(
+        await g.committer.submit(lambda txn: operations.resume_campaign(
             g.store, txn, "shop", "spring", "other", time.time()))
-        assert g.hold_reason(item) == reason
-        assert not await g.hold_item(item, reason)
-        assert env.held() == {} and g.hold_reason(item) is None
+        assert g.holds.hold_reason(item) == reason
+        assert not await env.hold(item, reason)
+        assert env.held() == {} and g.holds.hold_reason(item) is None
 
 
 # --- the admin API's port ------------------------------------------------------------------------
 
 @pytest.mark.asyncio
 async def test_guard_admin_serves_the_admin_api_port(tmp_path: Path) -> None:
-    from mta.http.policy_port import InvalidToken, NotFound, PolicyAdmin
-    from mta.policy.port import GuardAdmin
+    from mta.http.guard_operations import GuardOperations
+    from mta.http.operations import InvalidToken, NotFound, PolicyOperations
 
     async with guard_env(tmp_path) as env:
         g = env.guard
-        port = GuardAdmin(g)
-        assert isinstance(port, PolicyAdmin)
+        port = GuardOperations(g)
+        assert isinstance(port, PolicyOperations)
         assert port.thresholds() == {"hard_bounce": 0.08, "complaint": 0.005,
                                      "unsubscribe": 0.01, "min_volume": 200}
         later = env.store(["a@later.test"], due_in=3600)
@@ -555,7 +567,7 @@ async def test_guard_admin_serves_the_admin_api_port(tmp_path: Path) -> None:
             await port.campaign("shop", "nothing")
         paused = await port.pause_campaign("shop", "spring", "checking the list")
         assert paused["paused"] and paused["held"] == 1 and paused["reason"] == "checking the list"
-        assert g.hold_reason(env.items(later.id)[0]) == "campaign:shop/spring"  # at once
+        assert g.holds.hold_reason(env.items(later.id)[0]) == "campaign:shop/spring"  # at once
         assert [r["campaign"] for r in await port.campaigns()] == ["spring"]
         held = await port.held(10)
         assert [h["job"] for h in held] == [f"{later.id}.0"]

@@ -12,7 +12,7 @@ from mta.config import DkimConfig
 from mta.dkim import DkimSigner
 from mta.policy.footer import add_footer
 from mta.policy.headers import Unsubscriber
-from tests.test_dkim_support import dkimpy_results, write_key
+from tests.helpers.dkim import dkimpy_results, write_key
 
 FOOTER = "Email Marketing by Example"
 

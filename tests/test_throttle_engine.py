@@ -23,7 +23,7 @@ from bench.engine_proc import read_events
 from bench.rig.sinks import SinkFaults
 from bench.rig.throttle_mx import BackgroundThrottleMx
 from bench.throttle_bench import Scenario, analyse, format_result, run_scenario, shaping_text
-from tests.support import start_engine, wait_until
+from tests.helpers.engine import start_engine, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SENDER = "news@shop.test"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import errno
 import signal
-import socket
 import socketserver
 import threading
 from collections import Counter, deque
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSHeader, DNSRecord
+
+from bench import net
 
 Fault = Literal["servfail", "timeout"]
 FAULTS: frozenset[str] = frozenset({"servfail", "timeout"})
@@ -264,10 +265,6 @@ class _TcpServer(socketserver.ThreadingTCPServer):
     block_on_close = False
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 class DnsServer:
     """An authoritative DNS server on loopback (UDP and TCP on one port), run from threads."""
 
@@ -390,7 +387,7 @@ class DnsServer:
 
     def _bind_pair(self) -> tuple[_UdpServer, _TcpServer]:
         """Bind UDP and TCP to the same port (retrying when port 0 picked a TCP-busy one)."""
-        family = _family(self.host)
+        family = net.family(self.host)
         udp_cls = type("UdpServer", (_UdpServer,), {"address_family": family})
         tcp_cls = type("TcpServer", (_TcpServer,), {"address_family": family})
         for _ in range(self.BIND_ATTEMPTS):

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import free_port, wait_for_port
+from bench.net import free_port, wait_for_port
 
 POSTFIX = "/usr/sbin/postfix"
 OPENDKIM = "/usr/sbin/opendkim"

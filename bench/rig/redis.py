@@ -15,13 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.net import free_port
+
 START_TIMEOUT = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

@@ -24,14 +24,12 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import re
 import select
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -43,6 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+from bench.net import free_port, hostport, port_is_free
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SINK_COMMANDS = frozenset(
@@ -58,29 +58,6 @@ POLL = 0.01
 # --- shared helpers ---------------------------------------------------------
 
 
-def free_port(hosts: Sequence[str] = ("127.0.0.1",), attempts: int = 50) -> int:
-    """A TCP port that is free on every one of `hosts` right now."""
-    for _ in range(attempts):
-        with socket.socket(_family(hosts[0])) as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-        if all(port_is_free(host, port) for host in hosts[1:]):
-            return port
-    raise OSError(errno.EADDRINUSE, f"no TCP port free on all of {list(hosts)}")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True if nothing is bound to host:port (a bind probe: no connection is made)."""
-    with socket.socket(_family(host)) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     """Poll `predicate` until it holds or `timeout` seconds pass; return its last value."""
     deadline = time.monotonic() + timeout
@@ -89,14 +66,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
             return predicate()
         time.sleep(POLL)
     return True
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- Postfix smtp-sink --------------------------------------------------------
@@ -169,7 +138,7 @@ def smtp_sink_command(
         argv += ["-D", capture_file.replace("%", "%%"), "-S", octal]
     if user is not None:
         argv += ["-u", user]
-    return argv + [f"inet:{_hostport(host, port)}", str(options.backlog)]
+    return argv + [f"inet:{hostport(host, port)}", str(options.backlog)]
 
 
 def parse_counters(output: bytes) -> tuple[int, int, int] | None:
@@ -247,7 +216,7 @@ class SmtpSink:
 
     @property
     def address(self) -> str:
-        return _hostport(self.host, self.port)
+        return hostport(self.host, self.port)
 
     @property
     def sessions(self) -> int:
@@ -282,7 +251,7 @@ class SmtpSink:
 
     def _launch(self) -> bool:
         """Start the process on a (new) port; False if it could not listen there."""
-        self.port = self._requested_port or free_port([self.host])
+        self.port = self._requested_port or free_port(self.host)
         capture = str(self.capture_file) if self.options.capture else None
         argv = smtp_sink_command(self.host, self.port, self.options, binary=self.binary,
                                  capture_file=capture, user=self.user)
@@ -359,7 +328,7 @@ class SmtpSink:
 
 def start_smtp_sinks(hosts: Sequence[str], port: int = 0, **options: Any) -> list[SmtpSink]:
     """One smtp-sink per host, all on the same port (free on all of them when 0)."""
-    port = port or free_port(hosts)
+    port = port or free_port(*hosts)
     sinks: list[SmtpSink] = []
     try:
         for host in hosts:
@@ -748,7 +717,7 @@ class _CountingSink:
 
     @property
     def address(self) -> str:
-        return _hostport(self.host, self.port)
+        return hostport(self.host, self.port)
 
     @property
     def sessions(self) -> int:
@@ -989,7 +958,7 @@ class AsyncioSinkProcess(_CountingSink):
         if self._proc is not None:
             return self
         argv = [self.python, "-m", "bench.rig.sinks", "--listen",
-                _hostport(self.host, self.port), "--faults", faults_to_json(self.faults),
+                hostport(self.host, self.port), "--faults", faults_to_json(self.faults),
                 "--hostname", self.hostname]
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(

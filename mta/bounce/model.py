@@ -53,6 +53,8 @@ class BounceResult:
     verp_address: the whole VERP address the token was read from
     verp_message_id / verp_recipient: what a verified token names (parse_bounce with
         verp_secret); verp_recipient is "#<index>" for index-form tokens
+    verp_feedback_id: the quoted original's CFBL-Feedback-ID (RFC 9477), when found: a
+        token of the engine's own, checked by mta.bounce.provenance
     campaign: the engine's X-Campaign-ID of the original message, when quoted
     feedback_type: ARF Feedback-Type (abuse, opt-out, auth-failure, ...) for complaints
     diagnostic: the remote server's words, for operators
@@ -71,6 +73,7 @@ class BounceResult:
     verp_address: str | None = None
     verp_message_id: str | None = None
     verp_recipient: str | None = None
+    verp_feedback_id: str | None = None
     campaign: str | None = None
     feedback_type: str | None = None
     diagnostic: str | None = None

@@ -263,6 +263,8 @@ def _identify(result: BounceResult, parts: MailParts, verp_secret: bytes | None)
             result.message_id = match.group(1) if match else value.strip() or None
         elif name == CAMPAIGN_HEADER and result.campaign is None:
             result.campaign = value.strip() or None
+        elif name == "cfbl-feedback-id" and result.verp_feedback_id is None:
+            result.verp_feedback_id = value.strip()[:200] or None
     if result.message_id is None:
         for text in parts.reports:
             for name, value in parse_fields(text):

@@ -16,8 +16,9 @@ import time
 from typing import Any
 
 from mta.cluster.link import DOWN, RedisLink
+from mta.context import WorkerContext
 
-__all__ = ["DOWN", "RedisLink", "check_cluster", "node_name", "start_cluster"]
+__all__ = ["DOWN", "RedisLink", "check_cluster", "connect_cluster", "node_name"]
 
 
 def check_cluster(cfg: Any) -> None:
@@ -42,33 +43,31 @@ def node_name(cfg: Any) -> str:
     return cfg.cluster.node or f"{socket.gethostname()}:{cfg.smtp.listen.rpartition(':')[2]}"
 
 
-async def start_cluster(worker: Any) -> RedisLink | None:
-    """The worker's Redis link (`worker.cluster`), or None on a single node."""
-    cfg = worker.cfg
+async def connect_cluster(ctx: WorkerContext) -> RedisLink | None:
+    """The worker's Redis link, or None on a single node."""
+    cfg = ctx.cfg
     if not cfg.cluster.redis:
-        worker.cluster = None
         return None
-    link = RedisLink(cfg.cluster, f"{node_name(cfg)}/{worker.index}")
+    link = RedisLink(cfg.cluster, f"{node_name(cfg)}/{ctx.index}")
     await link.start()
-    worker.cluster = link
-    worker.closers.append(link.close)
-    announce_link_changes(worker, link)
+    ctx.on_close(link.close)
+    announce_link_changes(ctx, link)
     return link
 
 
-def announce_link_changes(worker: Any, link: RedisLink) -> None:
+def announce_link_changes(ctx: WorkerContext, link: RedisLink) -> None:
     """`ClusterDown` / `ClusterUp` events in the event log when Redis goes and comes back."""
     down_at = [time.time()]
 
     def down() -> None:
         down_at[0] = time.time()
-        worker.emit({"type": "ClusterDown", "time": down_at[0], "node": link.member,
-                     "outages": link.outages, "limits": "local"})
+        ctx.emit({"type": "ClusterDown", "time": down_at[0], "node": link.member,
+                  "outages": link.outages, "limits": "local"})
 
     async def up() -> None:
         now = time.time()
-        worker.emit({"type": "ClusterUp", "time": now, "node": link.member,
-                     "down_for": round(now - down_at[0], 3)})
+        ctx.emit({"type": "ClusterUp", "time": now, "node": link.member,
+                  "down_for": round(now - down_at[0], 3)})
 
     link.on_down.append(down)
     link.on_up.insert(0, up)

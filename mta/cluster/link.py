@@ -7,6 +7,11 @@ instead of waiting. While down, a background task retries every `retry_interval`
 when Redis answers again the link is up and the `on_up` callbacks run (catch-up:
 re-publish what was decided locally meanwhile).
 
+A worker that made no call while Redis was briefly away never sees a command fail (the
+connection pool replaces the connections the server closed), so the probe also compares
+the server's `run_id`: a new one means Redis restarted or another server took over, and
+counts as an outage (the `on_down`, then the `on_up` callbacks run).
+
 The link also registers this worker in the cluster (a sorted set scored by expiry),
 so budgets can be divided by the number of live workers on all nodes.
 """
@@ -22,7 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from mta.config import ClusterConfig
 
@@ -42,6 +47,10 @@ class _Down:
 
 
 DOWN: Any = _Down()
+
+
+class RedisRestarted(RedisError):
+    """The probe met another Redis server process (a new `run_id`) than before."""
 
 
 async def stop_task(task: asyncio.Task[Any] | None) -> None:
@@ -83,6 +92,7 @@ class RedisLink:
         self.on_up: list[Callable[[], Awaitable[None]]] = []
         self.on_down: list[Callable[[], None]] = []
         self.live_workers = 1  # workers registered on all nodes (last known)
+        self.run_id: str | None = None  # the Redis server process last probed
         self._task: asyncio.Task[None] | None = None
 
     def key(self, *parts: str) -> str:
@@ -124,15 +134,25 @@ class RedisLink:
     async def _check(self) -> None:
         """Renew this worker's registration; it doubles as the health probe."""
         if not self.up:  # connections opened before an outage are dead: drop them all
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.connection_pool.disconnect()
+            await self._drop_connections(in_use=True)
         try:
-            self.live_workers = await asyncio.wait_for(self._register(), self.cfg.timeout)
+            self.live_workers, run_id = await asyncio.wait_for(self._probe(), self.cfg.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             self._went_down(exc)
             return
+        if self.up and self.run_id and run_id and run_id != self.run_id:
+            self._went_down(RedisRestarted())
+            await self._drop_connections(in_use=False)  # idle ones may predate the restart
+        self.run_id = run_id or self.run_id
         if not self.up:
             await self._came_up()
+
+    async def _drop_connections(self, in_use: bool) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.connection_pool.disconnect(inuse_connections=in_use)
+
+    async def _probe(self) -> tuple[int, str | None]:
+        return await self._register(), await self._run_id()
 
     async def _register(self) -> int:
         now = time.time()
@@ -144,14 +164,24 @@ class RedisLink:
             result = await pipe.execute()
         return max(1, int(result[-1]))
 
+    async def _run_id(self) -> str | None:
+        """The server process's id; None where INFO is not allowed (no restart check)."""
+        try:
+            info = await self.redis.info("server")
+        except ResponseError:
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
+
     def _went_down(self, exc: BaseException) -> None:
         if not self.up:
             return
         self.up = False
         self.down_since = time.time()
         self.outages += 1
-        log.warning("cluster: Redis %s unreachable (%s); running on local limits",
-                    self.where, exc.__class__.__name__)
+        what = ("restarted" if isinstance(exc, RedisRestarted)
+                else f"unreachable ({exc.__class__.__name__})")
+        log.warning("cluster: Redis %s %s; running on local limits", self.where, what)
         for callback in self.on_down:
             callback()
 

@@ -59,11 +59,12 @@ from mta.cluster.policy_state import (
     read_journal,
     shared_deltas,
 )
-from mta.policy.guard import RESERVATION_GRACE, PolicyGuard
+from mta.policy.admission import RESERVATION_GRACE
+from mta.policy.guard import PolicyGuard
 from mta.policy.ledger import Applied, Batch, Pause
 from mta.policy.model import ACTIVE, Counters, month_of
 from mta.policy.rates import find_breach
-from mta.policy.store import JOURNAL_DB, account_key, campaign_key, clean_name, month_key
+from mta.policy.store import account_key, campaign_key, clean_name, month_key
 from mta.queue.spool import pack, unpack
 
 log = logging.getLogger("mta.cluster.policy")
@@ -91,6 +92,10 @@ class Reservation:
 
 
 class PolicySync:
+    """The policy guard's `SharedPolicy` (mta.policy.shared) over Redis."""
+
+    judges = True  # campaigns are judged here, on the cluster's totals
+
     def __init__(self, guard: PolicyGuard, link: RedisLink, leader: bool) -> None:
         self.guard = guard
         self.store = guard.store
@@ -129,10 +134,7 @@ class PolicySync:
     # --- life cycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.store.journal is None:
-            self.store.journal = self.guard.spool.open_db(JOURNAL_DB)
-        self.guard.ledger.judge = False  # judged here, on the cluster's totals
-        self.guard.cluster = self
+        self.store.keep_journal()
         if self.leader:
             self._load_cursors()
         self.link.on_up.append(self.catch_up)
@@ -508,13 +510,3 @@ class PolicySync:
                         "again (%d records, %d counter keys)", count, len(counters))
         return count if seen is not None else 0
 
-
-async def share_policy(worker: Any, guard: PolicyGuard) -> PolicySync | None:
-    """On several nodes (`worker.cluster` set): share the guard's state through Redis."""
-    link = getattr(worker, "cluster", None)
-    if link is None:
-        return None
-    sync = PolicySync(guard, link, leader=worker.index == 0)
-    await sync.start()
-    worker.closers.append(sync.close)  # closed before the guard's final flush
-    return sync

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mta.policy import jobs
 from mta.policy.ledger import Applied, Batch
 from mta.policy.model import (
     ACTIVE,
@@ -39,6 +38,7 @@ from mta.policy.store import (
     month_key,
     split_pair,
 )
+from mta.queue import jobs
 from mta.queue.spool import unpack
 
 TABLES = {"state": STATE_REF, "supp": SUPP_REF}
@@ -342,9 +342,9 @@ def follow_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, w
     reason = campaign_hold(account, campaign)
     if stopped(status) and not stopped(was):
         found = jobs.find_jobs(store.spool, txn, account, campaign)
-        return jobs.hold_waiting(store.spool, txn, found, reason, now_ms)
+        return jobs.hold(store.spool, txn, found, reason, now_ms)
     if status == ACTIVE and stopped(was):
-        return jobs.release(store.spool, txn, reason, now_ms)
+        return jobs.release_reason(store.spool, txn, reason, now_ms)
     return 0
 
 
@@ -353,9 +353,9 @@ def follow_account(store: PolicyStore, txn: Any, account: str, was: str, status:
     reason = account_hold(account)
     if status != ACTIVE and was == ACTIVE:
         found = jobs.find_jobs(store.spool, txn, account)
-        return jobs.hold_waiting(store.spool, txn, found, reason, now_ms)
+        return jobs.hold(store.spool, txn, found, reason, now_ms)
     if status == ACTIVE and was != ACTIVE:
-        return jobs.release(store.spool, txn, reason, now_ms)
+        return jobs.release_reason(store.spool, txn, reason, now_ms)
     return 0
 
 

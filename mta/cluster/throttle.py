@@ -226,9 +226,12 @@ class ClusterThrottle:
         self._task: asyncio.Task[None] | None = None
         # Called when this worker learns it holds more than its fair share (the deliverer
         # wakes its idle connections, which then close: `shed`).
-        self.on_excess: Callable[[], None] | None = None
+        self._on_excess: list[Callable[[], None]] = []
         link.on_down.append(self._went_down)
         link.on_up.append(self.catch_up)
+
+    def subscribe(self, on_excess: Callable[[], None]) -> None:
+        self._on_excess.append(on_excess)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._renew_forever())
@@ -450,16 +453,7 @@ class ClusterThrottle:
             excess = await self.link.call(lambda: self._renew(keys=keys, args=args))
             if excess is not DOWN:
                 self._excess = {scope: int(n) for scope, n in zip(scopes, excess, strict=True)}
-                if any(self._excess.values()) and self.on_excess is not None:
-                    self.on_excess()
+                if any(self._excess.values()):
+                    for on_excess in self._on_excess:
+                        on_excess()
 
-
-def start_cluster_throttle(worker: Any, throttle: Throttle) -> ClusterThrottle | None:
-    """The worker's gate to the cluster-wide budgets, or None on a single node."""
-    link: RedisLink | None = getattr(worker, "cluster", None)
-    if link is None:
-        return None
-    gate = ClusterThrottle(link, throttle, worker.workers)
-    gate.start()
-    worker.closers.append(gate.close)
-    return gate

@@ -19,7 +19,7 @@ from typing import Any
 from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
 from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
-from mta.policy import admin
+from mta.policy import operations
 from mta.policy.model import ACTIVE, account_hold
 from mta.policy.offline import OfflineSession
 from mta.policy.retention import (
@@ -65,7 +65,7 @@ Row = dict[str, Any]
 
 
 def _row(s: OfflineSession, txn: Any, name: str) -> dict[str, Any]:
-    return admin.account_row(s.store, txn, name, s.cfg.account(name), s.monthly_cap(name),
+    return operations.account_row(s.store, txn, name, s.cfg.account(name), s.monthly_cap(name),
                              s.now())
 
 
@@ -79,14 +79,14 @@ def offline_list(args: argparse.Namespace) -> list[Row]:
     with OfflineSession(config_from(args)) as s:
         configured = [a.name for a in s.cfg.accounts]
         return s.read(lambda txn: [
-            _row(s, txn, name) for name in admin.known_accounts(s.store, txn, configured)])
+            _row(s, txn, name) for name in operations.known_accounts(s.store, txn, configured)])
 
 
 def offline_show(args: argparse.Namespace) -> Row:
     with OfflineSession(config_from(args)) as s:
         def show(txn: Any) -> Row:
             row = _row(s, txn, args.name)
-            row["campaigns"] = admin.list_campaigns(s.store, txn, s.thresholds, args.name,
+            row["campaigns"] = operations.list_campaigns(s.store, txn, s.thresholds, args.name,
                                                     with_jobs=False)
             row["suppressed"] = sum(1 for _ in s.store.suppressions(txn, args.name))
             return row
@@ -157,17 +157,17 @@ def show_change(result: Row) -> None:
 
 
 def offline_suspend(args: argparse.Namespace) -> Row:
-    return _change(args, "suspend", lambda s, txn: admin.suspend_account(
+    return _change(args, "suspend", lambda s, txn: operations.suspend_account(
         s.store, txn, args.name, s.by, args.reason, s.now()), "AccountSuspended")
 
 
 def offline_resume(args: argparse.Namespace) -> Row:
-    return _change(args, "resume", lambda s, txn: admin.resume_account(
+    return _change(args, "resume", lambda s, txn: operations.resume_account(
         s.store, txn, args.name, s.by, s.now()), "AccountResumed")
 
 
 def offline_delete(args: argparse.Namespace) -> Row:
-    return _change(args, "delete", lambda s, txn: admin.delete_account(
+    return _change(args, "delete", lambda s, txn: operations.delete_account(
         s.store, txn, args.name, s.by, s.now(), s.cfg.policy.retention_days), "AccountDeleted")
 
 

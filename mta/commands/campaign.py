@@ -16,8 +16,8 @@ from typing import Any
 from mta.commands.common import add_config_arg, config_from, print_table
 from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
-from mta.http.policy_port import config_thresholds
-from mta.policy import admin
+from mta.http.operations import config_thresholds
+from mta.policy import operations
 from mta.policy.offline import OfflineSession
 from mta.policy.rates import fmt_percent
 
@@ -60,7 +60,7 @@ def session(args: argparse.Namespace, write: bool = False) -> OfflineSession:
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
     with session(args) as s:
-        return s.read(lambda txn: admin.list_campaigns(s.store, txn, s.thresholds,
+        return s.read(lambda txn: operations.list_campaigns(s.store, txn, s.thresholds,
                                                        args.account))
 
 
@@ -72,8 +72,8 @@ def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
 def offline_show(args: argparse.Namespace) -> Row:
     with session(args) as s:
         def show(txn: Any) -> Row:
-            account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
-            return admin.show_campaign(s.store, txn, account, campaign, s.thresholds)
+            account, campaign = operations.resolve_campaign(s.store, txn, args.id, args.account)
+            return operations.show_campaign(s.store, txn, account, campaign, s.thresholds)
 
         return s.read(show) | {"thresholds": config_thresholds(s.cfg)}
 
@@ -83,7 +83,7 @@ def online_show(client: AdminClient, args: argparse.Namespace) -> Row:
 
 
 def api_path(client: AdminClient, args: argparse.Namespace) -> str:
-    """campaigns/ACCOUNT/ID, the account found as `admin.resolve_campaign` finds it."""
+    """campaigns/ACCOUNT/ID, the account found as `operations.resolve_campaign` finds it."""
     account = args.account
     if not account:
         owners = {r["account"] for r in client.get("campaigns")["campaigns"]
@@ -117,7 +117,7 @@ def perform(args: argparse.Namespace, action: str, act: Action, after: After) ->
     """Resolve the campaign, act in one write transaction, then record and report."""
     with session(args, write=True) as s:
         def op(txn: Any) -> tuple[str, str, Any]:
-            account, campaign = admin.resolve_campaign(s.store, txn, args.id, args.account)
+            account, campaign = operations.resolve_campaign(s.store, txn, args.id, args.account)
             return account, campaign, act(s, txn, account, campaign)
 
         account, campaign, result = s.write(op)
@@ -128,7 +128,7 @@ def perform(args: argparse.Namespace, action: str, act: Action, after: After) ->
 
 def offline_pause(args: argparse.Namespace) -> Row:
     def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.pause_campaign(s.store, txn, account, campaign, s.by, args.reason, s.now())
+        return operations.pause_campaign(s.store, txn, account, campaign, s.by, args.reason, s.now())
 
     def after(s: OfflineSession, account: str, campaign: str, result: Any) -> Row:
         s.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
@@ -148,7 +148,7 @@ def online_pause(client: AdminClient, args: argparse.Namespace) -> Row:
 
 def offline_resume(args: argparse.Namespace) -> Row:
     def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.resume_campaign(s.store, txn, account, campaign, s.by, s.now(),
+        return operations.resume_campaign(s.store, txn, account, campaign, s.by, s.now(),
                                      rearm=args.rearm)
 
     def after(s: OfflineSession, account: str, campaign: str, result: Any) -> Row:
@@ -171,10 +171,10 @@ def online_resume(client: AdminClient, args: argparse.Namespace) -> Row:
 
 def offline_drop(args: argparse.Namespace) -> Row:
     def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
-        return admin.drop_campaign(s.store, txn, account, campaign, s.by, s.now())
+        return operations.drop_campaign(s.store, txn, account, campaign, s.by, s.now())
 
     def after(s: OfflineSession, account: str, campaign: str, removed: Any) -> Row:
-        for event in admin.removed_events(removed, "Dropped", "dropped by an operator"):
+        for event in operations.removed_events(removed, "Dropped", "dropped by an operator"):
             s.emit(event)
         recipients = sum(len(job.recipients) for job in removed)
         s.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mta.config import Config, load_config
+from mta.text import shown
 
 DEFAULT_CONFIG = "config/mta.toml"
 
@@ -28,7 +29,8 @@ def print_json(data: Any) -> None:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else shown(str(c)) for c in r]
+                                           for r in rows]  # escaped before widths are taken
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -15,10 +15,10 @@ from typing import Any
 from mta.commands.common import add_config_arg, config_from, print_table
 from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import MAX_LIMIT, AdminClient, segment
-from mta.policy import admin
+from mta.policy import operations
 from mta.policy.model import REVIEW
 from mta.policy.offline import OfflineSession
-from mta.queue.spool import QUEUED
+from mta.queue.jobs import RcptState
 
 Row = dict[str, Any]
 
@@ -55,7 +55,7 @@ def wanted(args: argparse.Namespace) -> str | None:
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
     with OfflineSession(config_from(args)) as s:
-        return s.read(lambda txn: admin.list_held(s.store, txn, wanted(args), args.account,
+        return s.read(lambda txn: operations.list_held(s.store, txn, wanted(args), args.account,
                                                   args.limit))
 
 
@@ -67,7 +67,7 @@ def held_jobs(client: AdminClient, args: argparse.Namespace) -> list[Row]:
 
 
 def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
-    """One row per message, as `admin.list_held` makes them."""
+    """One row per message, as `operations.list_held` makes them."""
     rows: dict[str, Row] = {}
     for job in held_jobs(client, args):
         row = rows.get(job["message"])
@@ -96,7 +96,7 @@ def _change(args: argparse.Namespace, action: str, fn: Any) -> Row:
 
 def offline_release(args: argparse.Namespace) -> Row:
     def release(s: OfflineSession) -> Row:
-        count = s.write(lambda txn: admin.release_held(s.store, txn, args.id, s.now(),
+        count = s.write(lambda txn: operations.release_held(s.store, txn, args.id, s.now(),
                                                        wanted(args)))
         s.emit({"type": "HeldReleased", "id": args.id, "jobs": count})
         return {"id": args.id, "released": count}
@@ -106,8 +106,8 @@ def offline_release(args: argparse.Namespace) -> Row:
 
 def offline_reject(args: argparse.Namespace) -> Row:
     def reject(s: OfflineSession) -> Row:
-        removed = s.write(lambda txn: admin.reject_held(s.store, txn, args.id, wanted(args)))
-        for event in admin.removed_events(removed, "Rejected", "rejected in review"):
+        removed = s.write(lambda txn: operations.reject_held(s.store, txn, args.id, wanted(args)))
+        for event in operations.removed_events(removed, "Rejected", "rejected in review"):
             s.emit(event)
         recipients = sum(len(job.recipients) for job in removed)
         return {"id": args.id, "jobs": len(removed), "recipients": recipients}
@@ -116,7 +116,7 @@ def offline_reject(args: argparse.Namespace) -> Row:
 
 
 def jobs_named(client: AdminClient, args: argparse.Namespace) -> list[Row]:
-    """The held jobs an ID names (a message's or one job), as `admin.release_held` finds."""
+    """The held jobs an ID names (a message's or one job), as `operations.release_held` finds."""
     key = "job" if "." in args.id else "message"
     found = [r for r in held_jobs(client, args) if r[key] == args.id]
     if not found:
@@ -135,7 +135,7 @@ def online_reject(client: AdminClient, args: argparse.Namespace) -> Row:
     jobs = {r["job"] for r in jobs_named(client, args)}
     message = client.get(f"messages/{segment(args.id.partition('.')[0])}")
     recipients = sum(1 for job in message["jobs"] if job["job"] in jobs
-                     for r in job["rcpts"] if r[1] == QUEUED)
+                     for r in job["rcpts"] if r[1] == RcptState.QUEUED)
     for job in sorted(jobs):
         client.post(f"held/{segment(job)}/reject")
     return {"id": args.id, "jobs": len(jobs), "recipients": recipients}

@@ -19,7 +19,7 @@ from typing import Any
 
 from mta.commands.common import config_from, fail, print_json
 from mta.http.client import AdminClient, ApiError, base_url
-from mta.policy.admin import PolicyError
+from mta.policy.operations import PolicyError
 
 Offline = Callable[[argparse.Namespace], Any]
 Online = Callable[[AdminClient, argparse.Namespace], Any]

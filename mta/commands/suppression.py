@@ -16,7 +16,7 @@ from typing import Any
 from mta.commands.common import add_config_arg, config_from, fail, print_table
 from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
-from mta.policy import admin
+from mta.policy import operations
 from mta.policy.offline import OfflineSession
 
 Row = dict[str, Any]
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _rows(args: argparse.Namespace, limit: int | None) -> list[dict[str, Any]]:
     with OfflineSession(config_from(args)) as s:
-        return s.read(lambda txn: admin.suppression_rows(s.store, txn, args.account, limit))
+        return s.read(lambda txn: operations.suppression_rows(s.store, txn, args.account, limit))
 
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
@@ -73,7 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
         rows = _rows(args, None)
     except FileNotFoundError as exc:
         return fail(str(exc))
-    text = admin.export_csv(rows)
+    text = operations.export_csv(rows)
     if args.file == "-":
         sys.stdout.write(text)
     else:
@@ -102,12 +102,12 @@ def change_status(result: Row) -> int:
 
 def offline_add(args: argparse.Namespace) -> Row:
     rows = [(a, args.reason, "", "") for a in args.addresses]
-    return _write(args, "add", lambda s, txn: admin.import_suppressions(
+    return _write(args, "add", lambda s, txn: operations.import_suppressions(
         s.store, txn, args.account, rows, s.now()))
 
 
 def online_add(client: AdminClient, args: argparse.Namespace) -> Row:
-    """One POST an address; the counts as `admin.import_suppressions` gives them."""
+    """One POST an address; the counts as `operations.import_suppressions` gives them."""
     result: Row = {"account": args.account, "added": 0, "existing": 0, "invalid": []}
     for address in args.addresses:
         try:
@@ -125,7 +125,7 @@ def online_add(client: AdminClient, args: argparse.Namespace) -> Row:
 def offline_remove(args: argparse.Namespace) -> Row:
     def remove(s: OfflineSession, txn: Any) -> Row:
         gone = [a for a in args.addresses
-                if admin.remove_suppression(s.store, txn, args.account, a)]
+                if operations.remove_suppression(s.store, txn, args.account, a)]
         return {"account": args.account, "removed": len(gone),
                 "not_listed": [a for a in args.addresses if a not in gone]}
 
@@ -155,6 +155,6 @@ def offline_import(args: argparse.Namespace) -> Row:
                 text = src.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(f"cannot read {args.file}: {exc}") from None
-    rows = admin.parse_csv(text)
-    return _write(args, "import", lambda s, txn: admin.import_suppressions(
+    rows = operations.parse_csv(text)
+    return _write(args, "import", lambda s, txn: operations.import_suppressions(
         s.store, txn, args.account, rows, s.now()))

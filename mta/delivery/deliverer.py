@@ -2,12 +2,14 @@
 
 A pool serves one throttle destination (a provider, a domain with limits of its
 own, or the site: the MX host set serving a domain) on one resolved address
-set, so domains hosted on the same servers share connections and one budget. Each pool runs connection workers up to the throttle's current
-connection limit; a worker keeps its connection open for many messages (up to
-the limit per connection) and closes it after an idle timeout. The throttle is
-asked before every connection and every message, and told every reply; with several
-nodes ([cluster] redis) the cluster's budget too (`mta.cluster.throttle`), after the
-throttle, and its lease is given back once the connection is closed.
+set, so domains hosted on the same servers share connections and one budget.
+Each pool runs connection workers up to the throttle's current connection limit; a
+worker keeps its connection open for many messages (up to the limit per connection)
+and closes it after an idle timeout. The throttle is asked before every connection and
+every message, and told every reply; then the budget shared with other nodes
+(`mta.throttle.shared`), whose lease is given back once the connection is closed. Just
+before sending, the scheduler's hold check is asked again (a campaign may have been
+paused while the item waited), then the transforms rewrite what is sent, in order.
 """
 
 from __future__ import annotations
@@ -21,18 +23,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from mta.config import Config
-from mta.delivery.client import ConnectFailure, Connection, ConnectSettings, Target, connect
+from mta.delivery.connection import ConnectFailure, Connection, ConnectSettings, Target, connect
 from mta.delivery.mx import Route, RouteError
-from mta.queue.outcome import RcptResult, all_recipients
+from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.throttle import CONNECTION_FAILED, WAIT_FOR_CLOSE, Destination, Throttle
+from mta.throttle.shared import SharedBudget
 from mta.throttle.throttle import ScopeSpec
-
-if TYPE_CHECKING:
-    from mta.cluster.throttle import ClusterThrottle
 
 log = logging.getLogger("mta.delivery")
 
@@ -49,8 +49,9 @@ class Resolver(Protocol):
     async def route(self, domain: str) -> Route | RouteError: ...
 
 
-# A transform rewrites what is sent for an item: (item, sender, data) -> (sender, data).
-Transform = Callable[[Item, str, bytes], tuple[str, bytes]]
+# A transform rewrites what is sent for an item to some of its recipients:
+# (item, recipients, sender, data) -> (sender, data).
+Transform = Callable[[Item, list[str], str, bytes], tuple[str, bytes]]
 
 
 @dataclass
@@ -73,21 +74,23 @@ class Pool:
         return self.pacing > 0 or time.monotonic() - self.paced_at < PACE_MEMORY
 
 
+LocalHandler = Callable[[Item], Awaitable[None]]
+
+
 class Deliverer:
     def __init__(self, cfg: Config, resolver: Resolver, throttle: Throttle,
-                 scheduler: Scheduler | None = None) -> None:
+                 budget: SharedBudget, scheduler: Scheduler, transforms: list[Transform],
+                 local_domains: set[str], local_handler: LocalHandler) -> None:
         self.cfg = cfg
         self.resolver = resolver
         self.throttle = throttle
-        self.scheduler: Scheduler | None = scheduler
+        self.budget = budget  # what other nodes share (mta.throttle.shared)
+        self.scheduler = scheduler
         self.pools: dict[tuple[str, ...], Pool] = {}
-        self.transforms: list[Transform] = []
-        self.local_handler: Callable[[Item], Any] | None = None
-        self.local_domains: set[str] = set()
-        # `hold(item)` -> True when the policy takes the item away instead (mta.policy).
-        self.hold: Callable[[Item], bool] | None = None
-        # The budgets shared with other nodes through Redis ([cluster] redis), or None.
-        self.cluster: ClusterThrottle | None = None
+        self.transforms = transforms  # in order, the last one (DKIM) just before sending
+        self.local_handler = local_handler  # mail for the engine's own domains
+        self.local_domains = local_domains
+        budget.subscribe(self.wake_idle)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
@@ -115,13 +118,13 @@ class Deliverer:
             log.error("delivery task failed", exc_info=task.exception())
 
     async def _route(self, item: Item) -> None:
-        if item.domain in self.local_domains and self.local_handler is not None:
+        if item.domain in self.local_domains:
             await self.local_handler(item)
             return
         route = await self.resolver.route(item.domain)
         if isinstance(route, RouteError):
             await self._complete(item, [RcptResult(r, route.code, route.text, route.status)
-                                        for r in all_recipients(item.job)])
+                                        for r in item.job.waiting()])
             return
         targets = route_targets(route)
         dest = self.destination(item.domain, [h.name for h in route.hosts])
@@ -165,11 +168,9 @@ class Deliverer:
 
     async def _complete(self, item: Item, results: list[RcptResult],
                         retry_after: float | None = None) -> None:
-        assert self.scheduler is not None
         await self.scheduler.complete(item, results, retry_after)
 
     def _postpone(self, items: list[Item], seconds: float) -> None:
-        assert self.scheduler is not None
         for item in items:
             self._spawn(self.scheduler.postpone(item, seconds))
 
@@ -181,7 +182,7 @@ class Deliverer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if self.cluster is not None and self.cluster.shed(pool.dest):
+            if self.budget.shed(pool.dest):
                 return None  # idle, and over its share while other nodes wait: close
             pool.idle += 1
             pool.wakeup.clear()
@@ -207,7 +208,7 @@ class Deliverer:
                         return
                 if not await self._paced(pool, item):
                     continue
-                if self.hold is not None and self.hold(item):
+                if self.scheduler.take_held(item):
                     continue
                 if not await self._send(pool, conn, item):
                     await self._close(pool, conn)
@@ -225,8 +226,7 @@ class Deliverer:
 
     def _over_limit(self, pool: Pool) -> bool:
         """More connections open than the (lowered) limit: close this one."""
-        return self.throttle.over_connection_limit(pool.dest) or (
-            self.cluster is not None and self.cluster.shed(pool.dest))
+        return self.throttle.over_connection_limit(pool.dest) or self.budget.shed(pool.dest)
 
     async def _open(self, pool: Pool, item: Item) -> Connection | None:
         """A new connection for the pool, or None (the item was requeued or failed)."""
@@ -297,10 +297,10 @@ class Deliverer:
             waited += wait
 
     async def _try_connect(self, pool: Pool) -> float:
-        """The throttle's answer, then the cluster's (its budget spans the nodes)."""
+        """The throttle's answer, then the shared budget's (it spans the nodes)."""
         wait = self.throttle.try_connect(pool.dest)
-        if wait == 0 and self.cluster is not None:
-            wait = await self.cluster.connect(pool.dest)
+        if wait == 0:
+            wait = await self.budget.connect(pool.dest)
             if wait:
                 self.throttle.connection_closed(pool.dest)
         return wait
@@ -314,8 +314,7 @@ class Deliverer:
 
         if not await self._turn(pool, item, local_turn):
             return False
-        cluster = self.cluster
-        return cluster is None or await self._turn(pool, item, lambda: cluster.send(pool.dest))
+        return await self._turn(pool, item, lambda: self.budget.send(pool.dest))
 
     async def _turn(self, pool: Pool, item: Item, ask: Callable[[], Awaitable[float]]) -> bool:
         """Wait until `ask()` says 0 (sleeping through short waits); False if postponed."""
@@ -333,8 +332,10 @@ class Deliverer:
 
     async def _send(self, pool: Pool, conn: Connection, item: Item) -> bool:
         """Send one item; False when the connection should not be used again."""
-        sender, data = self._prepare(item)
-        results = await conn.send(sender, all_recipients(item.job), data)
+        results: list[RcptResult] = []
+        for recipients in envelopes(item):
+            sender, data = self._prepare(item, recipients)
+            results += await conn.send(sender, recipients, data)
         if FAILPOINT == "after_remote_accept" and any(r.delivered for r in results):
             os.killpg(0, signal.SIGKILL)  # crash tests: the remote has it, we don't know
         retry_after, keep = self._learn(pool, item, results)
@@ -364,9 +365,8 @@ class Deliverer:
         await self._release_lease(pool)
 
     async def _release_lease(self, pool: Pool) -> None:
-        """The cluster's lease for a connection now closed (or never opened)."""
-        if self.cluster is not None:
-            await self.cluster.release(pool.dest)
+        """The shared lease for a connection now closed (or never opened)."""
+        await self.budget.release(pool.dest)
 
     def _fail_pool(self, pool: Pool, item: Item, failures: list[ConnectFailure]) -> None:
         """No address took a connection: this item and everything queued behind it defer."""
@@ -375,10 +375,10 @@ class Deliverer:
         for each in items:
             self._spawn(self._complete(each, connect_results(each, failures)))
 
-    def _prepare(self, item: Item) -> tuple[str, bytes]:
+    def _prepare(self, item: Item, recipients: list[str]) -> tuple[str, bytes]:
         sender, data = item.message["from"], item.message["data"]
         for transform in self.transforms:
-            sender, data = transform(item, sender, data)
+            sender, data = transform(item, recipients, sender, data)
         return sender, data
 
     async def close(self) -> None:
@@ -389,17 +389,27 @@ class Deliverer:
                 await task
 
 
+def envelopes(item: Item) -> list[list[str]]:
+    """The transactions an item is sent in. Campaign mail goes one recipient at a time:
+    each copy carries its recipient's own return path and unsubscribe link, so that a
+    bounce, a complaint or an unsubscribe can name exactly one recipient."""
+    waiting = item.job.waiting()
+    if item.message.get("campaign") and len(waiting) > 1:
+        return [[recipient] for recipient in waiting]
+    return [waiting]
+
+
 def connect_results(item: Item, failures: list[ConnectFailure]) -> list[RcptResult]:
     """Per-recipient results when no connection could be had."""
     if not failures:
         return [RcptResult(r, 0, "no address to connect to", "4.4.4")
-                for r in all_recipients(item.job)]
+                for r in item.job.waiting()]
     last = failures[-1]
     code = last.code
     if 500 <= code < 600 and not all(500 <= f.code < 600 for f in failures):
         code = 0  # one MX refused for good, another only failed: try again later
     return [RcptResult(r, code, last.text, last.enhanced if code else "4.4.1", last.target.host)
-            for r in all_recipients(item.job)]
+            for r in item.job.waiting()]
 
 
 def route_targets(route: Route) -> list[Target]:

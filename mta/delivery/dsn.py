@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -17,9 +18,23 @@ def should_notify(sender: str, own_bounce_domains: set[str]) -> bool:
     return sender.rpartition("@")[2].lower() not in own_bounce_domains
 
 
+MAX_QUOTED_HEADERS = 16 * 1024
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
 def original_headers(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
+    """The original's header fields, and nothing of its body (a DSN to a forged sender
+    must not reflect a message back): up to the first line that is neither a field nor
+    a continuation, at most MAX_QUOTED_HEADERS bytes, whole lines only."""
+    out: list[bytes] = []
+    size = 0
+    for line in data.split(b"\r\n"):
+        is_field = _FIELD.match(line) is not None or (out and line[:1] in (b" ", b"\t"))
+        if not is_field or size + len(line) + 2 > MAX_QUOTED_HEADERS:
+            break
+        out.append(line + b"\r\n")
+        size += len(line) + 2
+    return b"".join(out)
 
 
 def build_dsn(message: dict[str, Any], failed: list[RcptResult], reporting_mta: str,

@@ -1,23 +1,25 @@
-"""Delivery in one worker: resolver, scheduler and deliverer wired together, with events."""
+"""Delivery's pieces that the engine wires into a worker (mta/engine.py): the DSN
+builder, the events of an attempt's outcome, the transforms of outgoing mail, the
+resolver and throttle of a worker, and the throttle's snapshots."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mta.bounce.reply import classify_reply
-from mta.cluster.throttle import start_cluster_throttle
 from mta.config import Config, parse_hostport, shipped_path
-from mta.delivery.deliverer import Deliverer
+from mta.context import WorkerContext
+from mta.delivery.deliverer import Transform
 from mta.delivery.dsn import build_dsn, should_notify
-from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
 from mta.delivery.lines import wrap_long_lines
 from mta.delivery.mx import MxResolver
 from mta.dkim.signer import DkimSigner
 from mta.queue.outcome import AttemptOutcome, RcptResult
-from mta.queue.scheduler import Item, Scheduler
+from mta.queue.scheduler import Item
 from mta.queue.spool import NewMessage
 from mta.throttle import Throttle, load_shaping, snapshot_op
 
@@ -55,7 +57,7 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
     """
     base = {"id": item.message["id"], "account": item.message.get("account", ""),
             "campaign": item.message.get("campaign", ""), "domain": item.domain,
-            "attempt": item.job["attempts"],
+            "attempt": item.job.attempts,
             "age": round(time.time() - item.message["received"], 3)}
     # The engine's own mail (DSNs, policy notices) never counts against a campaign.
     if item.message.get("dsn_for"):
@@ -76,19 +78,19 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
     return events
 
 
-def dkim_transform(signer: DkimSigner) -> Any:
+def dkim_transform(signer: DkimSigner) -> Transform:
     """Signs what is sent, last of the transforms, just before sending."""
 
-    def sign(item: Item, sender: str, data: bytes) -> tuple[str, bytes]:
+    def sign(item: Item, recipients: list[str], sender: str, data: bytes) -> tuple[str, bytes]:
         return sender, signer.sign(data)
 
     return sign
 
 
-def line_wrap_transform(limit: int) -> Any:
+def line_wrap_transform(limit: int) -> Transform:
     """Breaks lines over `limit` octets, before signing (mta.delivery.lines)."""
 
-    def wrap(item: Item, sender: str, data: bytes) -> tuple[str, bytes]:
+    def wrap(item: Item, recipients: list[str], sender: str, data: bytes) -> tuple[str, bytes]:
         return sender, wrap_long_lines(data, limit)
 
     return wrap
@@ -101,63 +103,48 @@ def check_delivery_config(cfg: Config) -> None:
     load_shaping(shipped_path(cfg.throttle.shaping_file))
 
 
-async def save_throttle_state(worker: Any, throttle: Throttle, interval: float = 1.0) -> None:
-    """Keeps `mta throttle status` current: this worker's snapshot, once a second."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await worker.committer.submit(
-                snapshot_op(worker.spool.env, worker.index, throttle.snapshot()))
-        except Exception:
-            log.exception("could not save the throttle snapshot")
-
-
-def start_delivery(worker: Any) -> Deliverer:
-    cfg: Config = worker.cfg
+def make_resolver(cfg: Config) -> MxResolver:
     listen_host, listen_port = parse_hostport(cfg.smtp.listen)
     # Our own listener is a loop target only where delivery would reach it.
     own = {listen_host} if listen_port == cfg.delivery.port else set()
-    resolver = MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
-                          max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
-    # With a cluster, each worker keeps the whole budget and Redis holds it across all
-    # workers of all nodes (mta.cluster.throttle); else each worker keeps its share.
-    sharing = 1 if getattr(worker, "cluster", None) is not None else worker.workers
-    throttle = Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), worker.index, sharing,
-                        on_event=lambda event: worker.emit({"type": "ThrottleChange", **event}))
-    deliverer = Deliverer(cfg, resolver, throttle)
-    deliverer.cluster = start_cluster_throttle(worker, throttle)
-    if deliverer.cluster is not None:
-        deliverer.cluster.on_excess = deliverer.wake_idle
-    worker.dkim_signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
-    if cfg.delivery.line_length_limit:
-        deliverer.transforms.append(line_wrap_transform(cfg.delivery.line_length_limit))
-    if worker.dkim_signer is not None:
-        deliverer.transforms.append(dkim_transform(worker.dkim_signer))
-    deliverer.local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
-    secret = verp_secret(cfg, worker.spool)
-    if cfg.bounce.verp:
-        deliverer.transforms.insert(0, verp_transform(cfg, secret))
+    return MxResolver(cfg.dns, allow_loopback_mx=cfg.delivery.allow_loopback_mx,
+                      max_addresses=cfg.delivery.max_mx_addresses, own_addresses=own)
 
-    def on_outcome(item: Item, outcome: AttemptOutcome) -> None:
-        for event in outcome_events(item, outcome, item.domain in deliverer.local_domains):
-            worker.emit(event)
 
-    scheduler = Scheduler(worker.spool, worker.committer, cfg.delivery, worker.index,
-                          worker.workers, dispatch=deliverer.dispatch, on_outcome=on_outcome,
-                          build_dsn=make_dsn_builder(cfg))
-    deliverer.scheduler = scheduler
-    worker.inbound = deliverer.local_handler = InboundHandler(
-        cfg, worker.spool, worker.emit, scheduler.complete, secret)
-    worker.intake.on_stored = scheduler.notify_stored
-    scheduler.start()
+def make_throttle(ctx: WorkerContext, shared: bool) -> Throttle:
+    """This worker's throttle: its share of each budget, or (`shared`: the budget is held
+    across all workers of all nodes, mta.throttle.shared) the whole of it."""
+    cfg = ctx.cfg
+    return Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), ctx.index,
+                    1 if shared else ctx.workers,
+                    on_event=lambda event: ctx.emit({"type": "ThrottleChange", **event}))
 
-    snapshots = asyncio.get_running_loop().create_task(save_throttle_state(worker, throttle))
+
+def emit_outcomes(ctx: WorkerContext, local_domains: set[str]
+                  ) -> Callable[[Item, AttemptOutcome], None]:
+    def emit(item: Item, outcome: AttemptOutcome) -> None:
+        for event in outcome_events(item, outcome, item.domain in local_domains):
+            ctx.emit(event)
+
+    return emit
+
+
+def keep_throttle_snapshots(ctx: WorkerContext, throttle: Throttle,
+                            interval: float = 1.0) -> None:
+    """Keeps `mta throttle status` current: this worker's snapshot, once a second."""
+
+    async def save_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await ctx.committer.submit(
+                    snapshot_op(ctx.spool.env, ctx.index, throttle.snapshot()))
+            except Exception:
+                log.exception("could not save the throttle snapshot")
+
+    task = asyncio.get_running_loop().create_task(save_forever())
 
     async def close() -> None:
-        snapshots.cancel()
-        await scheduler.stop()
-        await deliverer.close()
+        task.cancel()
 
-    worker.closers.append(close)
-    worker.scheduler = scheduler
-    return deliverer
+    ctx.on_close(close)

@@ -14,11 +14,11 @@ import re
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 
+from mta.address import address_domain, normalize_domain
 from mta.config import ConfigError, DkimConfig
 from mta.dkim.canon import (
     CRLF,
@@ -44,6 +44,8 @@ DEFAULT_HEADERS: tuple[str, ...] = (
     "Content-Transfer-Encoding",
     "List-Unsubscribe",
     "List-Unsubscribe-Post",
+    "CFBL-Address",
+    "CFBL-Feedback-ID",
     "List-Id",
     "In-Reply-To",
     "References",
@@ -53,8 +55,6 @@ FOLD_WIDTH = 76
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII but colon (RFC 5322 ftext)
-_ANGLE_ADDR = re.compile(rb'<[^<>@"()\\]*@([^<>@"()\\\s]+)>[ \t]*\Z')
-_BARE_ADDR = re.compile(rb'\s*[^\s<>@"(),;:\\]+@([^\s<>@"(),;:\\]+)\s*')
 _PKCS1V15 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 
@@ -259,27 +259,3 @@ def from_domain(fields: Sequence[CanonicalField]) -> str:
         if key == b"from":
             return address_domain(value)
     return ""
-
-
-def address_domain(value: bytes) -> str:
-    """The domain of the first address in a From: value, '' if it has none."""
-    if value.count(b"@") == 1:  # the common case, without the cost of a full parse
-        simple = _ANGLE_ADDR.search(value) or _BARE_ADDR.fullmatch(value)
-        if simple:
-            return normalize_domain(simple.group(1).decode("utf-8", "replace"))
-    text = value.replace(CRLF, b"").decode("utf-8", "replace")  # unfolded if not canonical
-    for _, address in getaddresses([text]):
-        if "@" in address:
-            return normalize_domain(address.rpartition("@")[2])
-    return ""
-
-
-def normalize_domain(domain: str) -> str:
-    """Lowercase, no trailing dot, IDNA A-label form when it has non-ASCII characters."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain

@@ -1,9 +1,9 @@
 """The operators' surface over HTTP: /metrics, the admin API, the dashboard, unsubscribe.
 
-Wiring (mta/engine.py): `start_worker(worker)` in every worker (audit log, metrics, and
-the HTTP listener in worker 0); `check_http(cfg)` among the startup checks.
+Wiring (mta/engine.py): `start_operators(ctx, policy, live)` in every worker (audit log,
+metrics, and the HTTP listener in worker 0); `check_http(cfg)` among the startup checks.
 """
 
-from mta.http.server import check_http, start_http, start_worker
+from mta.http.server import check_http, start_http, start_operators
 
-__all__ = ["check_http", "start_http", "start_worker"]
+__all__ = ["check_http", "start_http", "start_operators"]

@@ -27,9 +27,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mta.audit import AuditLog, access_record, auth_record
-from mta.http.admin import Admin
+from mta.http.api import AdminApi
 from mta.http.auth import FailureLimiter, TokenChecker
-from mta.http.policy_port import InvalidToken, NotFound, PolicyUnavailable
+from mta.http.operations import InvalidToken, NotFound, PolicyUnavailable
 from mta.metrics import render
 
 STATIC = Path(__file__).parent / "static"
@@ -46,7 +46,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class HttpState:
-    admin: Admin
+    admin: AdminApi
     checker: TokenChecker
     limiter: FailureLimiter
     audit: AuditLog | None
@@ -144,6 +144,8 @@ async def body_fields(request: web.Request) -> dict[str, Any]:
         data = await request.json()
     except ValueError:
         raise ValueError("the request body must be a JSON object") from None
+    except RecursionError:  # a hostile body nested thousands deep
+        raise ValueError("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     return data

@@ -1,27 +1,31 @@
-"""Starting the operators' surface inside the engine's worker processes.
+"""The operators' surface in the engine's worker processes: audit log, metrics, HTTP.
 
-With N workers, worker 0 alone runs the HTTP listener: it reads LMDB directly
-(its own read transactions) and writes through its own group committer. Metrics
-stay right across the processes through prometheus-client's multiprocess mode
-(see mta.metrics); the audit log is appended to by every worker (O_APPEND lines).
-If worker 0 dies, the supervisor restarts it and the listener comes back with it.
+mta/engine.py calls `check_http(cfg)` among its startup checks (the HTTP address can
+be bound) and `start_operators(ctx, policy, live)` in every worker. Every worker opens
+the audit log (O_APPEND lines, so all of them append to one file) and records its own
+metrics (prometheus-client's multiprocess mode merges them, see mta.metrics). Worker 0
+alone also runs the HTTP listener (`start_http`: /metrics, the admin API, the
+dashboard, one-click unsubscribe); it reads LMDB directly (its own read transactions)
+and writes through the policy guard's `PolicyOperations`, or without the guard through
+`SpoolOperations` on its own group committer. If worker 0 dies, the supervisor restarts it
+and the listener comes back with it.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
 
 from aiohttp import web
 
 from mta.audit import AuditLog, start_audit
 from mta.config import Config, ConfigError, check_bindable, parse_hostport
-from mta.http.admin import Admin
+from mta.context import WorkerContext
+from mta.http.api import AdminApi
 from mta.http.app import HttpState, build_app
 from mta.http.auth import FailureLimiter, TokenChecker
-from mta.http.policy_port import PolicyAdmin, SpoolPolicy
-from mta.metrics import start_metrics
+from mta.http.operations import PolicyOperations, SpoolOperations
+from mta.metrics import EngineMetrics, LiveParts, start_metrics
 
 log = logging.getLogger("mta.http")
 
@@ -33,26 +37,14 @@ def check_http(cfg: Config) -> None:
     check_bindable("[http] listen", cfg.http.listen, socket.SO_REUSEADDR)
 
 
-def policy_source(worker: Any) -> Any:
-    """The worker's `PolicyAdmin`: `worker.policy_admin` once the guard is wired, else the
-    spool-only stand-in."""
-    fallback = SpoolPolicy(worker.cfg, worker.spool, worker.committer.submit, worker.emit)
-
-    def current() -> PolicyAdmin:
-        return getattr(worker, "policy_admin", None) or fallback
-
-    return current
-
-
-async def start_http(worker: Any) -> None:
+async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditLog | None,
+                     metrics: EngineMetrics | None) -> AdminApi | None:
     """Serve /metrics, the admin API, the dashboard and unsubscribe from this worker."""
-    cfg: Config = worker.cfg
+    cfg = ctx.cfg
     if not cfg.http.enabled:
-        return
-    audit: AuditLog | None = getattr(worker, "audit", None)
-    metrics = getattr(worker, "metrics", None)
+        return None
     registry = metrics.registry if metrics is not None else None
-    admin = Admin(cfg, worker.spool, policy_source(worker), audit, registry)
+    admin = AdminApi(cfg, ctx.spool, policy, audit, registry)
     st = HttpState(admin, TokenChecker(cfg.http.admin_token, cfg.http.operator_tokens),
                    FailureLimiter(cfg.http.max_auth_failures, cfg.http.auth_failure_window),
                    audit, registry)
@@ -64,15 +56,19 @@ async def start_http(worker: Any) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"[http] listen {cfg.http.listen}: {exc.strerror}") from None
-    worker.closers.append(runner.cleanup)
-    worker.http_admin = admin
-    log.info("worker %d: operators' HTTP on %s", worker.index, cfg.http.listen)
+    ctx.on_close(runner.cleanup)
+    log.info("worker %d: operators' HTTP on %s", ctx.index, cfg.http.listen)
+    return admin
 
 
-async def start_worker(worker: Any) -> None:
+async def start_operators(ctx: WorkerContext, policy: PolicyOperations | None,
+                          live: LiveParts) -> EngineMetrics:
     """Everything of the operators' surface a worker runs: audit and metrics in every
-    worker, the HTTP listener in worker 0 (a `worker_extensions` hook)."""
-    start_audit(worker)
-    start_metrics(worker)
-    if worker.index == 0:
-        await start_http(worker)
+    worker, the HTTP listener in worker 0. Without the policy guard, the admin API
+    answers what the spool alone can (`SpoolOperations`)."""
+    audit = start_audit(ctx)
+    metrics = start_metrics(ctx, live)
+    if ctx.index == 0:
+        policy = policy or SpoolOperations(ctx.cfg, ctx.spool, ctx.committer.submit, ctx.emit)
+        await start_http(ctx, policy, audit, metrics)
+    return metrics

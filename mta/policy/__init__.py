@@ -2,29 +2,16 @@
 
 Rates and pauses (`rates`, `ledger`), suppression lists, trial and monthly limits,
 List-Unsubscribe with signed one-click tokens (`headers`, `tokens`), the footer
-(`footer`), operator actions (`admin`, used by the CLI and the admin API through
-`port.GuardAdmin`) and data retention (`retention`). State lives in the spool's LMDB
-environment (`store`); `guard.PolicyGuard` is the per-worker runtime.
+(`footer`), operator actions (`operations`, used by the CLI and, through
+`mta.http.guard_operations`, the admin API) and data retention (`retention`). State
+lives in the spool's LMDB environment (`store`); `guard.PolicyGuard` is the per-worker
+runtime, with its parts: `holds`, `transform`, `snapshot` (the cached pauses).
 
-Wiring in a worker (mta/engine.py and the delivery service)::
-
-    guard = PolicyGuard(cfg, worker.spool, worker.committer, emit=worker.emit)
-    await guard.start(daily_purge=worker.index == 0)
-    worker.intake.policy = guard
-    worker.events.listeners.append(guard.on_event)
-    deliverer.transforms.insert(0, guard.transform)       # before DKIM signing
-    # scheduler, before dispatching an item:
-    #     reason = guard.hold_reason(item)
-    #     if reason: await guard.hold_item(item, reason)  (and forget the item)
-    worker.policy_admin = GuardAdmin(guard)               # mta.policy.port
-    worker.closers.append(guard.close)
-
-and `check_policy` among the engine's startup checks.
-
-On several nodes (`[cluster] redis`), `wire_policy` also starts `mta.cluster.policy`:
-LMDB stays each node's copy, changes are journaled (`policy.journal`) and shared through
-Redis, campaigns are judged on the cluster's counts, and trial and monthly limits are
-reserved there (`guard.admit`); without Redis nothing of this runs.
+The engine (mta/engine.py) wires a `PolicyGuard` into each worker: its intake checks
+into intake, its `holds` into the scheduler, its `transform` before DKIM signing, its
+`on_event` into the event log, its unsubscribe mailbox into the inbound handler. On
+several nodes (`[cluster] redis`) the wiring plugs `mta.cluster.policy.PolicySync` into
+the guard's `SharedPolicy` port (`PolicyGuard.share`); without Redis nothing of it runs.
 """
 
 from mta.policy.guard import (

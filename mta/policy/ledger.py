@@ -10,6 +10,7 @@ paused in the same transaction, and its account's notice is stored with it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from mta.policy.model import ACTIVE, PAUSED, CampaignState, Counters, Suppressio
 from mta.policy.rates import Breach, Thresholds, find_breach
 from mta.policy.store import PolicyStore, account_key, campaign_key, month_key
 from mta.queue.spool import NewMessage
+from mta.text import shown
+
+log = logging.getLogger("mta.policy")
 
 KINDS = ("delivered", "hard", "soft", "complaint", "unsubscribe")
 SUPPRESSION_REASONS = {"hard": "hard-bounce", "complaint": "complaint",
@@ -31,6 +35,8 @@ class Outcome:
 
     final: a delivery attempt's final result (counts as sent); false for what arrives
     later (an asynchronous bounce of mail already counted as delivered, a complaint).
+    message_id: the message the feedback proved it is about: it counts once per
+    message, recipient and kind.
     """
 
     kind: str
@@ -39,6 +45,7 @@ class Outcome:
     recipient: str = ""
     final: bool = True
     detail: str = ""
+    message_id: str = ""
 
 
 @dataclass
@@ -82,6 +89,14 @@ class Applied:
     unattributed: int = 0
     deltas: dict[bytes, Counters] = field(default_factory=dict)  # what was added, by key
     touched: list[tuple[str, str]] = field(default_factory=list)  # campaigns with outcomes
+
+    def merge(self, other: Applied) -> None:
+        self.pauses += other.pauses
+        self.counted += other.counted
+        self.unattributed += other.unattributed
+        for key, delta in other.deltas.items():
+            self.deltas.setdefault(key, Counters()).add(delta)
+        self.touched = sorted(set(self.touched) | set(other.touched))
 
 
 NoticeMaker = Callable[[str, str, Breach], NewMessage | None]
@@ -129,8 +144,8 @@ class Ledger:
             if not account:
                 result.unattributed += 1
                 continue
-            if not self._record_suppression(txn, account, o, now):
-                continue  # feedback already counted for this address and campaign
+            if not self._first(txn, o, now) or not self._record_suppression(txn, account, o, now):
+                continue  # feedback already counted
             delta = outcome_delta(o.kind, o.final)
             add(account_key(account), delta)
             if o.campaign:
@@ -147,6 +162,12 @@ class Ledger:
             if pause is not None:
                 result.pauses.append(pause)
         return result
+
+    def _first(self, txn: Any, o: Outcome, now: float) -> bool:
+        """False for feedback about a message and recipient already counted."""
+        if o.final or not o.message_id:
+            return True
+        return self.store.first_feedback(txn, o.message_id, o.recipient, o.kind, now)
 
     def _record_suppression(self, txn: Any, account: str, o: Outcome, now: float) -> bool:
         """Suppress the address where the outcome calls for it; False: a repeat, not counted."""
@@ -190,9 +211,20 @@ class Ledger:
             rate=round(breach.rate, 4), threshold=breach.threshold, by="policy", at=now,
             baseline=state.baseline))
         pause = Pause(account, campaign, breach)
-        notice = self.make_notice(account, campaign, breach) if (
-            self.make_notice and notify) else None
+        notice = self._notice(account, campaign, breach) if notify else None
         if notice is not None:
             self.store.spool.put_message(txn, notice)
             pause.notice_id = notice.id
         return pause
+
+    def _notice(self, account: str, campaign: str, breach: Breach) -> NewMessage | None:
+        """The account's notice; one that cannot be made is logged and skipped: the pause
+        and every other count of the batch stand."""
+        if self.make_notice is None:
+            return None
+        try:
+            return self.make_notice(account, campaign, breach)
+        except Exception as exc:
+            log.error("no pause notice for campaign %s of account %s: %s",
+                      shown(campaign, 200), shown(account, 200), shown(str(exc), 200))
+            return None

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mta.address import address_key
+
 COUNTER_FIELDS = ("submitted", "sent", "delivered", "hard", "soft", "complaints", "unsubscribes")
 
 # Campaign and account statuses.
@@ -130,7 +132,7 @@ class Suppression:
 
 def normalize_address(address: str) -> str:
     """Suppression keys: the whole address lower-cased, without angle brackets."""
-    return address.strip().strip("<>").strip().lower()
+    return address_key(address)
 
 
 def month_of(ts: float) -> str:

@@ -7,7 +7,6 @@ footer ever applies to it), marked ``notice`` in the record.
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -16,19 +15,13 @@ from email.utils import format_datetime, make_msgid
 
 from mta.policy.rates import Breach
 from mta.queue.spool import NewMessage
-
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """Text from outside made safe for a header: control characters become '?'."""
-    return _UNPRINTABLE.sub("?", text)[:limit]
+from mta.text import shown
 
 
 def pause_notice(to: str, sender: str, hostname: str, account: str, campaign: str,
                  breach: Breach, now: float | None = None) -> NewMessage:
     now = time.time() if now is None else now
-    name = printable(campaign)
+    name = shown(campaign, 200)
     msg = EmailMessage(policy=SMTP)
     msg["From"] = sender
     msg["To"] = to
@@ -38,7 +31,7 @@ def pause_notice(to: str, sender: str, hostname: str, account: str, campaign: st
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(
         f"Hello,\n\n"
-        f"Sending of your campaign \"{name}\" (account {printable(account)}) was paused "
+        f"Sending of your campaign \"{name}\" (account {shown(account, 200)}) was paused "
         f"at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}:\n"
         f"its {breach.describe()}.\n\n"
         f"Mail of this campaign that was still queued is kept, not sent and not lost; new\n"

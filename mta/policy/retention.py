@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mta.policy import jobs
 from mta.policy.model import DELETED, AccountState
 from mta.policy.store import PolicyStore, account_key, clean_name
+from mta.queue import jobs
 
 log = logging.getLogger("mta.policy.retention")
 

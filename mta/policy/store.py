@@ -6,6 +6,8 @@
   only campaigns and accounts that were ever paused, suspended or deleted have one
 - ``policy.supp``   ``<account>\\0<address>`` -> Suppression
 - ``policy.meta``   ``unsubscribe_secret`` -> bytes
+- ``policy.feedback`` ``<message id>\0<recipient>\0<kind>`` -> time: feedback already
+  counted, so that a report sent (or replayed) again counts once
 - ``policy.journal`` (only with `[cluster] redis`) ``<8-byte ns time><T|S><record key>``
   -> b"": states and suppressions changed on this node and not yet published to Redis
   (`mta.cluster.policy` reads and clears it)
@@ -26,7 +28,7 @@ from mta.policy.model import AccountState, CampaignState, Counters, Suppression
 from mta.queue.spool import Spool, pack, unpack
 
 COUNT_DB, STATE_DB, SUPP_DB, META_DB = "policy.count", "policy.state", "policy.supp", "policy.meta"
-JOURNAL_DB = "policy.journal"
+JOURNAL_DB, FEEDBACK_DB = "policy.journal", "policy.feedback"
 STATE_REF, SUPP_REF = b"T", b"S"  # journal entries: a state or a suppression changed
 SECRET_KEY = b"unsubscribe_secret"
 
@@ -68,7 +70,19 @@ class PolicyStore:
         self.state = spool.open_db(STATE_DB)
         self.supp = spool.open_db(SUPP_DB)
         self.meta = spool.open_db(META_DB)
+        self.feedback = spool.open_db(FEEDBACK_DB)
         self.journal = spool.open_db(JOURNAL_DB) if journal else None
+
+    def first_feedback(self, txn: Any, message_id: str, recipient: str, kind: str,
+                       now: float) -> bool:
+        """True the first time this feedback about this message and recipient is seen."""
+        key = b"\0".join((clean_name(message_id), clean_name(recipient.lower()), kind.encode()))
+        return bool(txn.put(key, pack(now), db=self.feedback, overwrite=False))
+
+    def keep_journal(self) -> None:
+        """Journal every change from now on (several nodes share them)."""
+        if self.journal is None:
+            self.journal = self.spool.open_db(JOURNAL_DB)
 
     def note(self, txn: Any, ref: bytes) -> None:
         """Journal a changed state or suppression (several nodes: published to Redis)."""

@@ -28,7 +28,7 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{8,1800}\.[A-Za-z0-9_-]{22}")
 class UnsubscribeTarget:
     account: str
     campaign: str
-    recipient: str  # empty when the message went to several recipients at once
+    recipient: str
 
 
 def _b64(data: bytes) -> str:
@@ -46,6 +46,8 @@ def _mac(secret: bytes, payload: bytes) -> bytes:
 def make_token(secret: bytes, account: str, campaign: str, recipient: str) -> str:
     if not secret:
         raise ValueError("the unsubscribe secret must not be empty")
+    if not (account and campaign and recipient):
+        raise ValueError("an unsubscribe token names an account, a campaign and a recipient")
     payload = msgpack.packb([1, account, campaign, recipient.lower()], use_bin_type=True)
     return f"{_b64(payload)}.{_b64(_mac(secret, payload))}"
 
@@ -66,8 +68,8 @@ def read_token(secret: bytes, token: str) -> UnsubscribeTarget | None:
     except Exception:
         return None
     if (not isinstance(fields, list) or len(fields) != 4 or fields[0] != 1
-            or not all(isinstance(f, str) for f in fields[1:])):
-        return None
+            or not all(isinstance(f, str) and f for f in fields[1:])):
+        return None  # every token names an account, a campaign and one recipient
     return UnsubscribeTarget(fields[1], fields[2], fields[3])
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from mta.queue.spool import BOUNCED, DELIVERED, QUEUED
+from mta.queue.jobs import Job, RcptState
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -73,8 +72,8 @@ def retry_delay(attempts: int, initial: float, maximum: float, jitter: float,
     return max(1.0, base + (rng or random).uniform(-spread, spread))
 
 
-def apply_attempt(job: dict[str, Any], results: list[RcptResult], now_ms: int,
-                  received_ms: int, max_age: float, retry: tuple[float, float, float],
+def apply_attempt(job: Job, results: list[RcptResult], now_ms: int, received_ms: int,
+                  max_age: float, retry: tuple[float, float, float],
                   retry_after: float | None = None) -> AttemptOutcome:
     """Update `job` in place with an attempt's per-recipient results.
 
@@ -83,37 +82,28 @@ def apply_attempt(job: dict[str, Any], results: list[RcptResult], now_ms: int,
     """
     by_rcpt = {r.recipient: r for r in results}
     outcome = AttemptOutcome()
-    job["attempts"] += 1
+    job.attempts += 1
     too_old = (now_ms - received_ms) / 1000 >= max_age
-    for entry in job["rcpts"]:
-        result = by_rcpt.get(entry[0])
-        if entry[1] != QUEUED or result is None:
+    for rcpt in job.rcpts:
+        result = by_rcpt.get(rcpt.address)
+        if rcpt.state != RcptState.QUEUED or result is None:
             continue
-        entry[2], entry[3] = result.code, result.text[:500]
+        rcpt.code, rcpt.reply = result.code, result.text[:500]
         if result.delivered:
-            entry[1] = DELIVERED
+            rcpt.state = RcptState.DELIVERED
             outcome.delivered.append(result)
         elif result.permanent:
-            entry[1] = BOUNCED
+            rcpt.state = RcptState.BOUNCED
             outcome.bounced.append(result)
         elif too_old:
-            entry[1] = BOUNCED
+            rcpt.state = RcptState.BOUNCED
             outcome.expired.append(result)
         else:
             outcome.deferred.append(result)
-    if any(entry[1] == QUEUED for entry in job["rcpts"]):
-        delay = retry_after if retry_after is not None else retry_delay(job["attempts"], *retry)
+    if job.waiting():
+        delay = retry_after if retry_after is not None else retry_delay(job.attempts, *retry)
         outcome.next_attempt_ms = now_ms + int(delay * 1000)
-        job["error"] = outcome.deferred[0].text[:500] if outcome.deferred else job.get("error")
+        if outcome.deferred:
+            job.error = outcome.deferred[0].text[:500]
     return outcome
 
-
-def all_recipients(job: dict[str, Any]) -> list[str]:
-    return [entry[0] for entry in job["rcpts"] if entry[1] == QUEUED]
-
-
-def fail_all(job: dict[str, Any], code: int, text: str, enhanced: str, mx: str = "",
-             possible_duplicate: bool = False) -> list[RcptResult]:
-    """The same result for every recipient still waiting in the job."""
-    return [RcptResult(r, code, text, enhanced, mx, possible_duplicate)
-            for r in all_recipients(job)]

@@ -3,10 +3,11 @@
 Each worker process owns the destinations whose domain hash falls in its share
 (hash % workers == index), so no two processes ever deliver to one domain and
 per-destination limits hold without shared counters. The scheduler reads the
-`due` index, hands each due job to `dispatch`, and applies the results of an
-attempt in one group-committed transaction: final recipients leave the job,
-deferred ones move to their next due time, a DSN joins the spool in the same
-transaction as the bounce that caused it.
+`due` index; each due job is first offered to the hold check (a paused campaign's
+job is held, not sent), the others are marked `sending` and handed to `dispatch`
+(delivery). The results of an attempt are applied in one group-committed
+transaction: final recipients leave the job, deferred ones move to their next due
+time, a DSN joins the spool in the same transaction as the bounce that caused it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mta.config import DeliveryConfig
 from mta.queue.commit import GroupCommitter
+from mta.queue.jobs import HoldResult, Job
 from mta.queue.outcome import AttemptOutcome, RcptResult, apply_attempt
 from mta.queue.spool import NewMessage, Spool, domain_hash
 
@@ -36,41 +38,56 @@ RESCAN_MARGIN_MS = 2000
 class Item:
     """A due job handed to delivery, with its message."""
 
-    job_id: bytes
-    job: dict[str, Any]
+    job: Job
     message: dict[str, Any]
     loaded: float
     maybe_sent: bool = False  # an earlier attempt was cut off (crash) mid-send
 
     @property
+    def job_id(self) -> bytes:
+        return self.job.id
+
+    @property
     def domain(self) -> str:
-        return self.job["domain"]
+        return self.job.domain
 
 
 DsnBuilder = Callable[[dict[str, Any], list[RcptResult], bool], NewMessage | None]
+Dispatch = Callable[[Item], None]
+
+
+class HoldCheck(Protocol):
+    """What decides that a due job is held instead of sent (the policy guard)."""
+
+    def hold_reason(self, item: Item) -> str | None:
+        """Why this item must not be sent now, or None (cheap: asked for every item)."""
+
+    def still_holds(self, txn: Any, job: Job, reason: str) -> bool:
+        """In the writer's transaction: the reason still applies (it may have been lifted)."""
+
+    def hold_done(self, result: HoldResult) -> None:
+        """The hold was committed (or found stale or gone)."""
 
 
 class Scheduler:
     def __init__(self, spool: Spool, committer: GroupCommitter, cfg: DeliveryConfig,
-                 index: int, workers: int, dispatch: Callable[[Item], None],
-                 on_outcome: Callable[[Item, AttemptOutcome], None],
-                 build_dsn: DsnBuilder) -> None:
+                 index: int, workers: int, on_outcome: Callable[[Item, AttemptOutcome], None],
+                 build_dsn: DsnBuilder, hold_check: HoldCheck | None = None) -> None:
         self.spool = spool
         self.committer = committer
         self.cfg = cfg
         self.index, self.workers = index, workers
-        self.dispatch = dispatch
         self.on_outcome = on_outcome
         self.build_dsn = build_dsn
+        self.hold_check = hold_check
+        self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
         self._wakeup = asyncio.Event()
         self._resume_ms = 0
         self._last_full_scan = 0.0
         self._task: asyncio.Task[None] | None = None
         self.paused = False
-        # Asked before each dispatch: a reason to hold the job instead (a paused campaign).
-        self.hold_reason: Callable[[Item], str | None] | None = None
-        self._holding: set[asyncio.Task[None]] = set()
+        self._background_tasks: set[asyncio.Task[Any]] = set()
 
     def owns(self, domain: str) -> bool:
         return domain_hash(domain) % self.workers == self.index
@@ -86,7 +103,9 @@ class Scheduler:
         if any(self.owns(r.rpartition("@")[2].lower()) for r in message.recipients):
             self._wakeup.set()
 
-    def start(self) -> None:
+    def start(self, dispatch: Dispatch) -> None:
+        """Start handing due items to `dispatch` (delivery)."""
+        self._dispatch = dispatch
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -136,13 +155,12 @@ class Scheduler:
                 job = self.spool.get_job(txn, job_id)
                 if job is None:
                     continue
-                message = messages.get(job["msg"]) or self.spool.get_message(txn, job["msg"])
+                message = messages.get(job.msg) or self.spool.get_message(txn, job.msg)
                 if message is None:
                     continue
-                messages[job["msg"]] = message
+                messages[job.msg] = message
                 self.in_flight.add(job_id)
-                maybe_sent = txn.get(job_id, db=self.spool.dbs["sending"]) is not None
-                items.append(Item(job_id, job, message, now, maybe_sent))
+                items.append(Item(job, message, now, self.spool.is_sending(txn, job_id)))
                 if len(items) >= capacity:
                     last_ms = when
                     break
@@ -153,48 +171,57 @@ class Scheduler:
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._holding.add(task)
-        task.add_done_callback(self._holding.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _start(self, items: list[Item]) -> None:
-        """Record that these jobs are being sent (so a crash mid-send is known), then go."""
-        to_send = []
-        for item in items:
-            reason = self.hold_reason(item) if self.hold_reason is not None else None
-            if reason:
-                self._background(self.hold(item, reason))
-            else:
-                to_send.append(item)
+        """Hold what the hold check holds; mark the rest as being sent (so that a crash
+        mid-send is known), then hand them to delivery."""
+        to_send = [item for item in items if not self.take_held(item)]
         if not to_send:
             return
-        sending = self.spool.dbs["sending"]
-
-        def mark(txn: Any) -> None:
-            for item in to_send:
-                txn.put(item.job_id, b"", db=sending)
-
         try:
-            await self.committer.submit(mark)
+            await self.committer.submit(
+                lambda txn: self.spool.mark_sending(txn, [item.job_id for item in to_send]))
         except Exception:
             log.exception("could not mark jobs as sending; retrying them later")
             for item in to_send:
                 self.in_flight.discard(item.job_id)
             return
+        assert self._dispatch is not None
         for item in to_send:
-            self.dispatch(item)
+            self._dispatch(item)
 
-    async def hold(self, item: Item, reason: str) -> None:
+    def take_held(self, item: Item) -> bool:
+        """True when the hold check keeps this item from being sent: its job is held (in
+        the background) and the scheduler forgets the item. Asked again by delivery just
+        before sending, since an item may wait at a destination's pace meanwhile."""
+        reason = self.hold_check.hold_reason(item) if self.hold_check is not None else None
+        if reason is None:
+            return False
+        self._background(self.hold(item, reason))
+        return True
+
+    async def hold(self, item: Item, reason: str) -> HoldResult:
         """Keep a due job out of delivery (not lost, not bounced) until it is released."""
+        check = self.hold_check
 
-        def hold(txn: Any) -> None:
+        def hold(txn: Any) -> HoldResult:
             job = self.spool.get_job(txn, item.job_id)
-            if job is not None and not job.get("held"):
-                self.spool.hold_job(txn, item.job_id, job, reason)
+            if job is None or job.held:
+                return HoldResult.GONE
+            if check is not None and not check.still_holds(txn, job, reason):
+                return HoldResult.STALE  # stays due: it goes out at the next scan
+            self.spool.hold_job(txn, job, reason)
+            return HoldResult.HELD
 
         try:
-            await self.committer.submit(hold)
+            result: HoldResult = await self.committer.submit(hold)
         finally:
             self.in_flight.discard(item.job_id)
+        if check is not None:
+            check.hold_done(result)
+        return result
 
     async def postpone(self, item: Item, seconds: float) -> None:
         """Put a job back, due in `seconds`, without counting an attempt (it was not tried:
@@ -202,12 +229,11 @@ class Scheduler:
         due_ms = int((time.time() + max(0.0, seconds)) * 1000)
 
         def move(txn: Any) -> None:
-            txn.delete(item.job_id, db=self.spool.dbs["sending"])
             job = self.spool.get_job(txn, item.job_id)
-            if job is not None and not job.get("held"):
-                old = job["next"]
-                job["next"] = due_ms
-                self.spool.reschedule(txn, item.job_id, job, old)
+            if job is not None and not job.held:
+                old = job.next_ms
+                job.next_ms = due_ms
+                self.spool.save_attempt(txn, job, old)
 
         try:
             await self.committer.submit(move)
@@ -244,11 +270,10 @@ class Scheduler:
     def _record(self, txn: Any, item: Item, results: list[RcptResult], now_ms: int,
                 retry_after: float | None) -> AttemptOutcome | None:
         """Runs in the spool writer thread: only the transaction and plain data here."""
-        txn.delete(item.job_id, db=self.spool.dbs["sending"])
         job = self.spool.get_job(txn, item.job_id)
-        if job is None or job.get("held"):
+        if job is None or job.held:
             return None  # removed or held by an operator meanwhile
-        old_next = job["next"]
+        old_next = job.next_ms
         outcome = apply_attempt(
             job, results, now_ms, int(item.message["received"] * 1000), self.cfg.max_age,
             (self.cfg.retry_initial, self.cfg.retry_max, self.cfg.retry_jitter), retry_after)
@@ -257,10 +282,10 @@ class Scheduler:
         if outcome.expired:
             self._store_dsn(txn, item, outcome.expired, expired=True)
         if outcome.next_attempt_ms is None:
-            self.spool.remove_job(txn, item.job_id, job)
+            self.spool.remove_job(txn, job)
         else:
-            job["next"] = outcome.next_attempt_ms
-            self.spool.reschedule(txn, item.job_id, job, old_next)
+            job.next_ms = outcome.next_attempt_ms
+            self.spool.save_attempt(txn, job, old_next)
         item.job = job
         return outcome
 

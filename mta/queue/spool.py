@@ -12,8 +12,8 @@ Layout (named databases in one environment):
 - ``held`` job id -> reason: jobs kept out of delivery (paused campaign, review).
 - ``sending`` job id -> b"": an attempt is under way; found after a crash, it means
   the remote may already have the message (the next delivery is a possible duplicate).
-- ``sent`` message id -> [account, campaign]: kept after delivery, so that a late
-  bounce or complaint naming the message is attributed to its campaign.
+- ``sent`` message id -> [account, campaign, recipients]: kept after delivery, so that
+  a late bounce or complaint naming the message is attributed to its campaign.
 
 A message is stored once whatever its number of recipients. The spool knows
 nothing of SMTP; every write goes through `apply` so that callers can group
@@ -34,11 +34,11 @@ from typing import Any
 import lmdb
 import msgpack
 
+from mta.queue.jobs import Job, new_job
+
 DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "sending", "meta")
 _DUE = struct.Struct(">QH")
 
-# Recipient states inside a job record.
-QUEUED, DELIVERED, BOUNCED = "queued", "delivered", "bounced"
 
 
 class SpoolFullError(Exception):
@@ -94,6 +94,13 @@ class NewMessage:
     received: float = field(default_factory=time.time)
     hold: str = ""  # non-empty: keep every job out of delivery with this reason
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SentOrigin:
+    account: str
+    campaign: str
+    recipients: list[str]
 
 
 class Spool:
@@ -198,42 +205,52 @@ class Spool:
         if not txn.put(mid, pack(record), db=self.dbs["msg"], overwrite=False):
             raise ValueError(f"message {m.id} already in the spool")
         if m.account or m.campaign:
-            txn.put(mid, pack([m.account, m.campaign]), db=self.dbs["sent"])
+            txn.put(mid, pack([m.account, m.campaign, m.recipients]), db=self.dbs["sent"])
         now_ms = int(m.received * 1000)
         for n, (domain, rcpts) in enumerate(by_domain.items()):
-            job_id = b"%s.%d" % (mid, n)
-            job = {
-                "msg": m.id, "domain": domain, "account": m.account, "campaign": m.campaign,
-                "rcpts": [[r, QUEUED, None, None] for r in rcpts],
-                "attempts": 0, "next": now_ms, "first": now_ms, "error": None,
-            }
-            self.put_job(txn, job_id, job, hold=m.hold)
+            job = new_job(b"%s.%d" % (mid, n), m.id, domain, m.account, m.campaign, rcpts,
+                          now_ms)
+            self.put_job(txn, job, hold=m.hold)
 
-    def put_job(self, txn: Any, job_id: bytes, job: dict[str, Any], hold: str = "") -> None:
-        """Write a job and index it as due (or held)."""
-        txn.put(job_id, pack(job), db=self.dbs["job"])
-        txn.put(dom_key(job["domain"], job_id), b"", db=self.dbs["dom"])
+    # Job state changes: called only by mta.queue (the scheduler and mta.queue.jobs).
+
+    def put_job(self, txn: Any, job: Job, hold: str = "") -> None:
+        """Write a new job and index it as due (or held)."""
+        job.held = hold
+        self._write(txn, job)
+        txn.put(dom_key(job.domain, job.id), b"", db=self.dbs["dom"])
         if hold:
-            job["held"] = hold
-            txn.put(job_id, pack(job), db=self.dbs["job"])
-            txn.put(job_id, hold.encode(), db=self.dbs["held"])
+            txn.put(job.id, hold.encode(), db=self.dbs["held"])
         else:
-            txn.put(due_key(job["next"], job["domain"], job_id), b"", db=self.dbs["due"])
+            txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self.dbs["due"])
 
-    def reschedule(self, txn: Any, job_id: bytes, job: dict[str, Any], old_next: int) -> None:
-        """Move a job to a new due time (job["next"]), updating the record."""
-        txn.delete(due_key(old_next, job["domain"], job_id), db=self.dbs["due"])
-        txn.put(job_id, pack(job), db=self.dbs["job"])
-        txn.put(due_key(job["next"], job["domain"], job_id), b"", db=self.dbs["due"])
+    def _write(self, txn: Any, job: Job) -> None:
+        txn.put(job.id, pack(job.to_record()), db=self.dbs["job"])
 
-    def remove_job(self, txn: Any, job_id: bytes, job: dict[str, Any]) -> bool:
+    def mark_sending(self, txn: Any, job_ids: list[bytes]) -> None:
+        """An attempt starts: found after a crash, the marker flags a possible duplicate."""
+        for job_id in job_ids:
+            txn.put(job_id, b"", db=self.dbs["sending"])
+
+    def is_sending(self, txn: Any, job_id: bytes) -> bool:
+        return txn.get(job_id, db=self.dbs["sending"]) is not None
+
+    def save_attempt(self, txn: Any, job: Job, old_next_ms: int) -> None:
+        """Write a job after an attempt (or a postponement): due at job.next_ms."""
+        txn.delete(job.id, db=self.dbs["sending"])
+        txn.delete(due_key(old_next_ms, job.domain, job.id), db=self.dbs["due"])
+        self._write(txn, job)
+        txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self.dbs["due"])
+
+    def remove_job(self, txn: Any, job: Job) -> bool:
         """Delete a finished job; deletes its message when it was the last. True if so."""
-        txn.delete(due_key(job["next"], job["domain"], job_id), db=self.dbs["due"])
-        txn.delete(dom_key(job["domain"], job_id), db=self.dbs["dom"])
+        job_id = job.id
+        txn.delete(due_key(job.next_ms, job.domain, job_id), db=self.dbs["due"])
+        txn.delete(dom_key(job.domain, job_id), db=self.dbs["dom"])
         txn.delete(job_id, db=self.dbs["held"])
         txn.delete(job_id, db=self.dbs["sending"])
         txn.delete(job_id, db=self.dbs["job"])
-        mid = job["msg"].encode()
+        mid = job.msg.encode()
         cursor = txn.cursor(db=self.dbs["job"])
         prefix = mid + b"."
         if cursor.set_range(prefix) and cursor.key().startswith(prefix):
@@ -241,39 +258,46 @@ class Spool:
         txn.delete(mid, db=self.dbs["msg"])
         return True
 
-    def hold_job(self, txn: Any, job_id: bytes, job: dict[str, Any], reason: str) -> None:
-        """Take a queued job out of delivery (a paused campaign, a review)."""
-        txn.delete(due_key(job["next"], job["domain"], job_id), db=self.dbs["due"])
-        job["held"] = reason
-        txn.put(job_id, pack(job), db=self.dbs["job"])
-        txn.put(job_id, reason.encode(), db=self.dbs["held"])
+    def hold_job(self, txn: Any, job: Job, reason: str) -> None:
+        """Take a job out of delivery (a paused campaign, a review). An attempt that was
+        under way is over: the job is not a possible duplicate when it is released."""
+        txn.delete(due_key(job.next_ms, job.domain, job.id), db=self.dbs["due"])
+        txn.delete(job.id, db=self.dbs["sending"])
+        job.held = reason
+        self._write(txn, job)
+        txn.put(job.id, reason.encode(), db=self.dbs["held"])
 
-    def release_job(self, txn: Any, job_id: bytes, job: dict[str, Any], when_ms: int) -> None:
+    def release_job(self, txn: Any, job: Job, when_ms: int) -> None:
         """Put a held job back in delivery, due at when_ms."""
-        txn.delete(job_id, db=self.dbs["held"])
-        job.pop("held", None)
-        job["next"] = when_ms
-        txn.put(job_id, pack(job), db=self.dbs["job"])
-        txn.put(due_key(when_ms, job["domain"], job_id), b"", db=self.dbs["due"])
+        txn.delete(job.id, db=self.dbs["held"])
+        txn.delete(job.id, db=self.dbs["sending"])
+        job.held = ""
+        job.next_ms = when_ms
+        self._write(txn, job)
+        txn.put(due_key(when_ms, job.domain, job.id), b"", db=self.dbs["due"])
 
     # --- reads ------------------------------------------------------------
 
     def read(self) -> Any:
         return self.env.begin(buffers=False)
 
-    def get_job(self, txn: Any, job_id: bytes) -> dict[str, Any] | None:
+    def get_job(self, txn: Any, job_id: bytes) -> Job | None:
         raw = txn.get(job_id, db=self.dbs["job"])
-        return None if raw is None else unpack(raw)
+        return None if raw is None else Job.from_record(job_id, unpack(raw))
 
     def get_message(self, txn: Any, message_id: str) -> dict[str, Any] | None:
         raw = txn.get(message_id.encode(), db=self.dbs["msg"])
         return None if raw is None else unpack(raw)
 
-    def sent_origin(self, txn: Any, message_id: str) -> tuple[str, str] | None:
-        """(account, campaign) of a message accepted earlier, even if long delivered."""
+    def sent_origin(self, txn: Any, message_id: str) -> SentOrigin | None:
+        """Account, campaign and recipients of a message accepted earlier, even if long
+        delivered (records from before recipients were kept have none)."""
         db = self.dbs.get("sent")
         raw = None if db is None else txn.get(message_id.encode(), db=db)
-        return None if raw is None else tuple(unpack(raw))  # type: ignore[return-value]
+        if raw is None:
+            return None
+        account, campaign, *rest = unpack(raw)
+        return SentOrigin(account, campaign, rest[0] if rest else [])
 
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
             accept: Callable[[int], bool] | None = None) -> Iterator[tuple[bytes, int, bytes]]:
@@ -292,12 +316,27 @@ class Spool:
         cursor = txn.cursor(db=self.dbs["due"])
         return split_due_key(cursor.key())[0] if cursor.first() else None
 
-    def jobs(self, txn: Any) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    def jobs(self, txn: Any, prefix: bytes = b"") -> Iterator[Job]:
+        """Every job (whose id starts with `prefix`)."""
         db = self.dbs["job"]
         if db is None:
             return
-        for key, raw in txn.cursor(db=db):
-            yield key, unpack(raw)
+        cursor = txn.cursor(db=db)
+        if not cursor.set_range(prefix):
+            return
+        for key, raw in cursor:
+            if not key.startswith(prefix):
+                return
+            yield Job.from_record(bytes(key), unpack(raw))
+
+    def scan_jobs(self, txn: Any, names: list[str]) -> Iterator[Job]:
+        """Jobs whose record contains every one of `names` (an account, a campaign): only
+        those are unpacked, so a scan over many jobs stays cheap."""
+        needles = [pack(name) for name in names]
+        for key, raw in txn.cursor(db=self.dbs["job"]):
+            raw = bytes(raw)
+            if all(n in raw for n in needles):
+                yield Job.from_record(bytes(key), unpack(raw))
 
     def messages(self, txn: Any) -> Iterator[dict[str, Any]]:
         for _, raw in txn.cursor(db=self.dbs["msg"]):
@@ -330,11 +369,4 @@ def _as_full(exc: BaseException) -> BaseException:
     ):
         return SpoolFullError(str(exc))
     return exc
-
-
-def job_state(job: dict[str, Any]) -> str:
-    """A job's queue state for stats: held, deferred (tried before) or queued."""
-    if job.get("held"):
-        return "held"
-    return "deferred" if job["attempts"] else "queued"
 

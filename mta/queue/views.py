@@ -1,16 +1,16 @@
 """Read-only views of the spool: queue counts, message listings, one message with its jobs.
 
 Shared by the `mta queue` commands (on a stopped engine's spool) and the admin API
-(mta/http/admin.py), so both answer the same JSON.
+(mta/http/api.py), so both answer the same JSON.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-from mta.queue.spool import QUEUED, Spool, job_state
+from mta.queue.jobs import message_jobs
+from mta.queue.spool import Spool
 
 
 def queue_stats(spool: Spool) -> dict[str, Any]:
@@ -18,12 +18,11 @@ def queue_stats(spool: Spool) -> dict[str, Any]:
     by_domain: dict[str, Counter[str]] = {}
     recipients = 0
     with spool.read() as txn:
-        for _, job in spool.jobs(txn):
-            state = job_state(job)
-            waiting = sum(1 for r in job["rcpts"] if r[1] == QUEUED)
-            recipients += waiting
-            by_state[state] += 1
-            by_domain.setdefault(job["domain"], Counter())[state] += 1
+        for job in spool.jobs(txn):
+            state = job.state()
+            recipients += len(job.waiting())
+            by_state[str(state)] += 1
+            by_domain.setdefault(job.domain, Counter())[str(state)] += 1
     return {
         "total": spool.count("msg"),
         "jobs": sum(by_state.values()),
@@ -53,16 +52,6 @@ def message_detail(spool: Spool, message_id: str) -> dict[str, Any] | None:
         message = spool.get_message(txn, message_id)
         if message is None:
             return None
-        jobs = [dict(job, job=key.decode()) for key, job in _jobs_of(spool, txn, message_id)]
+        jobs = [job.as_dict() for job in message_jobs(spool, txn, message_id)]
     return message_summary(message) | {"jobs": jobs}
 
-
-def _jobs_of(spool: Spool, txn: Any, message_id: str) -> Iterator[tuple[bytes, Any]]:
-    prefix = message_id.encode() + b"."
-    cursor = txn.cursor(db=spool.dbs["job"])
-    if not cursor.set_range(prefix):
-        return
-    for key in cursor.iternext(keys=True, values=False):
-        if not key.startswith(prefix):
-            return
-        yield key, spool.get_job(txn, key)

@@ -66,14 +66,22 @@ class PasswordChecker:
             # Spend the same time for unknown users as for known ones.
             verify_password(password, self._dummy)
             return False
-        token = hmac.digest(self._key, user.encode() + b"\0" + password + encoded.encode(),
-                            "sha256")
+        token = self._token(user, password, encoded)
         if token in self._verified:
             return True
         if verify_password(password, encoded):
             self._verified.add(token)
             return True
         return False
+
+    def known(self, user: str, password: bytes) -> bool:
+        """True if this very password was verified before: right, at no scrypt cost."""
+        encoded = self._hashes.get(user)
+        return bool(encoded) and self._token(user, password, encoded) in self._verified
+
+    def _token(self, user: str, password: bytes, encoded: str) -> bytes:
+        return hmac.digest(self._key, user.encode() + b"\0" + password + encoded.encode(),
+                           "sha256")
 
 
 _DUMMY_HASH = "scrypt$14$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

@@ -1,13 +1,18 @@
 """What the intake listener accepts: relay control, limits, accounts, durable storage.
 
-The SMTP protocol class asks this object at each step and sends the reply it
-returns (None means "go on"). Storage goes through the group committer, so
+The SMTP session (`mta.smtp.session`) asks this object at each step and sends the
+reply it returns (None means "go on"). Storage goes through the group committer, so
 the 250 after DATA is sent only once the message is committed with fsync.
+
+Mail for the engine's own names (`OwnNames`) is taken for postmaster and the
+configured local mailboxes only, and goes to the operator, never out by MX. A campaign
+name is checked where it enters (`read_campaign`): an unfit one refuses the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -15,16 +20,17 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import formatdate, getaddresses
-from typing import Any
+from email.utils import formatdate
+from typing import Any, Protocol
 
-from mta.config import Config
-from mta.dkim.signer import address_domain, normalize_domain
+from mta.address import Address, address_domains, normalize_domain
+from mta.config import Config, parse_hostport
 from mta.queue.commit import GroupCommitter
 from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
-from mta.smtp.address import Address
 from mta.smtp.auth import PasswordChecker
-from mta.smtp.server import make_authenticator
+from mta.smtp.auth_limit import AuthLimit
+from mta.smtp.session import Client, Envelope, Settings
+from mta.text import name_problem, shown
 
 log = logging.getLogger("mta.intake")
 
@@ -61,10 +67,16 @@ class StorageGuard:
         self.full_until = time.monotonic() + _HEADER_CACHE_SECONDS
 
 
+@functools.cache
 def _field_re(name: bytes) -> re.Pattern[bytes]:
     # [^\r\n], not `.`: `.` matches CR, so "a\r\n b" would stop at the fold.
     return re.compile(rb"(?im)^" + re.escape(name)
                       + rb"[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+
+
+def unfold(value: bytes) -> bytes:
+    """A folded field value on one line: each fold and its white space read as a space."""
+    return re.sub(rb"\r\n[ \t]+", b" ", value)
 
 
 def header_value(headers: bytes, name: bytes) -> str:
@@ -72,33 +84,91 @@ def header_value(headers: bytes, name: bytes) -> str:
     match = _field_re(name).search(headers)
     if not match:
         return ""
-    return re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip().decode("utf-8", "replace")
+    return unfold(match.group(1)).strip().decode("utf-8", "replace")
 
 
 def header_values(headers: bytes, name: bytes) -> list[bytes]:
     """Every value of header `name` in a raw header block, unfolded."""
-    return [re.sub(rb"\r\n[ \t]+", b" ", m.group(1)).strip()
-            for m in _field_re(name).finditer(headers)]
+    return [unfold(m.group(1)).strip() for m in _field_re(name).finditer(headers)]
+
+
+@functools.cache
+def _whole_field_re(name: bytes) -> re.Pattern[bytes]:
+    # A field runs to the first CRLF not followed by white space; a bare CR or LF inside
+    # is part of it (and so of the value to check), never an end.
+    return re.compile(rb"(?is)(?:\A|(?<=\r\n))" + re.escape(name)
+                      + rb"[ \t]*:(.*?)(?=\r\n(?![ \t])|\Z)")
+
+
+def raw_field_values(headers: bytes, name: bytes) -> list[bytes]:
+    """Every value of header `name`, unfolded and without surrounding blanks, and
+    nothing else: no other character is dropped or rewritten."""
+    return [unfold(m.group(1)).strip(b" \t") for m in _whole_field_re(name).finditer(headers)]
+
+
+def read_campaign(headers: bytes, header: str) -> tuple[str, str | None]:
+    """The campaign a header block names ('' for none), or the refusal of a message
+    whose campaign field is unfit: several of them, not UTF-8, or not a name
+    (`mta.text.name_problem`; never truncated)."""
+    values = raw_field_values(headers, header.encode())
+    shown_header = shown(header, ascii_only=True)
+    if not values:
+        return "", None
+    if len(values) > 1:
+        return "", (f"550 5.6.0 {shown_header}: appears {len(values)} times; a message "
+                    "belongs to one campaign")
+    try:
+        name = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return "", f"550 5.6.0 {shown_header}: is not valid UTF-8"
+    problem = name_problem(name)
+    if problem:
+        return "", f"550 5.6.0 {shown_header}: {shown(problem, ascii_only=True)}"
+    return name, None
+
+
+def unquoted(local: str) -> str:
+    """A local part as its mailbox reads it: `"a\\@b"` -> `a@b`."""
+    if local.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
 
 
 def from_domains(headers: bytes) -> set[str]:
     """The domains of the From: addresses, read both as the DKIM signer reads them (the
     key it signs with) and as a full address-list parser does."""
-    domains: set[str] = set()
-    for value in header_values(headers, b"From"):
-        domains.add(address_domain(value))
-        for _, address in getaddresses([value.decode("utf-8", "replace")]):
-            if "@" in address:
-                domains.add(normalize_domain(address.rpartition("@")[2]))
-    domains.discard("")
-    return domains
+    return set().union(*map(address_domains, header_values(headers, b"From")))
 
 
 def sender_routed(local: str) -> bool:
     """True for a local part carrying a route of its own (user%host, host!user, "u@h")."""
-    if local.startswith('"'):
-        local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    return any(c in local for c in "@%!")
+    return any(c in unquoted(local) for c in "@%!")
+
+
+class OwnNames:
+    """The names the engine is a mail host for: `[engine] hostname`, localhost,
+    localhost.localdomain, every name under .localhost (RFC 6761: loopback), and the
+    address literals of loopback, of "any" and of the listen address."""
+
+    def __init__(self, hostname: str, listen: str) -> None:
+        self.names = {normalize_domain(hostname), "localhost", "localhost.localdomain"}
+        try:
+            self.listen = ipaddress.ip_address(parse_hostport(listen)[0])
+        except ValueError:
+            self.listen = None
+
+    def __contains__(self, domain: str) -> bool:
+        if domain.startswith("[") and domain.endswith("]"):
+            return self._own_address(domain[1:-1])
+        return domain in self.names or domain.endswith(".localhost")
+
+    def _own_address(self, literal: str) -> bool:
+        text = literal[5:] if literal.lower().startswith("ipv6:") else literal
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_unspecified or address == self.listen
 
 
 def header_block(data: bytes) -> bytes:
@@ -106,13 +176,26 @@ def header_block(data: bytes) -> bytes:
     return data if end < 0 else data[: end + 2]
 
 
+class IntakePolicy(Protocol):
+    """The sending contract's checks at intake (mta.policy.PolicyGuard): a refusal
+    reply, or None to go on."""
+
+    def check_mail(self, account: str, sender: Any) -> str | None: ...
+
+    def check_rcpt(self, account: str, rcpt: str) -> str | None: ...
+
+    async def admit(self, message: NewMessage) -> str | None: ...
+
+
 class Intake:
     def __init__(self, cfg: Config, spool: Spool, committer: GroupCommitter,
                  on_stored: Callable[[NewMessage], None] | None = None,
-                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[dict[str, Any]], None] | None = None,
+                 policy: IntakePolicy | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.committer = committer
+        self.policy = policy
         self.on_stored = on_stored
         self.emit = emit or (lambda event: None)
         self.guard = StorageGuard(spool, cfg.spool.min_free_disk, cfg.spool.max_map_use)
@@ -121,20 +204,21 @@ class Intake:
         for domain in (cfg.bounce.domain, cfg.bounce.fbl_domain):
             if domain:
                 self._local_domains.add(domain.lower())
+        self.settings = session_settings(cfg)
+        self._own_names = OwnNames(cfg.engine.hostname, cfg.smtp.listen)
+        self._mailboxes = {"postmaster", *(m.lower() for m in cfg.engine.local_mailboxes)}
+        self._operator = self._operator_address(cfg.engine.operator_address)
         self._passwords = PasswordChecker({a.name: a.password_hash for a in cfg.accounts})
-        self.authenticate = make_authenticator(self._check_password)
         self._connections: dict[str, int] = {}
         self._total_connections = 0
-        self._auth_failures: dict[str, list[float]] = {}
-        self._auth_pending: dict[str, int] = {}  # AUTH attempts in progress, by address
+        self.auth_limit = AuthLimit(spool, committer.submit, cfg.smtp.max_auth_failures,
+                                    cfg.smtp.auth_failure_window)
         self._auth_pool: ThreadPoolExecutor | None = None
-        self._campaign_header = cfg.smtp.campaign_header.encode()
         # Sender domains an account claims are closed to the other accounts.
         self._claimed: dict[str, set[str]] = {}
         for acct in cfg.accounts:
             for domain in acct.sender_domains:
                 self._claimed.setdefault(normalize_domain(domain), set()).add(acct.name)
-        self.policy: Any = None  # the policy guard, when wired in
 
     # --- connections -------------------------------------------------------
 
@@ -164,78 +248,70 @@ class Intake:
 
     # --- authentication ------------------------------------------------------
 
-    def _check_password(self, ip: str, user: str, password: bytes) -> bool:
-        ok = self._passwords.check(user, password)
-        self._auth_checked(ip, user, ok)
+    async def close(self) -> None:
+        """Let password checks under way finish (they record their outcome) and stop."""
+        if self._auth_pool is not None:
+            await asyncio.to_thread(self._auth_pool.shutdown, wait=True)
+
+    async def check_login(self, ip: str, user: str, password: bytes) -> bool | None:
+        """Whether the password is right; None: `ip` may not try any more.
+
+        A password verified before is known at no cost. Any other is checked under a
+        reservation of the engine-wide limit (`AuthLimit`: failures and attempts in
+        progress on every worker), and its outcome recorded even if the client has hung
+        up meanwhile."""
+        if self._passwords.known(user, password):
+            self._auth_checked(ip, user, True)
+            return True
+        reservation = await self.auth_limit.reserve(ip)
+        if reservation is None:
+            return None
+        ok = False
+        try:
+            ok = await self._verify(user, password)
+            self._auth_checked(ip, user, ok)
+        finally:
+            await self.auth_limit.release(ip, reservation, failed=not ok)
         return ok
 
-    async def check_login(self, ip: str, user: str, password: bytes) -> bool:
-        """The password check, on a small thread pool: scrypt costs tens of milliseconds
-        (more with a high log_n), which must not stall every session of the worker."""
+    async def _verify(self, user: str, password: bytes) -> bool:
+        """scrypt, on a small thread pool: it costs tens of milliseconds (more with a high
+        log_n), which must not stall every session of the worker."""
         if self._auth_pool is None:
             self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
-        future = asyncio.get_running_loop().run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             self._auth_pool, self._passwords.check, user, password)
 
-        def record(done: asyncio.Future[bool]) -> None:
-            # Recorded even if the client hangs up meanwhile (its session task cancelled).
-            if not done.cancelled() and done.exception() is None:
-                self._auth_checked(ip, user, done.result())
-
-        future.add_done_callback(record)
-        return await asyncio.shield(future)
-
     def _auth_checked(self, ip: str, user: str, ok: bool) -> None:
-        if not ok:
-            self._auth_failures.setdefault(ip, []).append(time.monotonic())
         self.emit({"type": "Auth", "client": ip, "identity": user[:200], "ok": ok})
 
     def auth_delay(self, ip: str) -> float | None:
-        """Seconds to wait before an AUTH attempt from ip; None: refuse outright.
-
-        An address with recent failures has its attempts in progress counted too, so
-        parallel connections cannot get more guesses in than the limit. The caller calls
-        auth_finished(ip) when the attempt is over."""
-        window = self.cfg.smtp.auth_failure_window
-        now = time.monotonic()
-        recent = [t for t in self._auth_failures.get(ip, []) if now - t < window]
-        self._auth_failures[ip] = recent
-        pending = self._auth_pending.get(ip, 0)
-        limit = self.cfg.smtp.max_auth_failures
-        if len(recent) >= limit or (recent and len(recent) + pending >= limit):
+        """Seconds to wait before an AUTH attempt from ip (longer with each recent
+        failure); None: refuse outright, the address has no guesses left."""
+        recent = self.auth_limit.failures(ip)
+        if recent >= self.cfg.smtp.max_auth_failures:
             return None
-        self._auth_pending[ip] = pending + 1
-        return min(0.25 * len(recent), 2.0)
+        return min(0.25 * recent, 2.0)
 
-    def auth_finished(self, ip: str) -> None:
-        left = self._auth_pending.get(ip, 1) - 1
-        if left > 0:
-            self._auth_pending[ip] = left
-        else:
-            self._auth_pending.pop(ip, None)
-
-    def account_of(self, session: Any) -> str | None:
-        """The account a session sends for: its AUTH identity, or the trusted default."""
-        if session.authenticated and session.auth_data is not None:
-            return session.auth_data.login.decode("utf-8", "replace")
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        if self.is_trusted(peer):
-            return self.cfg.smtp.trusted_account
-        return None
+    def account_of(self, client: Client) -> str | None:
+        """The account a client sends for: its AUTH identity, or the trusted default."""
+        if client.login is not None:
+            return client.login
+        return self.cfg.smtp.trusted_account if client.trusted else None
 
     # --- envelope ------------------------------------------------------------
 
-    def sender_domain_allowed(self, session: Any, domain: str) -> bool:
-        """May this session send as `domain`? An account with `sender_domains` only as
+    def sender_domain_allowed(self, client: Client, domain: str) -> bool:
+        """May this client send as `domain`? An account with `sender_domains` only as
         those; an authenticated account never as a domain (or subdomain) another claims."""
-        account = self.account_of(session)
+        account = self.account_of(client)
         if account is None:
             return True
         domain = normalize_domain(domain)
         cfg = self.cfg.account(account)
         if cfg is not None and cfg.sender_domains:
             return domain in {normalize_domain(d) for d in cfg.sender_domains}
-        if not session.authenticated:
+        if client.login is None:
             return True  # trusted networks are the operator's own: the account may be shared
         labels = domain.split(".")
         for i in range(len(labels)):
@@ -244,51 +320,91 @@ class Intake:
                 return False
         return True
 
-    def _sender_rules_apply(self, session: Any) -> bool:
-        account = self.account_of(session)
+    def _sender_rules_apply(self, client: Client) -> bool:
+        account = self.account_of(client)
         if account is None:
             return False
         cfg = self.cfg.account(account)
         return bool(cfg is not None and cfg.sender_domains
-                    or session.authenticated and self._claimed)
+                    or client.login is not None and self._claimed)
 
-    def check_mail(self, session: Any, sender: Address, size: int) -> str | None:
+    def check_mail(self, client: Client, sender: Address, size: int) -> str | None:
         if not self.guard.ok():
             return "452 4.3.1 Insufficient system storage, try again later"
-        account = self.account_of(session)
+        account = self.account_of(client)
         if (account is not None and not sender.is_null
-                and not self.sender_domain_allowed(session, sender.domain)):
+                and not self.sender_domain_allowed(client, sender.domain)):
             return f"553 5.7.1 Sender domain {sender.domain} is not allowed for this account"
         if self.policy is not None and account is not None:
             return self.policy.check_mail(account, sender)
         return None
 
-    def check_rcpt(self, session: Any, envelope: Any, rcpt: Address) -> str | None:
-        account = self.account_of(session)
+    def check_rcpt(self, client: Client, envelope: Envelope, rcpt: Address) -> str | None:
+        account = self.account_of(client)
         if account is None and sender_routed(rcpt.local):
             return "550 5.7.1 Relay access denied (sender-specified routing)"
-        if rcpt.domain in self._local_domains or rcpt.domain == session_hostname(self.cfg):
+        if rcpt.domain in self._local_domains:
             return None
+        if rcpt.domain in self._own_names:  # for anyone, trusted or not
+            if unquoted(rcpt.local).lower() in self._mailboxes:
+                return None
+            return f"550 5.1.1 <{shown(str(rcpt), 200, ascii_only=True)}>: no such mailbox here"
         if account is None:
             return "550 5.7.1 Relay access denied"
         if self.policy is not None:
             return self.policy.check_rcpt(account, str(rcpt))
         return None
 
+    def data_limit(self, client: Client, envelope: Envelope) -> int:
+        """The most data a transaction may bring (0: no limit). Mail that only the
+        engine itself receives, from a client that did not authenticate (bounces,
+        complaints, postmaster mail), is held to `[bounce] max_report_size`."""
+        size = self.cfg.smtp.max_message_size
+        if client.login is None and all(map(self._engine_bound, envelope.recipients)):
+            report = self.cfg.bounce.max_report_size
+            return min(size, report) if size else report
+        return size
+
+    def _engine_bound(self, rcpt: str) -> bool:
+        domain = rcpt.rpartition("@")[2]
+        return domain in self._local_domains or domain in self._own_names
+
+    def _routed(self, rcpt: str) -> str:
+        """Where a recipient's mail goes: a mailbox at the engine's own names to the
+        operator address, or (none set) to the same mailbox at the bounce domain, which
+        the engine keeps (`mta.delivery.inbound`); never out by MX."""
+        local, _, domain = rcpt.rpartition("@")
+        if domain in self._local_domains or domain not in self._own_names:
+            return rcpt
+        return self._operator or f"{unquoted(local).lower()}@{self.cfg.bounce.domain.lower()}"
+
+    def _operator_address(self, address: str) -> str:
+        """[engine] operator_address, unless mail to it would come back to the engine's
+        own names: then '' (the mail is kept on the engine)."""
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        if domain in self._own_names and domain not in self._local_domains:
+            log.warning("[engine] operator_address %s is at the engine's own name: ignored, "
+                        "postmaster mail is kept on the engine", address)
+            return ""
+        return address
+
     # --- data ----------------------------------------------------------------
 
-    async def accept(self, session: Any, envelope: Any, content: bytes) -> str:
+    async def accept(self, client: Client, envelope: Envelope, content: bytes) -> str:
         """Store the message durably; the reply to the final dot."""
         headers = header_block(content)
-        if self._sender_rules_apply(session):  # the From: domain picks the DKIM key
+        campaign, refusal = read_campaign(headers, self.cfg.smtp.campaign_header)
+        if refusal:
+            return refusal
+        if self._sender_rules_apply(client):  # the From: domain picks the DKIM key
             for domain in sorted(from_domains(headers)):
-                if not self.sender_domain_allowed(session, domain):
+                if not self.sender_domain_allowed(client, domain):
                     return f"550 5.7.1 From: domain {domain[:100]} is not allowed for this account"
-        account = self.account_of(session) or ""
+        account = self.account_of(client) or ""
         message = NewMessage(
-            sender=envelope.mail_from, recipients=list(envelope.rcpt_tos), data=b"",
-            account=account, campaign=header_value(headers, self._campaign_header)[:200],
-            client=session.peer[0] if isinstance(session.peer, tuple) else "",
+            sender=envelope.sender or "", data=b"", account=account, campaign=campaign,
+            recipients=list(dict.fromkeys(map(self._routed, envelope.recipients))),
+            client=client.ip,
             message_id_header=header_value(headers, b"Message-ID")[:500],
             id=new_message_id(),
         )
@@ -296,14 +412,13 @@ class Intake:
             refusal = await self.policy.admit(message)  # check_message + cluster limits
             if refusal:
                 return refusal
-        message.data = self._received_header(session, message.id, envelope) + content
+        message.data = self._received_header(client, message.id, envelope) + content
         return await self._store(message)
 
     async def _store(self, message: NewMessage) -> str:
         try:
-            await asyncio.wait_for(asyncio.shield(
-                self.committer.submit(self.spool.store_op(message))),
-                self.cfg.smtp.commit_timeout)
+            async with asyncio.timeout(self.cfg.smtp.commit_timeout):
+                await asyncio.shield(self.committer.submit(self.spool.store_op(message)))
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"
@@ -323,20 +438,26 @@ class Intake:
             self.on_stored(message)
         return f"250 2.0.0 Ok: queued as {message.id}"
 
-    def _received_header(self, session: Any, message_id: str, envelope: Any) -> bytes:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        helo = (session.host_name or "unknown").encode("ascii", "replace").decode()[:100]
+    def _received_header(self, client: Client, message_id: str, envelope: Envelope) -> bytes:
+        helo = (client.helo or "unknown").encode("ascii", "replace").decode()[:100]
         helo = re.sub(r"[^\x21-\x7e]", "?", helo)
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl:
+        proto = "ESMTP" if client.extended else "SMTP"
+        if client.tls:
             proto += "S"
-        if session.authenticated:
+        if client.login is not None:
             proto += "A"
-        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        return (f"Received: from {helo} ([{peer}])\r\n\tby {self.cfg.engine.hostname} "
+        rcpt = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        return (f"Received: from {helo} ([{client.ip or 'unknown'}])\r\n\tby {self.cfg.engine.hostname} "
                 f"with {proto} id {message_id}{rcpt};\r\n\t{formatdate(localtime=False)}\r\n"
                 ).encode("utf-8", "replace")
 
 
-def session_hostname(cfg: Config) -> str:
-    return cfg.engine.hostname.lower()
+def session_settings(cfg: Config) -> Settings:
+    smtp = cfg.smtp
+    return Settings(
+        hostname=cfg.engine.hostname, max_message_size=smtp.max_message_size,
+        max_command_line=smtp.max_command_line, max_recipients=smtp.max_recipients,
+        max_unknown_commands=smtp.max_unknown_commands, max_errors=smtp.max_errors,
+        max_junk_commands=smtp.max_junk_commands,
+        idle_timeout=smtp.idle_timeout, data_timeout=smtp.data_timeout,
+        greet_pause=smtp.greet_pause)

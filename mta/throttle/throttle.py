@@ -1,17 +1,24 @@
 """The per-worker throttle: limits per destination, adapted to what the receivers say.
 
-A worker process makes one `Throttle`. For each delivery the scheduler asks it:
+A worker process makes one `Throttle` (mta.delivery.service.make_throttle), and its
+deliverer (mta/delivery/deliverer.py) asks it, for each destination:
 
 - ``dest = throttle.destination(domain, mx_hosts)`` which limits apply;
+- ``throttle.max_connections(dest)`` how many connections the destination's pool may run;
 - ``throttle.try_connect(dest, now)`` before opening a connection (0.0: go; after a
   refused connection it asks to wait retry_delay, doubling while refusals continue);
 - ``throttle.try_send(dest, now, campaign, account)`` before each message (0.0: go);
 - ``throttle.record(dest, code, enhanced, text, now, campaign, account)`` with every reply
   (and with ``code=CONNECTION_FAILED`` for refused/reset connections), which returns the
   `Decision` of what to do with the message;
-- ``throttle.connection_closed(dest)`` once for every connection that try_connect allowed;
-- about once a second: ``save_snapshot(spool.env, worker, throttle.snapshot())`` (which
-  also expires suspensions, emits their "lifted" events and forgets idle destinations).
+- ``throttle.messages_per_connection(dest)`` and ``throttle.over_connection_limit(dest)``
+  when to close a connection;
+- ``throttle.connection_closed(dest)`` once for every connection that try_connect allowed.
+
+About once a second the worker stores ``throttle.snapshot()`` in the spool
+(mta.throttle.store; `mta throttle status` and the admin API read it); taking the
+snapshot also lifts the suspensions and rule throttles whose time is up (each change an
+event, a `ThrottleChange` in the event log) and forgets idle destinations.
 
 Pass ``connecting=True`` to record() for replies to the greeting or EHLO: they are about
 connections (cut the connection count only), not about the message rate.
@@ -28,10 +35,11 @@ whole numbers allow (at least 1 each). The sum never exceeds the engine-wide lim
 (except that every worker keeps at least one connection); a worker that has little
 traffic for a provider leaves part of the budget unused (see `worker_share`).
 
-Across nodes ([cluster] redis): make the Throttle with ``workers=1`` (every worker keeps
-the whole budget, so one busy worker may use all of it) and let
-`mta.cluster.throttle.ClusterThrottle` hold the budget across all workers of all nodes in
-Redis; it reads the limits in force from `Throttle.budgets`.
+Across nodes ([cluster] redis): the Throttle is made with ``workers=1`` (every worker
+keeps the whole budget, so one busy worker may use all of it) and
+`mta.cluster.throttle.ClusterThrottle`, which the deliverer asks after the throttle,
+holds the budget across all workers of all nodes in Redis; it reads the limits in force
+from `Throttle.budgets`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Transaction-level functions shared by the `mta campaign|account|hold|suppression`
 commands (which write to the spool directly, in their own process) and by the admin
-API adapter (`mta.policy.port`, through the worker's group committer). Running workers
-pick every change up within `[policy] cache_ttl`. Results are plain dicts.
+API adapter (`mta.http.guard_operations`, through the worker's group committer).
+Running workers pick every change up within `[policy] cache_ttl`. Results are plain
+dicts. Job states change only through mta.queue.jobs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mta.policy import jobs
-from mta.policy.jobs import RemovedJob
 from mta.policy.model import (
     ACTIVE,
     DELETED,
@@ -35,7 +34,8 @@ from mta.policy.model import (
 )
 from mta.policy.rates import Thresholds, campaign_rates
 from mta.policy.store import PolicyStore, account_key, campaign_key, month_key
-from mta.queue.spool import QUEUED, job_state
+from mta.queue import jobs
+from mta.queue.jobs import Job, RemovedJob
 
 
 class PolicyError(ValueError):
@@ -79,9 +79,8 @@ def _state_campaigns(store: PolicyStore, txn: Any) -> Iterator[tuple[str, str]]:
 def job_counts(store: PolicyStore, txn: Any) -> dict[tuple[str, str], Counter[str]]:
     """Queued / deferred / held jobs per (account, campaign): one pass over the jobs."""
     counts: dict[tuple[str, str], Counter[str]] = {}
-    for _, job in store.spool.jobs(txn):
-        key = (job.get("account", ""), job.get("campaign", ""))
-        counts.setdefault(key, Counter())[job_state(job)] += 1
+    for job in store.spool.jobs(txn):
+        counts.setdefault((job.account, job.campaign), Counter())[str(job.state())] += 1
     return counts
 
 
@@ -123,7 +122,7 @@ def list_campaigns(store: PolicyStore, txn: Any, thresholds: Thresholds,
 def show_campaign(store: PolicyStore, txn: Any, account: str, campaign: str,
                   thresholds: Thresholds, seen: Counter[str] | None = None) -> dict[str, Any]:
     if seen is None:
-        seen = Counter(job_state(job) for _, job in jobs.find_jobs(store.spool, txn, account,
+        seen = Counter(str(job.state()) for job in jobs.find_jobs(store.spool, txn, account,
                                                                   campaign))
     return campaign_row(account, campaign,
                         store.get_counters(txn, campaign_key(account, campaign)),
@@ -137,8 +136,7 @@ def pause_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, by
     state.reason = reason or f"paused by an operator ({by})"
     store.put_campaign(txn, account, campaign, state)
     found = jobs.find_jobs(store.spool, txn, account, campaign)
-    held = jobs.hold_waiting(store.spool, txn, found, campaign_hold(account, campaign),
-                             now_ms(now))
+    held = jobs.hold(store.spool, txn, found, campaign_hold(account, campaign), now_ms(now))
     return {"account": account, "campaign": campaign, "held": held}
 
 
@@ -155,7 +153,8 @@ def resume_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, b
     store.put_campaign(txn, account, campaign, CampaignState(
         status=ACTIVE, checks=rearm, by=by, at=now,
         baseline=counters.as_dict() if rearm else state.baseline))
-    released = jobs.release(store.spool, txn, campaign_hold(account, campaign), now_ms(now))
+    released = jobs.release_reason(store.spool, txn, campaign_hold(account, campaign),
+                                   now_ms(now))
     return {"account": account, "campaign": campaign, "released": released,
             "was": state.status}
 
@@ -219,7 +218,7 @@ def suspend_account(store: PolicyStore, txn: Any, account: str, by: str, reason:
 
 def _hold_account(store: PolicyStore, txn: Any, account: str, now: float) -> int:
     found = jobs.find_jobs(store.spool, txn, account)
-    return jobs.hold_waiting(store.spool, txn, found, account_hold(account), now_ms(now))
+    return jobs.hold(store.spool, txn, found, account_hold(account), now_ms(now))
 
 
 def resume_account(store: PolicyStore, txn: Any, account: str, by: str,
@@ -227,7 +226,7 @@ def resume_account(store: PolicyStore, txn: Any, account: str, by: str,
     """Lift a suspension (or cancel a deletion not purged yet); held jobs are due now."""
     state = store.get_account(txn, account)
     store.put_account(txn, account, AccountState(ACTIVE, "", by, now))
-    released = jobs.release(store.spool, txn, account_hold(account), now_ms(now))
+    released = jobs.release_reason(store.spool, txn, account_hold(account), now_ms(now))
     return {"account": account, "released": released, "was": state.status}
 
 
@@ -255,50 +254,49 @@ def list_held(store: PolicyStore, txn: Any, reason: str | None = REVIEW,
         if reason is not None and why != reason:
             continue
         job = spool.get_job(txn, job_id)
-        if job is None or account not in (None, job.get("account")):
+        if job is None or account not in (None, job.account):
             continue
-        row = rows.get(job["msg"])
+        row = rows.get(job.msg)
         if row is None:
             if len(rows) >= limit:
                 break
-            message = spool.get_message(txn, job["msg"]) or {}
-            row = rows[job["msg"]] = {
-                "id": job["msg"], "account": job.get("account", ""),
-                "campaign": job.get("campaign", ""), "from": message.get("from", ""),
+            message = spool.get_message(txn, job.msg) or {}
+            row = rows[job.msg] = {
+                "id": job.msg, "account": job.account,
+                "campaign": job.campaign, "from": message.get("from", ""),
                 "received": message.get("received"), "size": message.get("size"),
                 "reason": why, "jobs": [], "recipients": []}
         row["jobs"].append(job_id.decode())
-        row["recipients"] += [r[0] for r in job["rcpts"] if r[1] == QUEUED]
+        row["recipients"] += job.waiting()
     return list(rows.values())
 
 
-def _held_of(store: PolicyStore, txn: Any, ref: str) -> list[tuple[bytes, dict[str, Any]]]:
+def _held_of(store: PolicyStore, txn: Any, ref: str) -> list[Job]:
     """Held jobs of a message id, or the one held job named by a job id."""
     if "." in ref:
-        job = store.spool.get_job(txn, ref.encode())
-        found = [(ref.encode(), job)] if job is not None else []
+        found = jobs.jobs_by_ids(store.spool, txn, [ref.encode()])
     else:
         found = jobs.message_jobs(store.spool, txn, ref)
-    return [(job_id, job) for job_id, job in found if job.get("held")]
+    return [job for job in found if job.held]
+
+
+def _held_for(store: PolicyStore, txn: Any, ref: str, reason: str | None) -> list[Job]:
+    held = [job for job in _held_of(store, txn, ref) if reason in (None, job.held)]
+    if not held:
+        raise NotFoundError(f"no mail held for review with id {ref!r}")
+    return held
 
 
 def release_held(store: PolicyStore, txn: Any, ref: str, now: float,
                  reason: str | None = REVIEW) -> int:
     """Release a held message (or job) into delivery; jobs held for another reason stay."""
-    held = [(i, j) for i, j in _held_of(store, txn, ref) if reason in (None, j["held"])]
-    if not held:
-        raise NotFoundError(f"no mail held for review with id {ref!r}")
-    for job_id, job in held:
-        store.spool.release_job(txn, job_id, job, now_ms(now))
-    return len(held)
+    held = _held_for(store, txn, ref, reason)
+    return jobs.release(store.spool, txn, held, now_ms(now), reason)
 
 
 def reject_held(store: PolicyStore, txn: Any, ref: str,
                 reason: str | None = REVIEW) -> list[RemovedJob]:
-    held = [(i, j) for i, j in _held_of(store, txn, ref) if reason in (None, j["held"])]
-    if not held:
-        raise NotFoundError(f"no mail held for review with id {ref!r}")
-    return jobs.remove(store.spool, txn, held)
+    return jobs.remove(store.spool, txn, _held_for(store, txn, ref, reason))
 
 
 # --- suppression lists ---------------------------------------------------------------

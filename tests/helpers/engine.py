@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.engine_proc import EngineProcess, free_port
+from bench.engine_proc import EngineProcess
+from bench.net import free_port
 from mta.queue.spool import Spool
 
 

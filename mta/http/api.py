@@ -1,7 +1,7 @@
 """What the admin API and the dashboard do, without HTTP: reads, actions, audit.
 
 Reads go to LMDB directly (worker 0's read-only transactions, in a thread when they
-scan); writes go through worker 0's group committer (inside the `PolicyAdmin`).
+scan); writes go through worker 0's group committer (inside the `PolicyOperations`).
 Figures that cost a scan (queue depth, campaigns, throttle snapshots) are sampled:
 recomputed at most every `[http] queue_sample_interval` seconds, and never more
 often than 20 times the last scan took, so a huge queue costs a bounded share of CPU.
@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from mta.audit import AuditLog, action_record
-from mta.http.policy_port import PolicyAdmin
+from mta.http.operations import PolicyOperations
 from mta.metrics import outcome_totals
 from mta.queue.spool import Spool
 from mta.queue.views import message_detail, message_list, queue_stats
@@ -120,12 +120,12 @@ def throttle_summary(rows: list[dict[str, Any]], limit: int = TOP_THROTTLE_ROWS
     return sorted(merged.values(), key=lambda r: -(r["sent"] or 0))[:limit]
 
 
-class Admin:
-    def __init__(self, cfg: Any, spool: Spool, policy: Callable[[], PolicyAdmin],
+class AdminApi:
+    def __init__(self, cfg: Any, spool: Spool, policy: PolicyOperations,
                  audit: AuditLog | None = None, metrics_registry: Any = None) -> None:
         self.cfg = cfg
         self.spool = spool
-        self._policy = policy  # looked up at each use: the guard may be wired in later
+        self.policy = policy
         self.audit = audit
         self.metrics_registry = metrics_registry
         interval = cfg.http.queue_sample_interval
@@ -133,10 +133,6 @@ class Admin:
         self.campaign_sampler = Sampler(lambda: self.policy.campaigns(), interval)
         self.throttle_sampler = Sampler(
             lambda: asyncio.to_thread(load_throttle_rows, spool), min(interval, 1.0))
-
-    @property
-    def policy(self) -> PolicyAdmin:
-        return self._policy()
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -204,7 +200,7 @@ class Admin:
 class ScrapeCollector:
     """Figures worker 0 samples from LMDB, in the /metrics output (prometheus Collector)."""
 
-    def __init__(self, admin: Admin) -> None:
+    def __init__(self, admin: AdminApi) -> None:
         self.admin = admin
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -1,5 +1,5 @@
 """The SMTP client's protocol logic without sockets: the reply parser and the transaction
-state machine (mta/delivery/smtp_client.py)."""
+state machine (mta/delivery/protocol.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.delivery.smtp_client import (
+from mta.delivery.protocol import (
     ProtocolError,
     Reply,
     ReplyParser,

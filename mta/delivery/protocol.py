@@ -1,5 +1,5 @@
 """The SMTP client side as plain code: replies parsed from bytes, one transaction as a
-state machine. No sockets here (the "sans-I/O" style of h11); mta/delivery/client.py
+state machine. No sockets here (the "sans-I/O" style of h11); mta/delivery/connection.py
 carries the bytes.
 
 - `ReplyParser`: bytes in, complete `Reply`s out (multi-line replies, bounded sizes,

@@ -1,10 +1,16 @@
-"""RFC 5321 paths and ESMTP parameters, parsed without sockets.
+"""Addresses, parsed without sockets: RFC 5321 paths, From: fields, domains.
+
+The one address module of the engine, a leaf: intake, the DKIM signer and the
+policy guard all read addresses here.
 
 `parse_path("<user@example.com> SIZE=100")` -> (Address, {"SIZE": "100"}).
 Anything that is not a valid RFC 5321 (or RFC 6531, with UTF-8) path raises
 `AddressError` with the SMTP reply to give. Source routes are accepted and
 ignored, as RFC 5321 4.1.1.3 asks; the relay decision is made on the real
 domain only.
+
+`address_domain(from_value)` is the domain the DKIM signer picks its key by;
+`address_domains(from_value)` every domain a From: value may be read as.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from email.utils import getaddresses
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
 _DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
@@ -24,6 +31,8 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _XTEXT_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNDECODABLE = re.compile(r"[\ud800-\udfff]")  # bytes that were not UTF-8 (surrogateescape)
+_ANGLE_ADDR = re.compile(rb'<[^<>@"()\\]*@([^<>@"()\\\s]+)>[ \t]*\Z')
+_BARE_ADDR = re.compile(rb'\s*[^\s<>@"(),;:\\]+@([^\s<>@"(),;:\\]+)\s*')
 
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -147,3 +156,48 @@ def parse_params(text: str) -> dict[str, str | None]:
             raise AddressError(f"501 5.5.4 Parameter {key} given twice")
         params[key] = value if eq else None
     return params
+
+
+# --- From: fields and domains ---------------------------------------------------------
+
+
+def normalize_domain(domain: str) -> str:
+    """Lowercase, no trailing dot, IDNA A-label form when it has non-ASCII characters."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def address_domain(value: bytes) -> str:
+    """The domain of the first address in a From: value, '' if it has none."""
+    if value.count(b"@") == 1:  # the common case, without the cost of a full parse
+        simple = _ANGLE_ADDR.search(value) or _BARE_ADDR.fullmatch(value)
+        if simple:
+            return normalize_domain(simple.group(1).decode("utf-8", "replace"))
+    for address in _listed(value):
+        if "@" in address:
+            return normalize_domain(address.rpartition("@")[2])
+    return ""
+
+
+def address_domains(value: bytes) -> set[str]:
+    """Every domain of a From: value, read both as `address_domain` reads it and as a full
+    address-list parser does (they may differ on hostile input)."""
+    domains = {address_domain(value)}
+    domains.update(normalize_domain(a.rpartition("@")[2]) for a in _listed(value) if "@" in a)
+    domains.discard("")
+    return domains
+
+
+def _listed(value: bytes) -> list[str]:
+    text = value.replace(b"\r\n", b"").decode("utf-8", "replace")  # unfolded if not canonical
+    return [address for _, address in getaddresses([text])]
+
+
+def address_key(address: str) -> str:
+    """An address as a lookup key: no angle brackets or blanks around it, lower case."""
+    return address.strip().strip("<>").strip().lower()

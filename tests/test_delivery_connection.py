@@ -1,4 +1,4 @@
-"""The outbound SMTP client over loopback (mta/delivery/client.py): Postfix's smtp-sink,
+"""The outbound SMTP client over loopback (mta/delivery/connection.py): Postfix's smtp-sink,
 our asyncio sink with its faults, and a recording server that shows what arrives in
 each packet. Pipelining is used when offered and only then."""
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.rig.sinks import Close, MessageIn, Reply, SinkFaults, SinkSession, StartTls
-from mta.delivery.client import ConnectFailure, Connection, ConnectSettings, Target, connect
+from mta.delivery.connection import ConnectFailure, Connection, ConnectSettings, Target, connect
 
 T = TypeVar("T")
 SENDER = "news@shop.test"

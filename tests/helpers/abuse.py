@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mta.queue.spool import Spool
-from tests.support import RawSmtp
+from tests.helpers.engine import RawSmtp
 
 
 def self_signed_cert(directory: Path, name: str = "mta.localhost") -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """One SMTP transaction on one outbound connection, with per-recipient results.
 
-The protocol logic lives in mta/delivery/smtp_client.py (a reply parser and a
+The protocol logic lives in mta/delivery/protocol.py (a reply parser and a
 transaction state machine, no sockets); this module is the I/O edge: an asyncio
 Protocol (uvloop-friendly) that carries the bytes, `connect()` that opens a
 connection to the first reachable address of a destination (greeting, EHLO or
@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import cast
 
-from mta.delivery.smtp_client import (
+from mta.delivery.protocol import (
     LOST_STATUS,
     Reply,
     ReplyParser,

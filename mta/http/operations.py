@@ -2,9 +2,8 @@
 
 The policy guard (mta/policy) owns campaigns' counters and pauses, suppression
 lists, held mail and accounts. The admin API talks to it only through
-`PolicyAdmin`: whoever wires the guard into a worker sets
-``worker.policy_admin`` to an object with these methods (the guard itself or a
-thin adapter over its functions). Without one, `SpoolPolicy` serves what the
+`PolicyOperations`: the engine hands the HTTP listener a `GuardOperations`
+(mta.http.guard_operations) over the running guard. Without one, `SpoolOperations` serves what the
 spool alone can answer: campaigns as seen in the queue (no rates), operator
 pause/resume/drop of a campaign's queued mail, held mail release/reject, the
 configured accounts. What needs the guard (rates, suppression lists, account
@@ -21,16 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from mta.queue.spool import QUEUED, Spool, job_state
+from mta.policy.model import campaign_hold
+from mta.queue import jobs
+from mta.queue.jobs import Job
+from mta.queue.spool import Spool
 
 # The contract's figures (DESIGN.md), when the config has no [policy] section.
 DEFAULT_THRESHOLDS = {"hard_bounce": 0.08, "complaint": 0.005, "unsubscribe": 0.01,
                       "min_volume": 200}
-
-
-def campaign_hold(account: str, campaign: str) -> str:
-    """The `held` reason of a paused campaign's jobs (the same as the policy guard's)."""
-    return f"campaign:{account}/{campaign}"
 
 
 def config_thresholds(cfg: Any) -> dict[str, float]:
@@ -55,7 +52,7 @@ class InvalidToken(Exception):
 
 
 @runtime_checkable
-class PolicyAdmin(Protocol):
+class PolicyOperations(Protocol):
     """Campaign rows are dicts: account, campaign, paused (bool), reason, sent, delivered,
     hard_bounces, complaints, unsubscribes, rates {hard_bounce, complaint, unsubscribe}
     (fractions or None), queued, held. Async methods return the changed object's row."""
@@ -86,13 +83,13 @@ def campaign_rows(spool: Spool) -> list[dict[str, Any]]:
     """Campaigns with mail in the spool: queued/deferred/held jobs and whether paused."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     with spool.read() as txn:
-        for _, job in spool.jobs(txn):
-            if not job.get("campaign"):
+        for job in spool.jobs(txn):
+            if not job.campaign:
                 continue
-            key = (job.get("account", ""), job["campaign"])
+            key = (job.account, job.campaign)
             row = rows.setdefault(key, blank_campaign(*key))
-            row[job_state(job)] += 1
-            if job.get("held") == campaign_hold(*key):
+            row[str(job.state())] += 1
+            if job.held == campaign_hold(*key):
                 row["paused"], row["reason"] = True, "paused by an operator"
     return sorted(rows.values(), key=lambda r: (r["account"], r["campaign"]))
 
@@ -105,76 +102,54 @@ def blank_campaign(account: str, campaign: str) -> dict[str, Any]:
             "queued": 0, "deferred": 0, "held": 0}
 
 
-def campaign_job_ids(spool: Spool, account: str, campaign: str) -> list[bytes]:
-    with spool.read() as txn:
-        return [key for key, job in spool.jobs(txn)
-                if job.get("campaign") == campaign and job.get("account", "") == account]
+JobChange = Callable[[Any, list[Job]], Any]
 
 
-def hold_op(spool: Spool, job_ids: list[bytes], reason: str) -> Callable[[Any], int]:
-    """Hold every job that is still waiting for delivery; returns how many."""
+def campaign_op(spool: Spool, account: str, campaign: str,
+                change: JobChange) -> Callable[[Any], Any]:
+    """An operation applying `change(txn, jobs)` to a campaign's jobs; NotFound if none."""
 
-    def hold(txn: Any) -> int:
-        count = 0
-        for job_id in job_ids:
-            job = spool.get_job(txn, job_id)
-            if job is not None and not job.get("held"):
-                spool.hold_job(txn, job_id, job, reason)
-                count += 1
-        return count
+    def run(txn: Any) -> Any:
+        found = jobs.find_jobs(spool, txn, account, campaign)
+        if not found:
+            raise NotFound(f"no campaign {campaign!r} of account {account!r} in the queue")
+        return change(txn, found)
 
-    return hold
+    return run
 
 
-def release_op(spool: Spool, job_ids: list[bytes], reason: str | None
-               ) -> Callable[[Any], int]:
-    """Release held jobs (only those held for `reason`, unless None); returns how many."""
+def held_op(spool: Spool, job_id: str, change: JobChange) -> Callable[[Any], Any]:
+    """An operation applying `change(txn, [job])` to one held job; NotFound if none."""
 
-    def release(txn: Any) -> int:
-        now_ms = int(time.time() * 1000)
-        count = 0
-        for job_id in job_ids:
-            job = spool.get_job(txn, job_id)
-            if job is not None and job.get("held") and reason in (None, job["held"]):
-                spool.release_job(txn, job_id, job, now_ms)
-                count += 1
-        return count
+    def run(txn: Any) -> Any:
+        found = [j for j in jobs.jobs_by_ids(spool, txn, [job_id.encode()]) if j.held]
+        if not found:
+            raise NotFound(f"no held job {job_id!r}")
+        return change(txn, found)
 
-    return release
-
-
-def remove_op(spool: Spool, job_ids: list[bytes], only_held: bool = False
-              ) -> Callable[[Any], list[dict[str, Any]]]:
-    """Remove jobs (and messages left with none); returns the removed jobs."""
-
-    def remove(txn: Any) -> list[dict[str, Any]]:
-        removed = []
-        for job_id in job_ids:
-            job = spool.get_job(txn, job_id)
-            if job is not None and (job.get("held") or not only_held):
-                spool.remove_job(txn, job_id, job)
-                removed.append(job)
-        return removed
-
-    return remove
+    return run
 
 
 def held_rows(spool: Spool, limit: int) -> list[dict[str, Any]]:
-    db = spool.dbs.get("held")
     rows: list[dict[str, Any]] = []
-    if db is None:
+    if spool.dbs.get("held") is None:
         return rows
     with spool.read() as txn:
-        for job_id, reason in txn.cursor(db=db):
-            job = spool.get_job(txn, job_id) or {}
+        for job_id, reason in jobs.held_jobs(spool, txn):
+            job = spool.get_job(txn, job_id)
+            if job is None:
+                continue
             rows.append({
-                "job": job_id.decode(), "reason": reason.decode("utf-8", "replace"),
-                "message": job.get("msg"), "account": job.get("account", ""),
-                "campaign": job.get("campaign", ""), "domain": job.get("domain"),
-                "recipients": [r[0] for r in job.get("rcpts", []) if r[1] == QUEUED]})
+                "job": job_id.decode(), "reason": reason, "message": job.msg,
+                "account": job.account, "campaign": job.campaign, "domain": job.domain,
+                "recipients": job.waiting()})
             if len(rows) >= limit:
                 break
     return rows
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def account_row(account: Any) -> dict[str, Any]:
@@ -183,8 +158,8 @@ def account_row(account: Any) -> dict[str, Any]:
             "sender_domains": list(account.sender_domains), "suspended": None}
 
 
-class SpoolPolicy:
-    """`PolicyAdmin` from the spool and the config alone (no policy guard running)."""
+class SpoolOperations:
+    """`PolicyOperations` from the spool and the config alone (no policy guard running)."""
 
     def __init__(self, cfg: Any, spool: Spool, submit: Callable[[Any], Any],
                  emit: Callable[[dict[str, Any]], None]) -> None:
@@ -205,33 +180,29 @@ class SpoolPolicy:
                 return row
         raise NotFound(f"no campaign {campaign!r} of account {account!r} in the queue")
 
-    async def _jobs(self, account: str, campaign: str) -> list[bytes]:
-        ids = await asyncio.to_thread(campaign_job_ids, self.spool, account, campaign)
-        if not ids:
-            raise NotFound(f"no campaign {campaign!r} of account {account!r} in the queue")
-        return ids
-
     async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
-        ids = await self._jobs(account, campaign)
-        held = await self.submit(hold_op(self.spool, ids, campaign_hold(account, campaign)))
+        hold_reason = campaign_hold(account, campaign)
+        held = await self.submit(campaign_op(self.spool, account, campaign, lambda txn, found:
+                                             jobs.hold(self.spool, txn, found, hold_reason)))
         self.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
                    "reason": reason or "paused by an operator", "held": held, "by": "operator"})
         return await self.campaign(account, campaign)
 
     async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
-        ids = await self._jobs(account, campaign)
-        released = await self.submit(
-            release_op(self.spool, ids, campaign_hold(account, campaign)))
+        hold_reason = campaign_hold(account, campaign)
+        released = await self.submit(campaign_op(
+            self.spool, account, campaign,
+            lambda txn, found: jobs.release(self.spool, txn, found, now_ms(), hold_reason)))
         self.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
                    "released": released})
         return await self.campaign(account, campaign)
 
     async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]:
-        ids = await self._jobs(account, campaign)
-        removed = await self.submit(remove_op(self.spool, ids))
+        removed = await self.submit(campaign_op(self.spool, account, campaign, lambda txn, found:
+                                                jobs.remove(self.spool, txn, found)))
         self.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
                    "jobs": len(removed),
-                   "recipients": sum(len(j["rcpts"]) for j in removed)})
+                   "recipients": sum(len(j.recipients) for j in removed)})
         return blank_campaign(account, campaign) | {"dropped": len(removed)}
 
     async def accounts(self) -> list[dict[str, Any]]:
@@ -262,19 +233,17 @@ class SpoolPolicy:
         return await asyncio.to_thread(held_rows, self.spool, limit)
 
     async def release_held(self, job_id: str) -> dict[str, Any]:
-        if not await self.submit(release_op(self.spool, [job_id.encode()], None)):
-            raise NotFound(f"no held job {job_id!r}")
+        await self.submit(held_op(self.spool, job_id, lambda txn, found:
+                                  jobs.release(self.spool, txn, found, now_ms())))
         self.emit({"type": "HeldReleased", "job": job_id})
         return {"job": job_id, "released": True}
 
     async def reject_held(self, job_id: str) -> dict[str, Any]:
-        removed = await self.submit(remove_op(self.spool, [job_id.encode()], only_held=True))
-        if not removed:
-            raise NotFound(f"no held job {job_id!r}")
-        job = removed[0]
-        self.emit({"type": "HeldRejected", "job": job_id, "id": job["msg"],
-                   "account": job.get("account", ""), "campaign": job.get("campaign", ""),
-                   "recipients": len(job["rcpts"])})
+        [job] = await self.submit(held_op(self.spool, job_id, lambda txn, found:
+                                          jobs.remove(self.spool, txn, found)))
+        self.emit({"type": "HeldRejected", "job": job_id, "id": job.message_id,
+                   "account": job.account, "campaign": job.campaign,
+                   "recipients": len(job.recipients)})
         return {"job": job_id, "rejected": True}
 
     async def unsubscribe(self, token: str) -> dict[str, Any]:

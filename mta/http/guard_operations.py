@@ -1,6 +1,6 @@
-"""The admin API's view of the policy guard: `PolicyAdmin` (mta/http/policy_port.py).
+"""The admin API's view of a running policy guard: `PolicyOperations` (mta.http.operations).
 
-Wiring: ``worker.policy_admin = GuardAdmin(worker.policy)``. Reads run in a thread
+Made by the engine's wiring for the worker that serves HTTP. Reads run in a thread
 (they may scan the jobs), writes go through the worker's group committer; the worker's
 cached pauses are refreshed at once after each change, other workers within
 `[policy] cache_ttl`. Errors are the port's: NotFound (404), InvalidToken, and
@@ -14,8 +14,8 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from mta.http.policy_port import InvalidToken, NotFound
-from mta.policy import admin
+from mta.http.operations import InvalidToken, NotFound
+from mta.policy import operations
 from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
 from mta.policy.model import ACTIVE
 from mta.policy.rates import monthly_cap
@@ -30,7 +30,7 @@ def _port_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return await fn(*args, **kwargs)
-        except admin.NotFoundError as exc:
+        except operations.NotFoundError as exc:
             raise NotFound(str(exc)) from None
         except InvalidUnsubscribe as exc:
             raise InvalidToken(str(exc)) from None
@@ -38,7 +38,7 @@ def _port_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     return wrapper
 
 
-class GuardAdmin:
+class GuardOperations:
     def __init__(self, guard: PolicyGuard) -> None:
         self.guard = guard
         self.store = guard.store
@@ -61,12 +61,12 @@ class GuardAdmin:
                 "unsubscribe": t.unsubscribe_rate / 100, "min_volume": t.min_volume}
 
     async def campaigns(self) -> list[dict[str, Any]]:
-        return await self._cluster_campaigns(await self._read(lambda txn: admin.list_campaigns(
+        return await self._cluster_campaigns(await self._read(lambda txn: operations.list_campaigns(
             self.store, txn, self.guard.thresholds)))
 
     @_port_errors
     async def campaign(self, account: str, campaign: str) -> dict[str, Any]:
-        row = (await self._cluster_campaigns([await self._read(lambda txn: admin.show_campaign(
+        row = (await self._cluster_campaigns([await self._read(lambda txn: operations.show_campaign(
             self.store, txn, account, campaign, self.guard.thresholds))]))[0]
         if row["status"] == ACTIVE and not row["by"] and not any(  # never counted nor acted on
                 row[k] for k in ("submitted", "sent", "queued", "deferred", "held")):
@@ -82,7 +82,7 @@ class GuardAdmin:
         states = await self._read(lambda txn: [self.store.get_campaign(
             txn, r["account"], r["campaign"]) for r in rows])
         for row, key, state in zip(rows, keys, states, strict=True):
-            row.update(admin.counter_fields(totals[key], state), counted="cluster")
+            row.update(operations.counter_fields(totals[key], state), counted="cluster")
         return rows
 
     async def _cluster_accounts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,10 +95,10 @@ class GuardAdmin:
 
     async def _totals(self, rows: list[dict[str, Any]], keys: list[bytes]) -> Any:
         """The cluster's counters of `keys`, or None (one node; Redis unreachable)."""
-        sync = self.guard.cluster
-        if sync is None or not rows:
-            return None
-        totals = await sync.shared_totals(keys)
+        shared = self.guard.shared
+        if not shared.judges or not rows:
+            return None  # one node: its own counts are the totals
+        totals = await shared.shared_totals(keys)
         if totals is None:
             for row in rows:
                 row["counted"] = "node"  # this node's own counts only, for now
@@ -106,7 +106,7 @@ class GuardAdmin:
 
     async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        result = await self._write(lambda txn: admin.pause_campaign(
+        result = await self._write(lambda txn: operations.pause_campaign(
             self.store, txn, account, campaign, BY, reason, now))
         self.guard.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
                          "rule": "operator", "reason": reason, "by": BY,
@@ -115,7 +115,7 @@ class GuardAdmin:
 
     async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
         now = self.guard.clock()
-        result = await self._write(lambda txn: admin.resume_campaign(
+        result = await self._write(lambda txn: operations.resume_campaign(
             self.store, txn, account, campaign, BY, now))
         self.guard.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
                          "by": BY, "released": result["released"]})
@@ -123,13 +123,13 @@ class GuardAdmin:
 
     async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]:
         now = self.guard.clock()
-        removed = await self._write(lambda txn: admin.drop_campaign(
+        removed = await self._write(lambda txn: operations.drop_campaign(
             self.store, txn, account, campaign, BY, now))
-        for event in admin.removed_events(removed, "Dropped", "dropped by an operator"):
+        for event in operations.removed_events(removed, "Dropped", "dropped by an operator"):
             self.guard.emit(event)
         self.guard.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
                          "by": BY, "jobs": len(removed)})
-        return await self._read(lambda txn: admin.show_campaign(
+        return await self._read(lambda txn: operations.show_campaign(
             self.store, txn, account, campaign, self.guard.thresholds)) | {
             "dropped": len(removed)}
 
@@ -137,11 +137,11 @@ class GuardAdmin:
         config = self.guard.accounts.get(name)
         cap = monthly_cap(config.subscriber_level, self.guard.pc.monthly_cap_factor
                           ) if config else None
-        return admin.account_row(self.store, txn, name, config, cap, self.guard.clock())
+        return operations.account_row(self.store, txn, name, config, cap, self.guard.clock())
 
     async def accounts(self) -> list[dict[str, Any]]:
         def rows(txn: Any) -> list[dict[str, Any]]:
-            names = admin.known_accounts(self.store, txn, self.guard.accounts)
+            names = operations.known_accounts(self.store, txn, self.guard.accounts)
             return [self._account_row(txn, name) for name in names]
 
         return await self._cluster_accounts(await self._read(rows))
@@ -155,7 +155,7 @@ class GuardAdmin:
 
     async def suspend_account(self, name: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(lambda txn: admin.suspend_account(
+        await self._write(lambda txn: operations.suspend_account(
             self.store, txn, name, BY, reason, now))
         self.guard.emit({"type": "AccountSuspended", "account": name, "by": BY,
                          "reason": reason})
@@ -163,33 +163,33 @@ class GuardAdmin:
 
     async def resume_account(self, name: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(lambda txn: admin.resume_account(self.store, txn, name, BY, now))
+        await self._write(lambda txn: operations.resume_account(self.store, txn, name, BY, now))
         self.guard.emit({"type": "AccountResumed", "account": name, "by": BY})
         return await self.account(name)
 
     async def suppressions(self, account: str, limit: int) -> list[dict[str, Any]]:
-        return await self._read(lambda txn: admin.suppression_rows(
+        return await self._read(lambda txn: operations.suppression_rows(
             self.store, txn, account, limit))
 
     async def suppress(self, account: str, address: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        added = await self._write(lambda txn: admin.add_suppression(
+        added = await self._write(lambda txn: operations.add_suppression(
             self.store, txn, account, address, reason or "manual", now))
         return {"account": account, "address": address.lower(), "added": added}
 
     @_port_errors
     async def unsuppress(self, account: str, address: str) -> dict[str, Any]:
-        removed = await self._write(lambda txn: admin.remove_suppression(
+        removed = await self._write(lambda txn: operations.remove_suppression(
             self.store, txn, account, address))
         if not removed:
-            raise admin.NotFoundError(f"{address} is not on the list of {account}")
+            raise operations.NotFoundError(f"{address} is not on the list of {account}")
         return {"account": account, "address": address.lower(), "removed": True}
 
     async def held(self, limit: int) -> list[dict[str, Any]]:
         """Held jobs (any reason), one row per job, as the spool-only stand-in has them."""
         def rows(txn: Any) -> list[dict[str, Any]]:
             out = []
-            for message in admin.list_held(self.store, txn, reason=None, limit=limit):
+            for message in operations.list_held(self.store, txn, reason=None, limit=limit):
                 for job in message["jobs"]:
                     out.append({"job": job, "reason": message["reason"],
                                 "message": message["id"], "account": message["account"],
@@ -202,16 +202,16 @@ class GuardAdmin:
     @_port_errors
     async def release_held(self, job_id: str) -> dict[str, Any]:
         now = self.guard.clock()
-        count = await self._write(lambda txn: admin.release_held(
+        count = await self._write(lambda txn: operations.release_held(
             self.store, txn, job_id, now, reason=None))
         self.guard.emit({"type": "HeldReleased", "job": job_id, "by": BY, "jobs": count})
         return {"job": job_id, "released": True}
 
     @_port_errors
     async def reject_held(self, job_id: str) -> dict[str, Any]:
-        removed = await self._write(lambda txn: admin.reject_held(
+        removed = await self._write(lambda txn: operations.reject_held(
             self.store, txn, job_id, reason=None))
-        for event in admin.removed_events(removed, "Rejected", "rejected by an operator"):
+        for event in operations.removed_events(removed, "Rejected", "rejected by an operator"):
             self.guard.emit(event)
         return {"job": job_id, "rejected": True}
 

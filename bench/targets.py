@@ -1,0 +1,238 @@
+"""The MTA under test: our engine, Postfix, or any MTA at HOST:PORT on loopback.
+
+A target starts (and stops) its server, relaying the scenario's test domains to the
+rig's sinks, and tells how a load logs in, how deep its queue is and which processes
+are its own (for CPU and memory).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import tomli_w
+
+from bench.engine_proc import PROJECT_ROOT, EngineProcess
+from bench.load import Logins
+from bench.net import free_port
+from bench.procstat import ProcessTree
+from bench.rig.assembly import Rig
+from bench.rig.postfix import OpenDkim, PostfixRelay
+from bench.scenarios import Scenario, Traffic, account_name
+from mta.queue.spool import Spool
+from mta.smtp.auth import hash_password
+
+DKIM_SELECTOR = "bench"
+
+
+class Target(Protocol):
+    label: str
+    host: str
+    port: int
+    processes: ProcessTree | None
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+    def queue_depth(self) -> int | None: ...
+
+    def logins(self, traffic: Traffic) -> Logins | None: ...
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class DkimKey:
+    domain: str
+    selector: str
+    path: Path
+    record: str
+
+
+def make_dkim_key(workdir: Path, domain: str) -> DkimKey:
+    """An RSA-2048 key made with `mta dkim genkey`, and its DNS record."""
+    path = workdir / f"{domain}.{DKIM_SELECTOR}.key"
+    out = subprocess.run(
+        [sys.executable, "-m", "mta", "dkim", "genkey", "--domain", domain, "--selector",
+         DKIM_SELECTOR, "--out", str(path)], check=True, capture_output=True, text=True,
+        cwd=PROJECT_ROOT, timeout=60).stdout
+    record = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                   if line.startswith("value:")), "")
+    return DkimKey(domain, DKIM_SELECTOR, path, record)
+
+
+class EngineTarget:
+    """Our engine: `mta serve` on a temporary spool, delivering to the rig."""
+
+    label = "engine"
+
+    def __init__(self, workdir: Path, scenario: Scenario, rig: Rig, workers: int,
+                 dkim: DkimKey | None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        # Every account of the scenario is an engine account: sessions authenticate as
+        # the account whose campaign they send, as an upstream app would.
+        password = secrets.token_urlsafe(12)
+        self.passwords = {account_name(k): password for k in range(scenario.messages.accounts)}
+        self.config = deep_merge(self._base_config(rig, dkim), scenario.engine)
+        hashed = hash_password(password)
+        self.config.setdefault("accounts", []).extend(
+            {"name": name, "password_hash": hashed, "plan": "pro"} for name in self.passwords)
+        if scenario.shaping:
+            shaping = workdir / "shaping.toml"
+            shaping.write_text(tomli_w.dumps(scenario.shaping))
+            self.config["throttle"] = {"shaping_file": str(shaping)}
+        self.engine = EngineProcess(workdir, self.config, workers)
+        self.processes: ProcessTree | None = ProcessTree(self._roots)
+        self._spool: Spool | None = None
+
+    def _base_config(self, rig: Rig, dkim: DkimKey | None) -> dict[str, Any]:
+        w = self.workdir
+        config: dict[str, Any] = {
+            "engine": {"hostname": "mta-bench.localhost", "event_log": str(w / "events.jsonl"),
+                       "audit_log": str(w / "audit.jsonl"), "log_level": "warning"},
+            "smtp": {"listen": f"{self.host}:{self.port}"},
+            "spool": {"path": str(w / "spool")},
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "dns": {"nameservers": [rig.dns.address], "timeout": 2.0},
+            "delivery": {"port": rig.sink_port, "allow_loopback_mx": True},
+        }
+        if dkim is not None:
+            config["dkim"] = {"keys": [{"domain": dkim.domain, "selector": dkim.selector,
+                                        "key_file": str(dkim.path)}]}
+        return config
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        return Logins(lambda i: traffic.campaign(i)[0], self.passwords)
+
+    def _roots(self) -> list[int]:
+        proc = self.engine.proc
+        return [proc.pid] if proc is not None and proc.poll() is None else []
+
+    def start(self) -> EngineTarget:
+        self.engine.start()
+        return self
+
+    def queue_depth(self) -> int | None:
+        if self._spool is None:
+            try:
+                self._spool = Spool(self.workdir / "spool", readonly=True)
+            except (FileNotFoundError, OSError):
+                return None
+        return self._spool.count("msg")
+
+    def stop(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self.engine.stop()
+
+
+class PostfixTarget:
+    """Postfix as a relay to the rig (transport maps), with OpenDKIM when signing."""
+
+    label = "postfix"
+
+    def __init__(self, workdir: Path, scenario: Scenario, rig: Rig, dkim: DkimKey | None) -> None:
+        self.host = "127.0.0.1"
+        self.dkim = None if dkim is None else OpenDkim(workdir / "opendkim", dkim.domain,
+                                                       dkim.selector, dkim.path)
+        self.relay = PostfixRelay(workdir / "postfix", rig.dest.routes, rig.sink_port,
+                                  milter=self.dkim.socket if self.dkim else "",
+                                  extra=scenario.postfix)
+        self.port = self.relay.port
+        self.processes: ProcessTree | None = ProcessTree(self._roots)
+
+    def _roots(self) -> list[int]:
+        roots = [self.relay.master_pid()]
+        if self.dkim is not None and self.dkim.proc is not None:
+            roots.append(self.dkim.proc.pid)
+        return [pid for pid in roots if pid is not None]
+
+    def start(self) -> PostfixTarget:
+        if self.dkim is not None:
+            self.dkim.start()
+        self.relay.start()
+        return self
+
+    def queue_depth(self) -> int | None:
+        return self.relay.queue_depth()
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        return None  # a relay for its own network: no SASL
+
+    def stop(self) -> None:
+        self.relay.stop()
+        if self.dkim is not None:
+            self.dkim.stop()
+
+
+class ExternalTarget:
+    """Any MTA at HOST:PORT; it must relay the test domains to the rig's sinks itself."""
+
+    processes: ProcessTree | None = None
+
+    def __init__(self, hostport: str, auth: str = "") -> None:
+        host, _, port = hostport.rpartition(":")
+        self.host, self.port = host.strip("[]") or "127.0.0.1", int(port)
+        self.label = hostport
+        self.auth = auth  # USER:PASSWORD, or empty: no AUTH
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        if not self.auth:
+            return None
+        user, _, password = self.auth.partition(":")
+        return Logins.single(user, password)
+
+    def start(self) -> ExternalTarget:
+        return self
+
+    def queue_depth(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
+def make_target(kind: str, workdir: Path, rig: Rig, scenario: Scenario, workers: int,
+                dkim: DkimKey | None, auth: str = "") -> Target:
+    """`kind` is "engine", "postfix" or HOST:PORT (see `check_target`)."""
+    if kind == "engine":
+        return EngineTarget(workdir, scenario, rig, workers, dkim)
+    if kind == "postfix":
+        return PostfixTarget(workdir, scenario, rig, dkim)
+    return ExternalTarget(kind, auth)
+
+
+def check_target(kind: str) -> None:
+    """engine, postfix, or HOST:PORT on loopback: the rig's DNS and sinks listen on
+    127.0.0.x only, so an MTA anywhere else could not deliver to them (and the bench sends
+    no load off this host). SystemExit with the reason if not."""
+    if kind in ("engine", "postfix"):
+        return
+    host, _, port = kind.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or not host:
+        raise SystemExit(f"--target must be engine, postfix or HOST:PORT, not {kind!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"--target {kind}: the bench rig is loopback-only "
+                         "(127.0.0.0/8 or ::1)")

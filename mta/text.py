@@ -23,7 +23,9 @@ _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?")
 
 
 def hidden(char: str) -> bool:
-    return unicodedata.category(char) in _HIDDEN
+    """A character that acts on a display or a format instead of showing: controls,
+    format characters, line breaks, and white space other than the plain space."""
+    return unicodedata.category(char) in _HIDDEN or (char.isspace() and char != " ")
 
 
 def name_problem(value: str, limit: int = MAX_NAME) -> str | None:
@@ -34,14 +36,20 @@ def name_problem(value: str, limit: int = MAX_NAME) -> str | None:
         return f"is longer than {limit} characters"
     for char in value:
         if hidden(char):
-            kind = "a line break" if char in "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029" else (
-                "a control or format character")
-            return f"holds {kind} (U+{ord(char):04X})"
+            return f"holds {_kind(char)} (U+{ord(char):04X})"
     if _ENCODED_WORD.search(value):
         return "holds an RFC 2047 encoded-word"
     if value != value.strip():
         return "starts or ends with white space"
     return None
+
+
+def _kind(char: str) -> str:
+    if char in "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029":
+        return "a line break"
+    if char.isspace():
+        return "white space other than a plain space"
+    return "a control or format character"
 
 
 def shown(text: str, limit: int | None = None, ascii_only: bool = False) -> str:
@@ -51,8 +59,7 @@ def shown(text: str, limit: int | None = None, ascii_only: bool = False) -> str:
     changes nothing more."""
     out = []
     for char in text:
-        if hidden(char) or (char.isspace() and char != " ") or (
-                ascii_only and ord(char) > 0x7E):
+        if hidden(char) or (ascii_only and ord(char) > 0x7E):
             code = ord(char)
             out.append(repr(char)[1:-1] if code < 0x100 and char in "\n\r\t" else (
                 f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000

@@ -206,7 +206,7 @@ HOSTILE_NAMES = {
     "encoded-word": (b"=?utf-8?q?spring=0D=0Asale?=", "holds an RFC 2047 encoded-word"),
     "129 characters": (b"c" * 129, "is longer than 128 characters"),
     "empty": (b"", "is empty"),
-    "no-break space": ("spring\u00a0".encode(), "starts or ends with white space"),
+    "no-break space": ("spring\u00a0".encode(), "holds white space other than a plain space (U+00A0)"),
     "not UTF-8": (b"spring\xffsale", "is not valid UTF-8"),
 }
 

@@ -26,7 +26,7 @@ from bench.monitor import Monitor, Progress
 from bench.report import RunResult
 from bench.results import Drain, add_throttled, build_result, drained, throttled_expected
 from bench.rig.assembly import Rig
-from bench.scenarios import Scenario, Traffic, destinations
+from bench.scenarios import DOMAIN_SUFFIX, Scenario, Traffic, destinations
 from bench.targets import Target, make_dkim_key, make_target
 
 DRAIN_POLL = 0.05
@@ -42,6 +42,8 @@ class Options:
     keep: bool = False
     progress: bool = True
     auth: str = ""  # USER:PASSWORD for a --target HOST:PORT
+    tls: bool = False  # STARTTLS at the sinks, certificates from a local CA the engine trusts
+    sink_processes: bool = False  # asyncio sinks in processes of their own
 
 
 def run_once(kind: str, opts: Options) -> RunResult:
@@ -52,11 +54,15 @@ def run_once(kind: str, opts: Options) -> RunResult:
         stack.callback(_remove_workdir, workdir, opts.keep)
         workdir.chmod(0o755)  # Postfix's daemons walk into it as the postfix user
         dest = destinations(opts.scenario)
-        rig = stack.enter_context(Rig(opts.scenario, dest, opts.sink_port, opts.dns_port))
+        tls = local_ca(workdir) if opts.tls else None
+        rig = stack.enter_context(Rig(opts.scenario, dest, opts.sink_port, opts.dns_port,
+                                      tls_cert=tls.cert_file if tls else "",
+                                      processes=opts.sink_processes))
         dkim = make_dkim_key(workdir, opts.scenario.messages.sender_domain) if opts.dkim else None
         if dkim is not None:
             rig.publish_dkim(dkim.domain, dkim.selector, dkim.record)
-        target = make_target(kind, workdir, rig, opts.scenario, opts.workers, dkim, opts.auth)
+        target = make_target(kind, workdir, rig, opts.scenario, opts.workers, dkim, opts.auth,
+                             tls_ca_file=tls.ca_file if tls else "")
         stack.callback(target.stop)
         print(rig.describe(), file=sys.stderr)
         target.start()
@@ -68,6 +74,24 @@ def run_once(kind: str, opts: Options) -> RunResult:
     finally:
         with signals_ignored():
             stack.close()
+
+
+@dataclass
+class LocalCa:
+    ca_file: str  # the CA certificate the engine trusts ([delivery] tls_ca_file)
+    cert_file: str  # the sinks' key and certificate, for every MX name *.<domain suffix>
+
+
+def local_ca(workdir: Path) -> LocalCa:
+    """A CA made for the run (trustme) and the sinks' certificate for every MX name."""
+    import trustme
+
+    ca = trustme.CA()
+    ca_file, cert_file = workdir / "bench-ca.pem", workdir / "bench-sinks.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert(f"*.{DOMAIN_SUFFIX}").private_key_and_cert_chain_pem.write_to_path(
+        str(cert_file))
+    return LocalCa(str(ca_file), str(cert_file))
 
 
 def _remove_workdir(workdir: Path, keep: bool) -> None:

@@ -68,7 +68,7 @@ class ProcessTree:
     Memory is read every `MEMORY_EVERY` samples (smaps_rollup costs more than stat).
     """
 
-    MEMORY_EVERY = 4
+    MEMORY_EVERY = 5  # with samples every 0.1 s (bench.monitor): memory twice a second
 
     def __init__(self, roots: Callable[[], list[int]]) -> None:
         self.roots = roots

@@ -196,6 +196,16 @@ def plot(results: Sequence[RunResult], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(results)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def figure(results: Sequence[RunResult]) -> Any:
+    """The plot's matplotlib figure; both axes start at zero (a rate, a depth)."""
+    import matplotlib.pyplot as plt
+
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:red"),
                              strict=False):
@@ -215,10 +225,10 @@ def plot(results: Sequence[RunResult], path: Path) -> Path | None:
     bottom.grid(alpha=0.3)
     if bottom.lines:
         bottom.legend(loc="best", fontsize="small")
+    for axis in (top, bottom):
+        axis.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def save_outputs(results: Sequence[RunResult], out: Path) -> str:

@@ -81,8 +81,11 @@ class EngineTarget:
     label = "engine"
 
     def __init__(self, workdir: Path, scenario: Scenario, rig: Rig, workers: int,
-                 dkim: DkimKey | None) -> None:
+                 dkim: DkimKey | None, tls_ca_file: str = "") -> None:
         self.workdir = workdir
+        self.tls_ca_file = tls_ca_file
+        if tls_ca_file:
+            self.label = "engine+tls"
         self.port = free_port()
         self.host = "127.0.0.1"
         # Every account of the scenario is an engine account: sessions authenticate as
@@ -112,6 +115,8 @@ class EngineTarget:
             "dns": {"nameservers": [rig.dns.address], "timeout": 2.0},
             "delivery": {"port": rig.sink_port, "allow_loopback_mx": True},
         }
+        if self.tls_ca_file:  # the sinks' CA; every session's certificate is verified
+            config["delivery"]["tls_ca_file"] = self.tls_ca_file
         if dkim is not None:
             config["dkim"] = {"keys": [{"domain": dkim.domain, "selector": dkim.selector,
                                         "key_file": str(dkim.path)}]}
@@ -210,10 +215,10 @@ class ExternalTarget:
 
 
 def make_target(kind: str, workdir: Path, rig: Rig, scenario: Scenario, workers: int,
-                dkim: DkimKey | None, auth: str = "") -> Target:
+                dkim: DkimKey | None, auth: str = "", tls_ca_file: str = "") -> Target:
     """`kind` is "engine", "postfix" or HOST:PORT (see `check_target`)."""
     if kind == "engine":
-        return EngineTarget(workdir, scenario, rig, workers, dkim)
+        return EngineTarget(workdir, scenario, rig, workers, dkim, tls_ca_file)
     if kind == "postfix":
         return PostfixTarget(workdir, scenario, rig, dkim)
     return ExternalTarget(kind, auth)

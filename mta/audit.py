@@ -4,7 +4,7 @@ One record per line, appended with a single write() on an O_APPEND file, so
 records from several worker processes never interleave and nothing already
 written is ever rewritten. Records:
 
-- ``{"time", "type": "auth", "channel": "smtp"|"admin-api", "client", "identity",
+- ``{"time", "type": "auth", "channel": "smtp"|"inject"|"admin-api", "client", "identity",
   "result": "ok"|"failed"|"refused"}`` for every authentication attempt;
 - ``{"time", "type": "access", "channel": "admin-api", "client", "identity", "method",
   "path", "status"}`` for every admin API request that passed authentication;
@@ -54,8 +54,8 @@ def smtp_auth_record(event: dict[str, Any]) -> dict[str, Any] | None:
     """The audit record of an intake event, or None when it is not an Auth event."""
     if event.get("type") != "Auth":
         return None
-    record = auth_record("smtp", str(event.get("client", "")), str(event.get("identity", "")),
-                         "ok" if event.get("ok") else "failed")
+    record = auth_record(str(event.get("channel", "smtp")), str(event.get("client", "")),
+                         str(event.get("identity", "")), "ok" if event.get("ok") else "failed")
     if "time" in event:
         record["time"] = event["time"]
     return record

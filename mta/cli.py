@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TextIO
 
-from mta.config import ConfigError
+from mta.config import ConfigError, StartupError
 from mta.text import shown
 
 # Each module has `register(subparsers)`; its parsers set `func(args) -> int`.
@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "mta.commands.hold",
     "mta.commands.suppression",
     "mta.commands.account",
+    "mta.commands.tls",
 ]
 
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mta: config error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:  # not the config's fault: an address taken, ...
+        print(f"mta: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `mta ... | head`: the reader has all it wanted

@@ -3,6 +3,10 @@
 Every section is a dataclass; the loader checks each key against the field's
 type and refuses unknown keys, so a typo never passes silently. Errors are
 `ConfigError` with one line naming the key.
+
+Which file: `--config`, else $MTA_CONFIG, else the first of ./config/mta.toml and
+/etc/mta/mta.toml that exists (`find_config`), for every command. One rule for paths:
+a relative path in the file (or a default one) is relative to the file's directory.
 """
 
 from __future__ import annotations
@@ -24,17 +28,47 @@ class ConfigError(Exception):
     """A bad configuration; str() is one line naming the problem."""
 
 
+class StartupError(Exception):
+    """The engine cannot start for a reason outside its config (an address taken by
+    another process); str() is one line naming it."""
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_SHAPING = str(PROJECT_ROOT / "config" / "shaping.toml")
+CONFIG_ENV = "MTA_CONFIG"
+CONFIG_SEARCH = ("config/mta.toml", "/etc/mta/mta.toml")
 
 
-def shipped_path(value: str) -> Path:
-    """A file the project ships (config/shaping.toml, ...): relative to the current
-    directory when it is there, else to the project's own directory."""
-    path = Path(value)
-    if path.is_absolute() or path.exists():
-        return path
-    shipped = PROJECT_ROOT / path
-    return shipped if shipped.exists() else path
+def find_config(explicit: str | None = None) -> Path:
+    """The config file to use: `explicit` (--config), else $MTA_CONFIG, else the first
+    of CONFIG_SEARCH that exists; ConfigError when there is none."""
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    if chosen:
+        return Path(chosen)
+    for candidate in map(Path, CONFIG_SEARCH):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no config file: pass --config, set {CONFIG_ENV}, or create "
+                      f"{' or '.join(CONFIG_SEARCH)}")
+
+
+def path_setting(default: str) -> Any:
+    """A file or directory setting: relative to the config file's directory."""
+    return field(default=default, metadata={"path": True})
+
+
+def resolve_paths(section: Any, base: Path) -> None:
+    """Make every relative path setting of `section`, and of the sections in it,
+    relative to `base` (the config file's directory)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("path") and value and not os.path.isabs(value):
+            setattr(section, f.name, os.path.normpath(base / value))
+        items = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, list) else [value])
+        for item in items:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                resolve_paths(item, base)
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -49,16 +83,16 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     return host.strip("[]"), int(port)
 
 
-def check_bindable(key: str, address: str, reuse: int) -> None:
-    """A startup check: `address` ("HOST:PORT", the value of `key`) can be bound with
-    the socket option `reuse` set; else one ConfigError line naming the key."""
+def check_bindable(key: str, address: str) -> None:
+    """A startup check: nothing listens on `address` ("HOST:PORT", the value of `key`),
+    not even with SO_REUSEPORT (another engine); else one StartupError line."""
     host, port = parse_hostport(address)
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    probe.setsockopt(socket.SOL_SOCKET, reuse, 1)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
     try:
         probe.bind((host, port))
     except OSError as exc:
-        raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {address} ({key}): {exc.strerror}") from None
     finally:
         probe.close()
 
@@ -71,8 +105,8 @@ class EngineConfig:
     # empty: it stays on the engine, handled as mail to the [bounce] domain.
     operator_address: str = ""
     local_mailboxes: list[str] = field(default_factory=lambda: ["abuse"])
-    event_log: str = "./var/events.jsonl"
-    audit_log: str = "./var/audit.jsonl"
+    event_log: str = path_setting("./var/events.jsonl")
+    audit_log: str = path_setting("./var/audit.jsonl")
     log_level: str = "info"
 
 
@@ -96,14 +130,14 @@ class SmtpConfig:
     greet_pause: float = 1.0  # untrusted clients that talk before the 220 get 554; 0: off
     max_auth_failures: int = 5
     auth_failure_window: float = 300.0
-    tls_cert: str = ""
-    tls_key: str = ""
+    tls_cert: str = path_setting("")
+    tls_key: str = path_setting("")
     campaign_header: str = "X-Campaign-ID"
 
 
 @dataclass
 class SpoolConfig:
-    path: str = "./var/spool"
+    path: str = path_setting("./var/spool")
     map_size: int = 8 * 1024**3
     min_free_disk: int = 256 * 1024**2
     max_map_use: float = 0.95
@@ -117,7 +151,7 @@ class HttpConfig:
     public_url: str = "http://127.0.0.1:8025"
     enabled: bool = True  # false: no HTTP listener at all (metrics are still recorded)
     operator_tokens: dict[str, str] = field(default_factory=dict)  # operator name -> token
-    metrics_dir: str = ""  # prometheus multiprocess files; empty: a fresh temporary dir
+    metrics_dir: str = path_setting("")  # prometheus multiprocess files; empty: a fresh temporary dir
     sample_interval: float = 1.0  # live gauges (connections, in flight) sampled this often
     queue_sample_interval: float = 2.0  # queue depth recomputed at most this often
     max_auth_failures: int = 10  # bad admin tokens per client address within the window: 429
@@ -131,11 +165,16 @@ class DnsConfig:
     max_cname_depth: int = 8
     cache_size: int = 100_000
     negative_ttl_max: float = 3600.0
+    dnssec_validating: bool = False  # the nameservers validate DNSSEC: their AD flag is trusted (DANE)
+
+
+TLS_MODES = ("opportunistic", "opportunistic-insecure", "required", "required-insecure",
+             "disabled")  # mta.delivery.tls.model.TlsMode
 
 
 @dataclass
 class DomainDeliveryConfig:
-    tls: str = "opportunistic"  # or "required": never send to this domain in plain text
+    tls: str = "opportunistic"  # one of TLS_MODES; no DANE or MTA-STS for this domain
 
 
 @dataclass
@@ -157,13 +196,22 @@ class DeliveryConfig:
     helo_name: str = ""
     line_length_limit: int = 998  # longer lines are broken before signing; 0: sent as they are
     domains: dict[str, DomainDeliveryConfig] = field(default_factory=dict)
+    tls: str = "opportunistic"  # the TLS mode of every other domain (TLS_MODES)
+    tls_ca_file: str = ""  # PEM CA certificates trusted besides (or instead of) the system's
+    tls_system_ca: bool = True  # false: trust only tls_ca_file
+    tls_min_version: str = "TLSv1.2"  # or "TLSv1.3"
+    mta_sts: bool = True  # honour MTA-STS policies (RFC 8461)
+    mta_sts_fetch_timeout: float = 10.0
+    mta_sts_port: int = 443  # the policy servers' HTTPS port (443; tests use another)
+    dane: bool = True  # honour DANE TLSA records (RFC 7672); needs [dns] dnssec_validating
+    tls_policy_cache: float = 60.0  # seconds a domain's TLS policy is reused before a new look
 
 
 @dataclass
 class DkimKeyConfig:
     domain: str
     selector: str
-    key_file: str
+    key_file: str = field(metadata={"path": True})
     algorithm: str = "rsa-sha256"  # or "ed25519-sha256"
 
 
@@ -182,7 +230,7 @@ class BounceConfig:
     verp: bool = True  # outgoing mail gets a VERP return path on `domain`
     verp_prefix: str = "b"
     verp_secret: str = ""  # HMAC key of VERP tokens; empty: a random key kept in the spool
-    unparsed_dir: str = "./var/unparsed"  # reports the parser could not read, for an operator
+    unparsed_dir: str = path_setting("./var/unparsed")  # reports the parser could not read, for an operator
     unparsed_quota: int = 100 * 1024**2  # bytes kept there at most; past it, not kept
     max_report_size: int = 1024**2  # mail from unauthenticated clients to the engine's domains
     # Networks of feedback loops whose complaints count without a token of ours.
@@ -192,8 +240,8 @@ class BounceConfig:
 
 @dataclass
 class ThrottleConfig:
-    shaping_file: str = "config/shaping.toml"
-    state_file: str = ""  # empty: inside the spool environment
+    shaping_file: str = path_setting(SHIPPED_SHAPING)  # default: the one the engine ships
+    state_file: str = path_setting("")  # empty: inside the spool environment
 
 
 @dataclass
@@ -231,9 +279,34 @@ class ClusterConfig:
 
 
 @dataclass
+class TlsReportConfig:
+    """TLS reporting (RFC 8460): daily reports to the domains that ask for them."""
+
+    enabled: bool = False
+    reporting_domain: str = ""  # From: and DKIM domain of mailed reports; the submitter
+    organization: str = ""  # organization-name; empty: reporting_domain
+    contact: str = ""  # contact-info; empty: the sender address
+    sender: str = "tlsrpt-noreply"  # local part of the From: at reporting_domain
+    post_timeout: float = 30.0  # an https: report POST
+    check_interval: float = 3600.0  # worker 0 looks for finished days to report this often
+
+
+@dataclass
+class InjectConfig:
+    """The HTTP injection API (mta/inject): POST /api/inject/v1, on a listener of its own
+    that every worker serves (SO_REUSEPORT), authenticated per account."""
+
+    listen: str = ""  # HOST:PORT; empty: no injection API
+    max_recipients: int = 10_000  # per request; more: 413
+    max_request_size: int = 64 * 1024**2  # bytes of one request's JSON; more: 413
+    max_total_size: int = 256 * 1024**2  # bytes of one request's messages together; more: 413
+
+
+@dataclass
 class AccountConfig:
     name: str
     password_hash: str = ""
+    api_key_hashes: list[str] = field(default_factory=list)  # `mta account new-api-key`
     email: str = ""
     plan: str = "standard"
     subscriber_level: int = 0
@@ -253,6 +326,8 @@ class Config:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tlsrpt: TlsReportConfig = field(default_factory=TlsReportConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
     accounts: list[AccountConfig] = field(default_factory=list)
 
     def account(self, name: str) -> AccountConfig | None:
@@ -278,6 +353,28 @@ def _check_hostport(value: str) -> None:
     parse_hostport(value)
 
 
+@_validator("inject", "listen")
+def _check_optional_hostport(value: str) -> None:
+    if value:
+        parse_hostport(value)
+
+
+@_validator("inject", "max_recipients")
+@_validator("inject", "max_request_size")
+@_validator("inject", "max_total_size")
+def _check_positive(value: int) -> None:
+    if value < 1:
+        raise ValueError("must be at least 1")
+
+
+@_validator("accounts", "api_key_hashes")
+def _check_api_key_hashes(value: list[str]) -> None:
+    for item in value:
+        if not re.fullmatch(r"sha256\$[0-9a-f]{64}", item):
+            raise ValueError(f"{item[:20]!r}... is not an API key hash (make one with "
+                             "`mta account new-api-key`)")
+
+
 @_validator("smtp", "trusted_networks")
 @_validator("bounce", "feedback_sources")
 def _check_networks(value: list[str]) -> None:
@@ -293,6 +390,7 @@ def _check_nameservers(value: list[str]) -> None:
 
 
 @_validator("delivery", "port")
+@_validator("delivery", "mta_sts_port")
 def _check_port(value: int) -> None:
     if not 0 < value < 65536:
         raise ValueError("must be a port number (1-65535)")
@@ -320,8 +418,19 @@ def _check_dkim_keys(value: list[DkimKeyConfig]) -> None:
 @_validator("delivery", "domains")
 def _check_domain_policies(value: dict[str, DomainDeliveryConfig]) -> None:
     for name, policy in value.items():
-        if policy.tls not in ("opportunistic", "required"):
-            raise ValueError(f"{name}: tls must be opportunistic or required")
+        _check_tls_mode(policy.tls, f"{name}: ")
+
+
+@_validator("delivery", "tls")
+def _check_tls_mode(value: str, where: str = "") -> None:
+    if value not in TLS_MODES:
+        raise ValueError(f"{where}tls must be one of {', '.join(TLS_MODES)}, got {value!r}")
+
+
+@_validator("delivery", "tls_min_version")
+def _check_tls_version(value: str) -> None:
+    if value not in ("TLSv1.2", "TLSv1.3"):
+        raise ValueError(f"must be TLSv1.2 or TLSv1.3, got {value!r}")
 
 
 @_validator("engine", "log_level")
@@ -355,6 +464,7 @@ def _check_domain_name(value: str) -> None:
 
 
 @_validator("delivery", "helo_name")
+@_validator("tlsrpt", "reporting_domain")
 @_validator("bounce", "fbl_domain")
 @_validator("dkim", "fallback_domain")
 def _check_optional_domain(value: str) -> None:
@@ -406,6 +516,7 @@ def _check_report_size(value: int) -> None:
         raise ValueError("must be at least 1024 bytes")
 
 
+@_validator("tlsrpt", "sender")
 @_validator("bounce", "verp_prefix")
 def _check_local_part(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+)*",
@@ -563,7 +674,8 @@ def build_section(cls: type, table: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Load and validate a config file; None gives the defaults."""
+    """Load and validate a config file, its relative paths made relative to its
+    directory; None gives the defaults (relative to the current directory)."""
     if path is None:
         return Config()
     p = Path(path)
@@ -584,4 +696,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         if key not in top_fields:
             raise ConfigError(f"unknown section [{key}]")
         kwargs[key] = _coerce(value, hints[key], f"[{key}]")
-    return Config(**kwargs)
+    cfg = Config(**kwargs)
+    resolve_paths(cfg, p.parent.absolute())
+    return cfg

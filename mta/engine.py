@@ -7,7 +7,7 @@ delivery of its share of the destinations (partitioned by domain hash, so a
 destination's limits are held by exactly one process).
 
 This is the one place where a worker is assembled (`Worker.run`), in the order mail
-flows: intake checks (the policy guard) -> spool (group commit) -> scheduler -> hold
+flows: intake checks (the policy guard; SMTP and the injection API alike) -> spool (group commit) -> scheduler -> hold
 check (the guard's holds) -> transforms (policy headers and footer, VERP, line
 breaking, DKIM) -> delivery -> outcomes -> events (log, metrics, the guard's counts).
 No part reaches into another to rewire it.
@@ -34,7 +34,7 @@ from mta.cluster import check_cluster, connect_cluster
 from mta.cluster.link import RedisLink
 from mta.cluster.policy import PolicySync
 from mta.cluster.throttle import ClusterThrottle
-from mta.config import Config, ConfigError, check_bindable, parse_hostport
+from mta.config import Config, ConfigError, StartupError, check_bindable, parse_hostport
 from mta.context import WorkerContext
 from mta.delivery.deliverer import Deliverer, Transform
 from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
@@ -49,10 +49,13 @@ from mta.delivery.service import (
     make_resolver,
     make_throttle,
 )
+from mta.delivery.tls.worker import check_tls_config, start_tls
 from mta.dkim.signer import DkimSigner
 from mta.events import EventLog
 from mta.http import check_http, start_operators
 from mta.http.guard_operations import GuardOperations
+from mta.inject.server import check_inject, start_inject
+from mta.listen_lock import claim_address
 from mta.metrics import LiveParts
 from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
@@ -84,21 +87,26 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def check_startup(cfg: Config) -> None:
-    """Everything that can fail at start fails here, with one line, before any fork."""
+def check_startup(cfg: Config) -> socket.socket:
+    """Everything that can fail at start fails here, with one line, before any fork.
+    Returns the claim on the SMTP address (one engine per address): keep it open."""
+    claim = claim_address("[smtp] listen", cfg.smtp.listen)
     tls_context(cfg)
     check_delivery_config(cfg)
+    check_tls_config(cfg)
     check_http(cfg)
+    check_inject(cfg)
     check_policy(cfg)
     check_cluster(cfg)
-    check_bindable("[smtp] listen", cfg.smtp.listen, socket.SO_REUSEPORT)
+    check_bindable("[smtp] listen", cfg.smtp.listen)  # no other program listens there
+    return claim
 
 
 @dataclass
 class Delivery:
     scheduler: Scheduler
     deliverer: Deliverer
-    signer: DkimSigner | None
+    signer: DkimSigner
 
 
 class Worker:
@@ -118,6 +126,7 @@ class Worker:
         intake = Intake(self.cfg, ctx.spool, ctx.committer, policy=guard, emit=ctx.emit,
                         on_stored=delivery.scheduler.notify_stored if delivery else None)
         ctx.on_close(intake.close)
+        await start_inject(ctx, intake)  # the HTTP injection API: the same intake, per worker
         live = LiveParts(delivery.deliverer if delivery else None,
                          delivery.scheduler if delivery else None,
                          delivery.signer if delivery else None, guard, link)
@@ -201,19 +210,22 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                           build_dsn=make_dsn_builder(cfg),
                           hold_check=guard.holds if guard else None)
     verp_key = verp_secret(cfg, ctx.spool)
-    signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim.keys else None
+    signer = DkimSigner.from_config(cfg.dkim)  # without keys: counts what goes out unsigned
     transforms: list[Transform] = [
         *([guard.transform] if guard and guard.transform else []),  # footer, List-Unsubscribe
         *([verp_transform(cfg, verp_key)] if cfg.bounce.verp else []),  # the return path
         *([line_wrap_transform(cfg.delivery.line_length_limit)]
           if cfg.delivery.line_length_limit else []),
-        *([dkim_transform(signer)] if signer else []),  # last: signs what is sent
+        dkim_transform(signer),  # last: signs what is sent
     ]
     mailboxes = {cfg.policy.unsubscribe_mailbox.lower(): guard.unsubscribe_mailbox} if guard else {}
     inbound = InboundHandler(cfg, ctx.spool, ctx.emit, scheduler.complete, verp_key, mailboxes)
     throttle = make_throttle(ctx, shared=link is not None)
-    deliverer = Deliverer(cfg, make_resolver(cfg), throttle, shared_budget(ctx, link, throttle),
-                          scheduler, transforms, local_domains, inbound)
+    resolver = make_resolver(cfg)
+    tls = start_tls(ctx, resolver.lookup,  # TLS modes, MTA-STS, DANE, TLS reports
+                    on_stored=lambda _: scheduler.wake())
+    deliverer = Deliverer(cfg, resolver, throttle, shared_budget(ctx, link, throttle),
+                          scheduler, transforms, local_domains, inbound, tls=tls.policies)
     scheduler.start(dispatch=deliverer.dispatch)
     keep_throttle_snapshots(ctx, throttle)
 
@@ -248,7 +260,7 @@ def setup_logging(cfg: Config) -> None:
 
 def serve(cfg: Config, workers: int | None = None) -> int:
     """The supervisor: starts the workers, restarts one that dies, stops them all on TERM."""
-    check_startup(cfg)
+    claim = check_startup(cfg)
     setup_logging(cfg)
     from mta.metrics import cleanup_metrics_dir, metrics_process_dead, prepare_metrics_dir
 
@@ -265,11 +277,15 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             # own, a stop request ends the worker at once (it has accepted nothing yet).
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            claim.close()  # the supervisor's; it goes when the supervisor goes
             code = 0
             try:
                 run_worker(cfg, index, n)
             except ConfigError as exc:
                 print(f"mta: config error: {exc}", file=sys.stderr)
+                code = 2
+            except StartupError as exc:
+                print(f"mta: {exc}", file=sys.stderr)
                 code = 2
             except BaseException:
                 logging.getLogger("mta.engine").exception("worker %d failed", index)
@@ -316,5 +332,6 @@ def serve(cfg: Config, workers: int | None = None) -> int:
         log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
         spawn(index)
     cleanup_metrics_dir(cfg, metrics_dir)
+    claim.close()
     log.info("engine stopped")
     return exit_code

@@ -39,6 +39,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from mta.context import WorkerContext
+from mta.throughput import Ring, history, remove_rings, ring_for_process
 
 if TYPE_CHECKING:
     from mta.delivery.deliverer import Deliverer
@@ -69,6 +70,7 @@ def prepare_metrics_dir(cfg: Any) -> str:
     Path(path).mkdir(parents=True, exist_ok=True)
     for stale in glob.glob(os.path.join(path, "*.db")):
         os.unlink(stale)
+    remove_rings(path)
     os.environ[MULTIPROC_ENV] = path
     # prometheus-client picks its value class when first imported; pick it again.
     prometheus_values.ValueClass = prometheus_values.get_value_class()
@@ -209,8 +211,12 @@ class EngineMetrics:
                                 ["worker"], multiprocess_mode="livemax", registry=r)
         self.cluster_outages = Counter("mta_cluster_redis_outages",
                                        "Times a worker lost the cluster's Redis", registry=r)
+        self.tls_sessions = Counter("mta_tls_sessions", "Outbound SMTP sessions by the TLS "
+                                    "policy that applied and the result", ["policy", "result"],
+                                    registry=r)
         self._seen: dict[str, float] = {}
         self._providers_open: set[str] = set()
+        self.throughput: Ring | None = None  # its throughput ring (start_metrics)
         self._init_labels()
 
     def _init_labels(self) -> None:
@@ -232,7 +238,7 @@ class EngineMetrics:
         elif kind == "Reception":
             self.received.inc()
             self.received_rcpts.inc(int(event.get("recipients") or 0))
-        elif kind == "Auth":
+        elif kind == "Auth" and event.get("channel", "smtp") == "smtp":  # not the API's
             self.smtp_auth.labels("ok" if event.get("ok") else "failed").inc()
         elif kind == "CampaignPaused":
             self.campaign_pauses.inc()
@@ -252,6 +258,11 @@ class EngineMetrics:
         """Live figures of one worker: connections, in-flight, DKIM, commits."""
         if live.deliverer is not None:
             self.set_connections(pool_connections(live.deliverer, self.providers))
+            tls = getattr(live.deliverer, "tls", None)
+            if tls is not None:
+                for (policy, result), total in list(tls.checker.sessions.counts.items()):
+                    self._advance(f"tls:{policy}:{result}", total,
+                                  self.tls_sessions.labels(policy, result))
         if live.scheduler is not None:
             self.in_flight.set(len(live.scheduler.in_flight))
         if live.signer is not None:
@@ -320,10 +331,13 @@ class LiveParts:
 
 
 def start_metrics(ctx: WorkerContext, live: LiveParts) -> EngineMetrics:
-    """Record a worker's metrics: attach the event listener and start the sampler."""
+    """Record a worker's metrics: attach the event listeners (metrics, the throughput
+    ring) and start the sampler."""
     cfg = ctx.cfg
     metrics = EngineMetrics(load_provider_names(cfg, None))
+    metrics.throughput = ring_for_process(os.environ.get(MULTIPROC_ENV))
     ctx.listen(metrics.on_event)
+    ctx.listen(metrics.throughput.on_event)
     task = asyncio.get_running_loop().create_task(
         _sample_forever(metrics, ctx, live, cfg.http.sample_interval))
 
@@ -331,6 +345,8 @@ def start_metrics(ctx: WorkerContext, live: LiveParts) -> EngineMetrics:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if metrics.throughput is not None:
+            metrics.throughput.close()
 
     ctx.on_close(close)
     return metrics
@@ -345,6 +361,12 @@ def collect_families(local: CollectorRegistry | None) -> Iterable[Any]:
     if multiprocess_enabled():
         return MultiProcessCollector(None).collect()
     return local.collect() if local is not None else []
+
+
+def throughput_history(local: Ring | None, now: float) -> dict[str, Any]:
+    """Every worker's throughput rings added up (mta.throughput), or `local` alone."""
+    directory = os.environ.get(MULTIPROC_ENV) if multiprocess_enabled() else None
+    return history(directory, local, now)
 
 
 def outcome_totals(local: CollectorRegistry | None) -> dict[str, float]:

@@ -26,7 +26,7 @@ ALICE = "alice-token-abcdefghijklmnop"
 READS = [
     ("queue", "stats"), ("queue", "list"), ("campaign", "list"),
     ("campaign", "show", "spring"), ("campaign", "list", "--account", "shop"),
-    ("hold", "list"), ("hold", "list", "--all"), ("suppression", "list", "--account", "shop"),
+    ("hold", "list"), ("hold", "list", "--reason", "review"), ("suppression", "list", "shop"),
     ("account", "list"), ("account", "show", "shop"), ("throttle", "status"),
 ]
 
@@ -97,11 +97,11 @@ def test_actions_go_through_the_api(engine: HttpEngine) -> None:
     assert resumed["released"] == 0 and resumed["was"] == "paused"
     assert mta_json(e, "campaign", "drop", "autumn") == {
         "account": "default", "campaign": "autumn", "jobs": 2, "recipients": 2}
-    added = mta(e, "suppression", "add", "--account", "shop", "X@Dest.test", "not-an-address",
+    added = mta(e, "suppression", "add", "shop", "X@Dest.test", "not-an-address",
                 "--json")
     assert added.returncode == 1 and json.loads(added.stdout) == {
         "account": "shop", "added": 1, "existing": 0, "invalid": ["not-an-address"]}
-    assert mta_json(e, "suppression", "remove", "--account", "shop", "x@dest.test",
+    assert mta_json(e, "suppression", "remove", "shop", "x@dest.test",
                     "zed@dest.test") == {"account": "shop", "removed": 1,
                                          "not_listed": ["zed@dest.test"]}
     first, second, _ = held_ids(e)
@@ -134,6 +134,9 @@ def test_errors_are_one_line(engine: HttpEngine) -> None:
     assert "cannot reach the engine" in mta(engine, "queue", "stats", "--url", closed).stderr
     assert "HTTP 401" in mta(engine, "hold", "list", "--token", "wrong-token").stderr
     assert "HTTP 404" in mta(engine, "queue", "show", "NOPE").stderr
+    for args in (("suppression", "list", "nobody"), ("account", "show", "nobody"),
+                 ("campaign", "list", "--account", "nobody")):  # through the API, as offline
+        assert mta(engine, *args).stderr == "mta: HTTP 404: no account 'nobody'\n", args
 
 
 def test_reads_agree_on_both_paths_and_fall_back_when_stopped(

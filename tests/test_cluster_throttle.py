@@ -246,7 +246,7 @@ def start_node(tmp: Path, redis_url: str, dns: Any, mx_port: int, rate: str = "u
     shaping = tmp / "shaping.toml"
     shaping.write_text(NODE_SHAPING.format(k=K, per_connection=per_connection, rate=rate))
     return start_http_engine(
-        tmp, workers=1, dns={"nameservers": [dns.address], "timeout": 1.0},
+        tmp, workers=1, dns={"nameservers": [dns.address], "timeout": 5.0},
         delivery={"enabled": True, "port": mx_port, "allow_loopback_mx": True,
                   "retry_initial": 300.0, "connect_timeout": 3.0, "command_timeout": 5.0,
                   "connection_idle_timeout": 1.0},

@@ -60,6 +60,8 @@ MTA_SECTIONS: dict[str, Section] = {
     "throttle": Section(config.ThrottleConfig, ("throttle",)),
     "policy": Section(config.PolicyConfig, ("policy",)),
     "cluster": Section(config.ClusterConfig, ("cluster",)),
+    "tlsrpt": Section(config.TlsReportConfig, ("tlsrpt",)),
+    "inject": Section(config.InjectConfig, ("inject",)),
     "accounts": Section(config.AccountConfig, ("accounts",)),
 }
 

@@ -16,7 +16,7 @@ QUEUE_ID = re.compile(rb"with E?SMTPS?A? id ([0-9A-F]{20})")
 
 
 def delivering_config(tmp: Path, dns, port: int) -> dict:
-    return engine_config(tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+    return engine_config(tmp, dns={"nameservers": [dns.address], "timeout": 5.0},
                          delivery={"enabled": True, "port": port, "allow_loopback_mx": True,
                                    "retry_initial": 1.0, "retry_max": 1.0,
                                    "max_connections_per_destination": 4})

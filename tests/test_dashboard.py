@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import smtplib
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from mta.policy.model import Counters
+from mta.policy.store import PolicyStore, campaign_key
+from mta.queue.spool import Spool
 from tests.helpers.http import TOKEN, HttpEngine, call, start_http_engine
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -60,7 +64,7 @@ def number(driver: webdriver.Chrome, element_id: str) -> int:
     return int(text(driver, element_id).replace(",", ""))
 
 
-def test_dashboard_shows_the_api_figures_and_resumes_a_paused_campaign(
+def test_dashboard_shows_the_api_figures_and_resumes_a_paused_campaign_once_confirmed(
         tmp_path: Path, browser: webdriver.Chrome) -> None:
     engine = start_http_engine(tmp_path / "engine", workers=2)
     try:
@@ -99,7 +103,20 @@ def test_dashboard_shows_the_api_figures_and_resumes_a_paused_campaign(
         paused_row = '#paused tr[data-campaign="default/summer"]'
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, paused_row))
         browser.save_screenshot(str(tmp_path / "dashboard-paused.png"))
+        # Resume and Drop ask first; Cancel changes nothing.
+        for action in ("drop", "resume"):
+            browser.find_element(By.CSS_SELECTOR, f"{paused_row} button.{action}").click()
+            wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
+            question = text(browser, "confirm-text")
+            assert question.startswith(f"{action.title()} default/summer?"), question
+            browser.find_element(By.ID, "confirm-cancel").click()
+            wait.until(lambda d: not d.find_element(By.ID, "confirm").is_displayed())
+        summer = call(engine.url + "/api/v1/campaigns/default/summer")[1]
+        assert summer["paused"] and summer["held"] + summer["queued"] == 3
         browser.find_element(By.CSS_SELECTOR, f"{paused_row} button.resume").click()
+        wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
+        assert "judging it on the mail sent from now on" in text(browser, "confirm-text")
+        browser.find_element(By.ID, "confirm-ok").click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, paused_row))
         summer = call(engine.url + "/api/v1/campaigns/default/summer")[1]
         assert not summer["paused"] and summer["held"] == 0 and summer["queued"] == 3
@@ -113,3 +130,82 @@ def test_dashboard_shows_the_api_figures_and_resumes_a_paused_campaign(
 
 def sessionStorage_token(driver: webdriver.Chrome) -> str:  # noqa: N802
     return driver.execute_script("return sessionStorage.getItem('mta-admin-token');")
+
+
+def log_in(driver: webdriver.Chrome, engine: HttpEngine) -> WebDriverWait:
+    driver.get(engine.url + "/")
+    wait = WebDriverWait(driver, WAIT)
+    wait.until(lambda d: d.find_element(By.ID, "login").is_displayed())
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    return wait
+
+
+def chart(driver: webdriver.Chrome, element_id: str) -> dict[str, str]:
+    return driver.execute_script(
+        f"return Object.assign({{}}, document.getElementById('{element_id}').dataset);")
+
+
+def test_the_throughput_chart_comes_from_the_engine_and_survives_a_reload(
+        tmp_path: Path, browser: webdriver.Chrome) -> None:
+    engine = start_http_engine(tmp_path / "engine", workers=2)
+    try:
+        send(engine, "spring", 5)
+        wait = log_in(browser, engine)
+        wait.until(lambda d: chart(d, "chart-hour").get("received") == "5")
+        browser.refresh()  # the page starts over; the history is the engine's
+        wait.until(lambda d: d.execute_script("return document.body.dataset.updated"))
+        hour = chart(browser, "chart-hour")
+        assert hour["received"] == "5" and hour["delivered"] == hour["deferred"] == "0"
+        ticks = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#chart-hour text.tick")]
+        assert len(ticks) >= 5 and all(re.fullmatch(r"\d\d:\d\d", t) for t in ticks), ticks
+        values = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#chart-hour text.value")]
+        assert values[0] == "0.0/s" and all(v.endswith("/s") for v in values)  # from zero
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-day text.tick")
+        assert text(browser, "chart-now").startswith("now (last 10 s): received ")
+        assert text(browser, "received-rate") != "–"  # current values at once
+        browser.save_screenshot(str(tmp_path / "dashboard-chart.png"))
+    finally:
+        engine.stop()
+
+
+def test_rates_below_the_minimum_volume_are_drawn_as_not_judged_yet(
+        tmp_path: Path, browser: webdriver.Chrome) -> None:
+    spool = Spool(tmp_path / "engine" / "spool")
+    store = PolicyStore(spool)
+    with spool.env.begin(write=True) as txn:  # 10 % hard bounces: 10 sent, then 300
+        store.put_counters(txn, campaign_key("default", "young"), Counters(sent=10, hard=1))
+        store.put_counters(txn, campaign_key("default", "grown"),
+                           Counters(sent=300, delivered=270, hard=30))
+    spool.close()
+    engine = start_http_engine(tmp_path / "engine")
+    try:
+        wait = log_in(browser, engine)
+        young = '#campaigns tr[data-campaign="default/young"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, young))
+        cells = browser.find_elements(By.CSS_SELECTOR, f"{young} td.rate")
+        assert [c.get_attribute("data-judged") for c in cells] == ["no"] * 3
+        assert cells[0].text == "10.00 % / 8.00 %"
+        assert browser.find_element(By.CSS_SELECTOR, f"{young} td.state-ok").text == (
+            "sending · judged after 200 sent")
+        assert not browser.find_elements(By.CSS_SELECTOR, f"{young} rect.over")
+        assert browser.find_elements(By.CSS_SELECTOR, f"{young} rect.pending")
+        grown = '#campaigns tr[data-campaign="default/grown"]'
+        assert browser.find_element(By.CSS_SELECTOR, f"{grown} td.rate").get_attribute(
+            "data-judged") == "yes"
+        assert browser.find_elements(By.CSS_SELECTOR, f"{grown} rect.over")  # judged: red
+        browser.find_element(By.ID, "campaigns").screenshot(str(tmp_path / "campaigns.png"))
+    finally:
+        engine.stop()
+
+
+def test_admin_api_off_and_engine_unreachable_read_differently(
+        tmp_path: Path, browser: webdriver.Chrome) -> None:
+    engine = start_http_engine(tmp_path / "engine", token="")
+    try:
+        wait = log_in(browser, engine)
+        wait.until(lambda d: "admin API off" in text(d, "status"))
+        assert "unreachable" not in text(browser, "status")
+    finally:
+        engine.stop()
+    wait.until(lambda d: text(d, "status").startswith("engine unreachable"))

@@ -26,7 +26,7 @@ def delivering(tmp: Path, dns: Any, port: int, **delivery: Any):
                 "retry_initial": 1.0, "retry_max": 2.0, "retry_jitter": 0.0,
                 "connection_idle_timeout": 1.0, "connect_timeout": 2.0,
                 "command_timeout": 3.0, **delivery}
-    return start_engine(tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+    return start_engine(tmp, dns={"nameservers": [dns.address], "timeout": 5.0},
                         delivery=settings)
 
 
@@ -238,7 +238,7 @@ def test_full_spool_refuses_then_resumes_when_delivery_frees_space(
     dns_server.add_mx("full.test", [(10, "mx.full.test")])
     dns_server.add_a("mx.full.test", "127.0.0.2")
     engine = start_engine(
-        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 1.0},
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 5.0},
         spool={"map_size": 2 * 1024 * 1024, "max_map_use": 0.8},
         delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True,
                   "retry_initial": 0.5, "retry_max": 0.5, "retry_jitter": 0.0})

@@ -129,4 +129,4 @@ def test_records_prints_configured_keys_and_stops_on_a_bad_key_file(tmp_path: Pa
     broken = mta("dkim", "records", "--config", str(config), cwd=tmp_path)
 
     assert broken.returncode == 2
-    assert broken.stderr == "mta: config error: DKIM key file 'gone.key' not found\n"
+    assert broken.stderr == f"mta: config error: DKIM key file '{tmp_path / 'gone.key'}' not found\n"

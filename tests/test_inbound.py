@@ -19,7 +19,7 @@ def engine_with_sink(tmp: Path, dns, sink, secret: str = SECRET, workers: int | 
     dns.add_mx("dest.test", [(10, "mx.dest.test")])
     dns.add_a("mx.dest.test", "127.0.0.2")
     return start_engine(
-        tmp, workers, dns={"nameservers": [dns.address], "timeout": 1.0},
+        tmp, workers, dns={"nameservers": [dns.address], "timeout": 5.0},
         delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True},
         bounce={"domain": BOUNCE_DOMAIN, "verp_secret": secret,
                 "unparsed_dir": str(tmp / "unparsed")})

@@ -70,7 +70,7 @@ def test_sent_lines_fit_and_the_signature_verifies(tmp_path: Path, dns_server,
     dns_server.add_mx("dest.test", [(10, "mx.dest.test")])
     dns_server.add_a("mx.dest.test", "127.0.0.2")
     engine = start_engine(
-        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 1.0},
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 5.0},
         delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True,
                   "line_length_limit": limit},
         dkim={"keys": [{"domain": "shop.test", "selector": "s1",

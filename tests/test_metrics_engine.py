@@ -95,6 +95,9 @@ def test_counters_move_as_mail_flows_across_two_workers(
         assert value(m, "mta_delivery_latency_seconds_bucket", provider="sinkco",
                      le="+Inf") == 12
         assert value(m, "mta_feedback_total", kind="hard_bounce") == 3  # 550 5.1.1
+        assert wait_until(lambda: value(scrape(engine.url), "mta_dkim_signatures_total",
+                                        result="unsigned") >= 12, timeout=10, interval=0.3)
+        assert value(m, "mta_dkim_signatures_total", result="signed") == 0  # no key: unsigned
         labels = {v for series in m.values() for key in series for _, v in key}
         assert not labels & set(DOMAINS)  # providers, never recipient domains
         assert wait_until(lambda: value(scrape(engine.url), "mta_queue_depth",

@@ -36,7 +36,7 @@ NONE: frozenset[str] = frozenset()
 def make_resolver(server: DnsServer, **options: Any) -> MxResolver:
     dns = DnsConfig(
         nameservers=[server.address],
-        timeout=options.pop("timeout", 1.0),
+        timeout=options.pop("timeout", 5.0),  # generous: a loaded machine answers late
         max_cname_depth=options.pop("max_cname_depth", 8),
         negative_ttl_max=options.pop("negative_ttl_max", 3600.0),
     )

@@ -132,38 +132,38 @@ def test_campaign_pause_show_resume_drop(tmp_path: Path) -> None:
 def test_suppression_add_list_remove_import_export(tmp_path: Path) -> None:
     config = setup(tmp_path)
     Spool(tmp_path / "spool").close()
-    added = mta_json(config, "suppression", "add", "--account", "shop", "Bob@Dest.test",
+    added = mta_json(config, "suppression", "add", "shop", "Bob@Dest.test",
                      "carol@dest.test")
     assert added["added"] == 2
     csv_in = tmp_path / "in.csv"
     csv_in.write_text("address,reason,campaign\ndave@dest.test,unsubscribe,spring\n"
                       "bob@dest.test,import,\nnot-an-address,import,\n\n")
-    result = mta(config, "suppression", "import", "--account", "shop", str(csv_in),
+    result = mta(config, "suppression", "import", "shop", str(csv_in),
                  "--json", check=False)
     assert result.returncode == 1  # one invalid row, reported
     assert json.loads(result.stdout) == {"account": "shop", "added": 1, "existing": 1,
                                          "invalid": ["not-an-address"]}
-    piped = mta(config, "suppression", "import", "--account", "other", "-", "--json",
+    piped = mta(config, "suppression", "import", "other", "-", "--json",
                 stdin="eve@dest.test\nfrank@dest.test,complaint\n")
     assert json.loads(piped.stdout)["added"] == 2
-    rows = mta_json(config, "suppression", "list", "--account", "shop")
+    rows = mta_json(config, "suppression", "list", "shop")
     assert [(r["address"], r["reason"]) for r in rows] == [
         ("bob@dest.test", "manual"), ("carol@dest.test", "manual"),
         ("dave@dest.test", "unsubscribe")]
-    removed = mta_json(config, "suppression", "remove", "--account", "shop", "carol@dest.test",
+    removed = mta_json(config, "suppression", "remove", "shop", "carol@dest.test",
                        "zed@dest.test")
     assert removed["removed"] == 1 and removed["not_listed"] == ["zed@dest.test"]
     out = tmp_path / "out.csv"
-    mta(config, "suppression", "export", "--account", "shop", str(out))
+    mta(config, "suppression", "export", "shop", str(out))
     exported = out.read_text().splitlines()
     assert exported[0] == "address,reason,campaign,created,detail"
     assert [line.split(",")[:3] for line in exported[1:]] == [
         ["bob@dest.test", "manual", ""], ["dave@dest.test", "unsubscribe", "spring"]]
     # The export imports back unchanged into another account.
-    mta(config, "suppression", "import", "--account", "copy", str(out))
-    assert [r["address"] for r in mta_json(config, "suppression", "list", "--account",
-                                           "copy")] == ["bob@dest.test", "dave@dest.test"]
-    assert mta(config, "suppression", "export", "--account", "other").stdout.count("\n") == 3
+    mta(config, "suppression", "import", "trial", str(out))
+    assert [r["address"] for r in mta_json(config, "suppression", "list", "trial")
+            ] == ["bob@dest.test", "dave@dest.test"]
+    assert mta(config, "suppression", "export", "other").stdout.count("\n") == 3
 
 
 def test_hold_list_release_reject(tmp_path: Path) -> None:
@@ -173,10 +173,11 @@ def test_hold_list_release_reject(tmp_path: Path) -> None:
     second = store(spool, ["c@x.test"], account="trial", campaign="", hold=REVIEW)
     paused = store(spool, ["d@x.test"], hold="campaign:shop/spring")
     spool.close()
-    listing = mta_json(config, "hold", "list")
+    listing = mta_json(config, "hold", "list", "--reason", "review")
     assert {r["id"]: sorted(r["recipients"]) for r in listing} == {
         first: ["a@x.test", "b@y.test"], second: ["c@x.test"]}
-    assert {r["id"] for r in mta_json(config, "hold", "list", "--all")} == {first, second, paused}
+    assert {r["id"]: r["reason"] for r in mta_json(config, "hold", "list")} == {
+        first: "review", second: "review", paused: "campaign:shop/spring"}  # every reason
     assert mta_json(config, "hold", "release", first) == {"id": first, "released": 2}
     assert not any(k.startswith(first) for k in held(tmp_path))
     assert mta(config, "hold", "release", paused, check=False).returncode == 2  # not for review
@@ -220,7 +221,7 @@ def test_account_suspend_resume_delete_purge(tmp_path: Path) -> None:
     assert [e["type"] for e in log_lines if e.get("account") == "other"] == ["Delivery"]
     assert [e["purged_account"] for e in log_lines if e["type"] == "AccountPurged"] == ["shop"]
     assert mta_json(config, "account", "purge") == []
-    assert mta_json(config, "suppression", "list", "--account", "shop") == []
+    assert mta_json(config, "suppression", "list", "shop") == []
     assert mta_json(config, "campaign", "list", "--account", "shop") == []
     stats = json.loads(mta(config, "queue", "stats", "--json").stdout)
     assert stats["total"] == 0 and ids  # the seeded mail went with the account
@@ -236,7 +237,7 @@ def test_hash_password_and_missing_spool(tmp_path: Path) -> None:
     assert PasswordChecker({"a": result.stdout.strip()}).check("a", b"s3cret")
     config = setup(tmp_path)
     for args in (("campaign", "list"), ("hold", "list"), ("account", "suspend", "shop"),
-                 ("suppression", "list", "--account", "shop")):
+                 ("suppression", "list", "shop")):
         missing = mta(config, *args, check=False)
         assert missing.returncode == 2 and "no spool" in missing.stderr
 
@@ -269,7 +270,7 @@ async def test_a_running_guard_honours_the_cli_within_a_second(tmp_path: Path) -
         reply = guard.check_message(new)
         assert reply is not None and reply.startswith("550 5.7.1 Campaign spring")
         assert "list" not in reply and "paused by an operator" in reply
-        await asyncio.to_thread(mta, config, "suppression", "add", "--account", "shop",
+        await asyncio.to_thread(mta, config, "suppression", "add", "shop",
                                 "z@x.test")
         assert guard.check_rcpt("shop", "z@x.test") is not None  # read fresh, no cache
         await asyncio.to_thread(mta, config, "campaign", "resume", "spring", "--account", "shop")

@@ -33,7 +33,7 @@ SENDER = "news@shop.test"
 
 def start(tmp: Path, dns: Any, port: int, delivery: bool = True, **policy: Any) -> EngineProcess:
     config = engine_config(
-        tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+        tmp, dns={"nameservers": [dns.address], "timeout": 5.0},
         delivery={"enabled": delivery, "port": port, "allow_loopback_mx": True,
                   "retry_initial": 1.0, "retry_max": 1.0, "retry_jitter": 0.0,
                   "connect_timeout": 2.0, "command_timeout": 5.0,
@@ -115,6 +115,17 @@ def test_hard_bounces_pause_hold_notify_and_resume(tmp_path: Path, dns_server: A
         assert "threshold of 8%" in reply
         assert finals(tmp_path, "spring") + held_count(engine) == 1000  # nothing lost
         assert mta(engine, "campaign", "resume", "spring", "--account", "shop")["released"] == held
+        # It keeps bouncing: judged on the mail sent since the resume, it is paused again
+        # once min_volume more were sent.
+        assert wait_until(lambda: len(events(tmp_path, "CampaignPaused", "spring")) == 2,
+                          timeout=60)
+        again = events(tmp_path, "CampaignPaused", "spring")[1]
+        assert again["rule"] == "hard_bounce" and 200 <= again["base"] < held
+        assert wait_until(lambda: finals(tmp_path, "spring") + held_count(engine) == 1000,
+                          timeout=30)
+        unguarded = mta(engine, "campaign", "resume", "spring", "--account", "shop",
+                        "--no-guard", "the list was checked by hand")
+        assert unguarded["guard"] is False
         assert wait_until(lambda: finals(tmp_path, "spring") == 1000, timeout=60)
     finally:
         engine.stop()
@@ -123,7 +134,7 @@ def test_hard_bounces_pause_hold_notify_and_resume(tmp_path: Path, dns_server: A
     assert set(delivered.values()) == {1}  # each good recipient exactly once
     bounced = Counter(e["recipient"] for e in events(tmp_path, "Bounce", "spring"))
     assert len(bounced) == 100 and set(bounced.values()) == {1}
-    assert len(events(tmp_path, "CampaignPaused", "spring")) == 1  # resumed: not paused again
+    assert len(events(tmp_path, "CampaignPaused", "spring")) == 2  # not again without a guard
 
 
 def arf_report(verp: str, recipient: str, original: bytes) -> bytes:
@@ -165,7 +176,7 @@ def test_arf_complaints_pause_and_deferred_mail_is_held(tmp_path: Path, dns_serv
         assert shown["complaints"] == 6 and shown["held"] == 20
         assert mta(engine, "campaign", "resume", "fall")["released"] == 20
         assert wait_until(lambda: len(events(tmp_path, "Delivery", "fall")) == 1020, timeout=30)
-        listed = {r["address"] for r in mta(engine, "suppression", "list", "--account", "shop")}
+        listed = {r["address"] for r in mta(engine, "suppression", "list", "shop")}
         assert listed == {m.rcpt_tos[0] for m in complained}
     finally:
         engine.stop()
@@ -230,7 +241,7 @@ def test_trial_review_and_limits_over_smtp(tmp_path: Path, dns_server: Any, rout
 
     dest = route("dest.test", "127.0.0.2")
     config = engine_config(
-        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 1.0},
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 5.0},
         delivery={"enabled": True, "port": dest.port, "allow_loopback_mx": True},
         smtp={"trusted_account": "trial"}, policy={"trial_limit": 5},
         accounts=[{"name": "trial", "email": "t@trial.test", "plan": "trial"},

@@ -192,35 +192,51 @@ async def test_pause_holds_waiting_jobs_and_due_ones_at_dispatch(tmp_path: Path)
 
 
 @pytest.mark.asyncio
-async def test_resume_releases_held_mail_and_leaves_automatic_pausing_off(tmp_path: Path) -> None:
+async def test_resume_releases_held_mail_and_the_guard_judges_a_fresh_window(
+        tmp_path: Path) -> None:
     async with guard_env(tmp_path, min_volume=10) as env:
         g = env.guard
         later = env.store(["a@later.test"], due_in=3600)
         env.hard_bounces(10)
         await g.flush()
         assert env.held()
-        now = time.time()
         result = await g.committer.submit(lambda txn: operations.resume_campaign(
-            g.store, txn, "shop", "spring", "test", now))
+            g.store, txn, "shop", "spring", "test", time.time()))
         g.refresh()
-        assert result["released"] == 1 and not env.held()
+        assert result["released"] == 1 and result["guard"] and not env.held()
         with env.spool.read() as txn:
             job = env.spool.get_job(txn, env.items(later.id)[0].job_id)
         assert job is not None and job.next_ms <= int(time.time() * 1000) and not job.held
         assert g.check_message(NewMessage("a@shop.test", ["x@y.test"], b"", "shop",
                                           "spring")) is None
-        env.hard_bounces(20, start=10)
-        await g.flush()
-        assert len(env.of_type("CampaignPaused")) == 1  # not paused again
-        # Re-armed: judged again from here, after a fresh minimum volume.
-        await g.committer.submit(lambda txn: operations.resume_campaign(
-            g.store, txn, "shop", "spring", "test", time.time(), rearm=True))
-        env.deliveries(9)
+        # It keeps bouncing: below min_volume more sent, not judged yet ...
+        env.hard_bounces(9, start=10)
         await g.flush()
         assert len(env.of_type("CampaignPaused")) == 1
-        env.hard_bounces(1, start=40)
+        with env.spool.read() as txn:
+            row = operations.show_campaign(g.store, txn, "shop", "spring", g.thresholds)
+        assert (row["guard"], row["judged"], row["window_sent"]) == (True, False, 9)
+        # ... and paused again once min_volume more were sent.
+        env.hard_bounces(1, start=19)
         await g.flush()
         assert len(env.of_type("CampaignPaused")) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_resume_with_no_guard_keeps_it_sending_and_says_so(tmp_path: Path) -> None:
+    async with guard_env(tmp_path, min_volume=10) as env:
+        g = env.guard
+        env.hard_bounces(10)
+        await g.flush()
+        await g.committer.submit(lambda txn: operations.resume_campaign(
+            g.store, txn, "shop", "spring", "test", time.time(), no_guard="list re-verified"))
+        env.hard_bounces(30, start=10)
+        await g.flush()
+        assert len(env.of_type("CampaignPaused")) == 1
+        with env.spool.read() as txn:
+            [row] = operations.list_campaigns(g.store, txn, g.thresholds)
+        assert (row["status"], row["guard"], row["no_guard"]) == (
+            "active", False, "list re-verified")
 
 
 @pytest.mark.asyncio

@@ -15,7 +15,7 @@ from mta.policy.headers import (
     safe_value,
     set_list_unsubscribe,
 )
-from mta.policy.model import Counters
+from mta.policy.model import LEGACY_NO_GUARD, CampaignState, Counters
 from mta.policy.rates import Thresholds, campaign_rates, find_breach, monthly_cap
 from mta.policy.tokens import find_token, make_token, read_token
 
@@ -73,13 +73,20 @@ def test_breach_describes_rate_and_threshold() -> None:
     assert rates["complaint"] == pytest.approx(0.6) and rates["unsubscribe"] == pytest.approx(1.1)
 
 
-def test_rates_after_a_rearm_count_from_the_baseline() -> None:
+def test_rates_after_a_resume_count_from_the_baseline() -> None:
     total = sent(900, hard=100)
     base = sent(180, hard=20)
     assert find_breach(total, CONTRACT) is not None
     fresh = total.minus(base)
     assert fresh.sent == 800 and fresh.hard == 80
     assert find_breach(sent(190, hard=10).minus(sent(10)), CONTRACT) is None
+
+
+def test_a_resume_of_an_older_version_shows_as_no_guard_with_a_reason() -> None:
+    old = CampaignState.from_dict({"status": "active", "checks": False, "by": "cli:op"})
+    assert not old.guarded and old.no_guard == LEGACY_NO_GUARD
+    assert CampaignState.from_dict({"status": "active", "checks": True}).guarded
+    assert "checks" not in CampaignState().as_dict()
 
 
 def test_monthly_cap_is_109_times_the_level_and_level_0_has_none() -> None:

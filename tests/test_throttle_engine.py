@@ -41,7 +41,7 @@ def engine_with_shaping(tmp: Path, dns: Any, port: int, scenario: Scenario,
     settings = {"enabled": True, "port": port, "allow_loopback_mx": True,
                 "retry_initial": 300.0, "connect_timeout": 3.0, "command_timeout": 5.0,
                 "connection_idle_timeout": 2.0, **delivery}
-    return start_engine(tmp, dns={"nameservers": [dns.address], "timeout": 1.0},
+    return start_engine(tmp, dns={"nameservers": [dns.address], "timeout": 5.0},
                         delivery=settings, throttle={"shaping_file": str(shaping)})
 
 

@@ -13,22 +13,38 @@ from collections.abc import Callable
 
 from bench.net import free_port
 from bench.rig.dns import DnsServer
-from bench.rig.sinks import AsyncioSink, SinkFaults, SmtpSink, start_smtp_sinks
+from bench.rig.sinks import (
+    AsyncioSink,
+    AsyncioSinkProcess,
+    SinkFaults,
+    SmtpSink,
+    server_context,
+    start_smtp_sinks,
+)
 from bench.rig.throttle_mx import BackgroundThrottleMx
-from bench.scenarios import DOMAIN_SUFFIX, UNKNOWN_PREFIX, UNKNOWN_REPLY, Destinations, Scenario
+from bench.scenarios import (
+    DOMAIN_SUFFIX,
+    INDEX_HEADER,
+    UNKNOWN_PREFIX,
+    UNKNOWN_REPLY,
+    Destinations,
+    Scenario,
+)
 
 
 class Rig:
     """DNS for the scenario's domains and the sinks they point at, on one shared port."""
 
     def __init__(self, scenario: Scenario, dest: Destinations, sink_port: int = 0,
-                 dns_port: int = 0) -> None:
+                 dns_port: int = 0, tls_cert: str = "", processes: bool = False) -> None:
         self.scenario = scenario
+        self.tls_cert = tls_cert  # PEM key and chain: the asyncio sinks offer STARTTLS
+        self.processes = processes  # asyncio sinks in processes of their own
         self.dest = dest
         self.sink_port = sink_port
         self.dns = DnsServer("127.0.0.1", dns_port)
         self.smtp_sinks: list[SmtpSink] = []
-        self.asyncio_sinks: list[AsyncioSink] = []
+        self.asyncio_sinks: list[AsyncioSink | AsyncioSinkProcess] = []
         self.throttle: BackgroundThrottleMx | None = None
 
     def start(self) -> Rig:
@@ -52,10 +68,15 @@ class Rig:
                 max_connections=throttle.max_connections, rate=throttle.rate).start()
         return self
 
-    def _asyncio_sink(self, host: str) -> AsyncioSink:
+    def _asyncio_sink(self, host: str) -> AsyncioSink | AsyncioSinkProcess:
         rule = (f"^{UNKNOWN_PREFIX}", UNKNOWN_REPLY.format(address="recipient"))
         faults = SinkFaults(rcpt_rules=[rule])
-        return AsyncioSink(host, self.sink_port, faults=faults, record=True).start()
+        if self.processes:  # the bench process's CPU (and GIL) stays the load's
+            return AsyncioSinkProcess(host, self.sink_port, faults=faults,
+                                      tls_cert=self.tls_cert,
+                                      arrivals_header=INDEX_HEADER).start()
+        return AsyncioSink(host, self.sink_port, faults=faults, record=True,
+                           tls=server_context(self.tls_cert) if self.tls_cert else None).start()
 
     def schedule_throttle(self) -> None:
         """Start the throttling MX's rate changes (seconds from now)."""
@@ -78,7 +99,8 @@ class Rig:
         hosts = ", ".join(self.scenario.sinks.hosts)
         text = (f"rig: DNS on {self.dns.address} ({len(self.dest.domains)} domains "
                 f"*.{DOMAIN_SUFFIX}), {self.scenario.sinks.kind} MX on {hosts} port "
-                f"{self.sink_port}")
+                f"{self.sink_port}" + (" with STARTTLS" if self.tls_cert else "")
+                + (" (sink processes)" if self.processes else ""))
         if self.throttle is not None:
             text += f", throttling MX on {self.scenario.throttle.host}:{self.sink_port}"
         return text

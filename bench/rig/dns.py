@@ -1,6 +1,9 @@
 """An authoritative DNS server on loopback for tests and benchmarks, built on dnslib.
 
-Zones are plain Python data: `add_mx`, `add_a`, `add_aaaa`, `add_cname`, `add_txt`.
+Zones are plain Python data: `add_mx`, `add_a`, `add_aaaa`, `add_cname`, `add_txt`,
+`add_tlsa`. `secure(name)` sets the AD flag on the answers for that name (and
+`secure(zone, subtree=True)` for every name under it), as a validating resolver does
+for DNSSEC-signed data.
 Every name under a served zone that was never added answers NXDOMAIN (with the
 zone's SOA, so negative caching works); a name that exists without the asked type
 answers NODATA. By default the server serves the root zone, so *every* unknown name
@@ -33,7 +36,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSHeader, DNSRecord
+from dnslib import (
+    AAAA,
+    CNAME,
+    MX,
+    QTYPE,
+    RCODE,
+    RR,
+    SOA,
+    TLSA,
+    TXT,
+    A,
+    DNSError,
+    DNSHeader,
+    DNSRecord,
+)
 
 from bench import net
 
@@ -89,6 +106,8 @@ class ZoneStore:
     records: dict[str, dict[int, list[RR]]] = field(default_factory=dict)
     existing: Counter[str] = field(default_factory=Counter)  # names and their ancestors
     faults: dict[tuple[str, int | None], Fault] = field(default_factory=dict)
+    secure_names: set[str] = field(default_factory=set)  # answers get the AD flag
+    secure_zones: set[str] = field(default_factory=set)  # ... and every name below these
     chase_cnames: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -134,6 +153,11 @@ class ZoneStore:
                 self.faults.pop(key, None)
             else:
                 self.faults[key] = fault
+
+    def is_secure(self, name: str) -> bool:
+        with self.lock:
+            return name in self.secure_names or any(p in self.secure_zones
+                                                    for p in parents(name))
 
     def fault_for(self, name: str, rtype: int) -> Fault | None:
         return self.faults.get((name, rtype)) or self.faults.get((name, None))
@@ -319,6 +343,21 @@ class DnsServer:
         """One TXT record; values longer than 255 bytes are split into several strings."""
         self.store.add(name, QTYPE.TXT, TXT(split_txt(text)), ttl)
 
+    def add_tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes,
+                 ttl: int = DEFAULT_TTL) -> None:
+        """A TLSA record (RFC 6698), e.g. at _25._tcp.mx.example."""
+        self.store.add(name, QTYPE.TLSA, TLSA(usage, selector, mtype, data), ttl)
+
+    def secure(self, name: str, on: bool = True, *, subtree: bool = False) -> None:
+        """Answers for `name` (with `subtree`: every name under it) carry the AD flag."""
+        key = canonical(name)
+        target = self.store.secure_zones if subtree else self.store.secure_names
+        with self.store.lock:
+            if on:
+                target.add(key)
+            else:
+                target.discard(key)
+
     def remove(self, name: str, rtype: str | None = None) -> None:
         """Remove `name`'s records of type `rtype` ("MX", "A", ...), or all of them."""
         self.store.remove(name, None if rtype is None else getattr(QTYPE, rtype.upper()))
@@ -360,7 +399,13 @@ class DnsServer:
         if request.questions:
             self._record(canonical(str(request.q.qname)), QTYPE[request.q.qtype])
         reply = answer_query(self.store, request)
-        return None if reply is None else pack_reply(request, reply, udp=udp)
+        if reply is None:
+            return None
+        # AD only where the data is marked secure (dnslib's reply() copies the query's bit)
+        reply.header.ad = int(bool(
+            request.questions and reply.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN)
+            and self.store.is_secure(canonical(str(request.q.qname)))))
+        return pack_reply(request, reply, udp=udp)
 
     def _record(self, name: str, rtype: str) -> None:
         with self._count_lock:

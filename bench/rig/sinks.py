@@ -901,19 +901,53 @@ _PROCESS_COUNTERS = re.compile(rb"sessions=(\d+) messages=(\d+) accepted=(\d+)\n
 REPORT_INTERVAL = 0.02
 
 
-async def serve_and_report(sink: AsyncioSink, stop: asyncio.Event) -> None:
-    """Serve `sink`; print its port, then its counters on stdout whenever they change."""
+def top_header(data: bytes, name: str) -> bytes:
+    """The value of a top-level header of a received message (b"" when absent)."""
+    head = b"\n" + data.split(b"\r\n\r\n", 1)[0]
+    marker = b"\n" + name.encode().lower() + b":"
+    at = head.lower().find(marker)
+    if at < 0:
+        return b""
+    end = head.find(b"\r", at + len(marker))
+    return head[at + len(marker): end if end >= 0 else None].strip()
+
+
+def arrival_lines(sink: AsyncioSink, header: str) -> list[str]:
+    """One line per message received since the last call: the value of `header`, the
+    recipients, the arrival time, accepted (1/0), DKIM-signed (1/0)."""
+    lines = []
+    while sink.received:
+        m = sink.received.popleft()
+        value = top_header(m.data, header).decode("ascii", "replace").replace(" ", "_") or "-"
+        signed = int(bool(top_header(m.data, "DKIM-Signature")))
+        lines.append(f"arrival {value} {len(m.rcpt_tos)} {m.received_at:.6f} "
+                     f"{int(m.accepted)} {signed}")
+    return lines
+
+
+async def serve_and_report(sink: AsyncioSink, stop: asyncio.Event,
+                           arrivals_header: str = "") -> None:
+    """Serve `sink`; print its port, then its counters on stdout whenever they change
+    (with `arrivals_header`: first a line per message received, see `arrival_lines`)."""
     await sink.start_async()
     print(f"port={sink.port}", flush=True)
     last = ""
     while not stop.is_set():
         line = counters_line(sink)
-        if line != last:
-            print(line, flush=True)
+        arrivals = arrival_lines(sink, arrivals_header) if arrivals_header else []
+        if line != last or arrivals:
+            print("\n".join([*arrivals, line]), flush=True)
             last = line
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), REPORT_INTERVAL)
     await sink.stop_async()
+
+
+def server_context(cert: str, key: str = "") -> ssl.SSLContext:
+    """A STARTTLS server context from PEM files (a sink's certificate)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key or None)
+    return context
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -922,16 +956,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any)")
     parser.add_argument("--faults", default="{}", help="SinkFaults as JSON")
     parser.add_argument("--hostname", default="sink.test")
+    parser.add_argument("--tls-cert", default="", help="PEM certificate chain: offer STARTTLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key (empty: in --tls-cert)")
+    parser.add_argument("--arrivals", default="", metavar="HEADER",
+                        help="report each message received (this header's value, recipients, "
+                             "time) on stdout")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     sink = AsyncioSink(host.strip("[]"), int(port), faults=faults_from_json(args.faults),
-                       hostname=args.hostname, record=False, keep_received=0)
+                       hostname=args.hostname, record=bool(args.arrivals),
+                       keep_received=1_000_000 if args.arrivals else 0,
+                       tls=server_context(args.tls_cert, args.tls_key) if args.tls_cert else None)
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.run_until_complete(serve_and_report(sink, stop))
+    loop.run_until_complete(serve_and_report(sink, stop, args.arrivals))
     loop.close()
 
 
@@ -939,16 +980,23 @@ class AsyncioSinkProcess(_CountingSink):
     """An AsyncioSink in a child process (`python -m bench.rig.sinks`), for the bench.
 
     The child reports its counters on stdout; `sessions`, `messages` and `accepted`
-    follow them (a few tens of milliseconds behind). Faults are fixed at start.
+    follow them (a few tens of milliseconds behind). Faults are fixed at start. With
+    `arrivals_header`, `received` gets a ReceivedMessage per message as the child reports
+    it: its data only that header's line (and a DKIM-Signature line when it had one).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  faults: SinkFaults | None = None, hostname: str = "sink.test",
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, tls_cert: str = "", tls_key: str = "",
+                 arrivals_header: str = "") -> None:
+        self.arrivals_header = arrivals_header
+        self.received: deque[ReceivedMessage] = deque()
         self.host = host
         self.port = port
         self.faults = faults or SinkFaults()
         self.hostname = hostname
+        self.tls_cert = tls_cert  # PEM files: the sink offers STARTTLS
+        self.tls_key = tls_key
         self.python = python
         self.counts: tuple[int, ...] = (0, 0, 0)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -960,6 +1008,10 @@ class AsyncioSinkProcess(_CountingSink):
         argv = [self.python, "-m", "bench.rig.sinks", "--listen",
                 hostport(self.host, self.port), "--faults", faults_to_json(self.faults),
                 "--hostname", self.hostname]
+        if self.tls_cert:
+            argv += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key]
+        if self.arrivals_header:
+            argv += ["--arrivals", self.arrivals_header]
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
@@ -979,12 +1031,25 @@ class AsyncioSinkProcess(_CountingSink):
 
     def _read_counters(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
-        tail = b""
+        pending = b""
         while chunk := os.read(proc.stdout.fileno(), 65536):
-            tail = (tail + chunk)[-512:]
-            matches = _PROCESS_COUNTERS.findall(tail)
-            if matches:
-                self.counts = tuple(int(x) for x in matches[-1])
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.startswith(b"arrival "):
+                    self._arrival(line.decode("ascii", "replace"))
+                    continue
+                match = _PROCESS_COUNTERS.fullmatch(line + b"\n")
+                if match:
+                    self.counts = tuple(int(x) for x in match.groups())
+
+    def _arrival(self, line: str) -> None:
+        _, value, rcpts, at, accepted, signed = line.split(" ")
+        data = f"{self.arrivals_header}: {value}\r\n".encode()
+        if signed == "1":
+            data += b"DKIM-Signature: (signed)\r\n"
+        self.received.append(ReceivedMessage("", ("",) * int(rcpts), data + b"\r\n",
+                                             float(at), "", 0, bool(self.tls_cert),
+                                             accepted == "1"))
 
     def wait_for(self, *, messages: int = 0, sessions: int = 0, timeout: float = 10.0) -> bool:
         return wait_until(lambda: self.messages >= messages and self.sessions >= sessions,

@@ -36,6 +36,8 @@ def lower_domain(address: str) -> str:
 
 def find_addresses(text: str) -> list[str]:
     """Every address in ``text`` in order of appearance, without duplicates."""
+    if not text or "@" not in text:
+        return []
     seen: dict[str, None] = {}
     for match in ADDRESS_RE.finditer(text or ""):
         address = lower_domain(match.group(1).rstrip("."))

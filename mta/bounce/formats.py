@@ -25,6 +25,9 @@ def read(parts: MailParts, report: str, context: Context) -> list[Delivery] | No
     for reader in READERS:
         found = reader(parts, report, context)
         if found:
+            for d in found:
+                if d.reason and not d.rule:
+                    d.rule = f"format {reader.__name__.removeprefix('read_')}: its own wording"
             return found
     return None
 
@@ -43,13 +46,7 @@ _SES_SUBTYPES = {
 
 
 def read_ses_json(parts: MailParts, report: str, context: Context) -> list[Delivery] | None:
-    text = "\n".join(parts.texts).strip()
-    start = text.find('{"notificationType"')
-    if start < 0:
-        start = text.find('{"eventType"')
-    if start < 0:
-        return None
-    data = _json_object(text[start:])
+    data = _ses_notification("\n".join(parts.texts).strip())
     if not isinstance(data, dict):
         return None
     kind = str(data.get("notificationType") or data.get("eventType") or "").lower()
@@ -58,6 +55,25 @@ def read_ses_json(parts: MailParts, report: str, context: Context) -> list[Deliv
     if kind == "complaint":
         return _ses_complaint(data.get("complaint") or {})
     return None
+
+
+def _ses_notification(text: str) -> object:
+    """The SES notification object: bare, or as the "Message" string of an SNS envelope."""
+    for mark in ('{"notificationType"', '{"eventType"'):
+        start = text.find(mark)
+        if start >= 0:
+            return _json_object(text[start:])
+    start = text.find("{")
+    if start < 0 or '"Message"' not in text:
+        return None
+    envelope = _json_object(text[start:])
+    inner = envelope.get("Message") if isinstance(envelope, dict) else None
+    if not isinstance(inner, str):
+        return None
+    try:
+        return json.loads(inner)
+    except ValueError:
+        return None
 
 
 def _json_object(text: str) -> object:
@@ -86,6 +102,7 @@ def _ses_bounce(bounce: dict) -> list[Delivery]:
         hint = _SES_SUBTYPES.get(subtype, "")
         d.reason = "rejected" if hint == "suppressed" else hint
         d.reason_is_final = bool(d.reason)
+        d.evidence = f"bounceSubType {subtype}" if d.reason else ""
         if not d.diagnosis and not permanent:
             d.action = "delayed"
         out.append(d)
@@ -118,7 +135,13 @@ def read_google_groups(parts: MailParts, report: str, context: Context) -> list[
         return None
     diagnosis = " ".join(report.split())[:1000]
     return [
-        Delivery(recipient=r, reason="rejected", reason_is_final=True, diagnosis=diagnosis)
+        Delivery(
+            recipient=r,
+            reason="rejected",
+            reason_is_final=True,
+            diagnosis=diagnosis,
+            evidence="groups.google.com",
+        )
         for r in recipients
     ]
 
@@ -157,13 +180,14 @@ def read_gmail(parts: MailParts, report: str, context: Context) -> list[Delivery
     if not recipients:
         return None
     diagnosis = " ".join(("Technical details of " + details).split())
-    reason, command = "", ""
+    reason, command, evidence = "", "", ""
     state = re.search(r"\(state (\d+)\)", diagnosis)
     if state and state.group(1) in _GMAIL_STATES:
         command, reason = _GMAIL_STATES[state.group(1)]
+        evidence = state.group(0)
     lowered = diagnosis.lower() + " " + head.lower()
     if not reason:
-        reason = next((r for phrase, r in _GMAIL_MESSAGES if phrase in lowered), "")
+        reason, evidence = next(((r, p) for p, r in _GMAIL_MESSAGES if p in lowered), ("", ""))
     action = "delayed" if "has been delayed" in head else ""
     return [
         Delivery(
@@ -173,6 +197,7 @@ def read_gmail(parts: MailParts, report: str, context: Context) -> list[Delivery
             command=command,
             action=action,
             reason_is_final=bool(reason),
+            evidence=evidence,
         )
         for r in recipients
     ]
@@ -214,14 +239,19 @@ def read_exchange_legacy(parts: MailParts, report: str, context: Context) -> lis
         diagnosis = " ".join(block.split())
         code = re.search(r"\(([0-9A-F]{8})\)", diagnosis)
         reason = _EXCHANGE_CODES.get(code.group(1), "") if code else ""
+        evidence = code.group(1) if reason else ""
         lowered = diagnosis.lower()
-        reason = reason or next((r for s, r in _EXCHANGE_SENTENCES if s in lowered), "")
+        if not reason:
+            reason, evidence = next(
+                ((r, t) for t, r in _EXCHANGE_SENTENCES if t in lowered), ("", "")
+            )
         out.append(
             Delivery(
                 recipient=clean_address(found.group(1)),
                 diagnosis=diagnosis,
                 reason=reason,
                 reason_is_final=bool(reason),
+                evidence=evidence,
             )
         )
     return out or None
@@ -241,9 +271,9 @@ def read_ezweb(parts: MailParts, report: str, context: Context) -> list[Delivery
     sender = parts.header("From").lower()
     if "postmaster@ezweb.ne.jp" not in sender and "postmaster@au.com" not in sender:
         return None
-    reason = next((r for s, r in _EZWEB_SENTENCES if s in report), "")
+    reason, evidence = next(((r, t) for t, r in _EZWEB_SENTENCES if t in report), ("", ""))
     if parts.header("X-SPASIGN").upper() == "NG":
-        reason = "filtered"
+        reason, evidence = "filtered", "X-SPASIGN: NG"
     if not reason:
         return None
     recipients = [a for a in find_addresses(report) if a.lower() not in context.sender_addresses]
@@ -252,6 +282,7 @@ def read_ezweb(parts: MailParts, report: str, context: Context) -> list[Delivery
             recipient=r,
             reason=reason,
             reason_is_final=True,
+            evidence=evidence,
             diagnosis=" ".join(report.split())[:1000],
         )
         for r in recipients[:1]
@@ -268,13 +299,15 @@ def read_verizon(parts: MailParts, report: str, context: Context) -> list[Delive
     if not rcpt:
         return None
     diagnosis = " ".join(report.split("Message details:", 1)[0].split())
-    reason = "userunknown" if "invalid user address" in diagnosis.lower() else ""
+    evidence = "invalid user address" if "invalid user address" in diagnosis.lower() else ""
+    reason = "userunknown" if evidence else ""
     return [
         Delivery(
             recipient=clean_address(rcpt.group(1)),
             diagnosis=diagnosis,
             reason=reason,
             reason_is_final=bool(reason),
+            evidence=evidence,
             command="RCPT",
         )
     ]
@@ -301,6 +334,7 @@ _PMTA_CATEGORIES = {
 
 
 def powermta_reason(parts: MailParts) -> str:
+    """The reason X-PowerMTA-BounceCategory names, or ''."""
     for text in parts.reports:
         found = re.search(r"(?mi)^X-PowerMTA-BounceCategory:\s*([\w-]+)", text)
         if found:
@@ -336,8 +370,9 @@ def read_fml(parts: MailParts, report: str, context: Context) -> list[Delivery] 
     if not parts.header("X-MLServer") or "-admin@" not in parts.header("From"):
         return None
     subject = parts.header("Subject")
-    reason = next((r for s, r in _FML_SENTENCES if s in report), "")
-    reason = reason or next((r for s, r in _FML_SUBJECTS if s in subject), "")
+    reason, evidence = next(((r, t) for t, r in _FML_SENTENCES if t in report), ("", ""))
+    if not reason:
+        reason, evidence = next(((r, t) for t, r in _FML_SUBJECTS if t in subject), ("", ""))
     found = re.search(r"<([^<>\s]+@[^<>\s]+)>", report)
     if not found or not reason:
         return None
@@ -346,6 +381,7 @@ def read_fml(parts: MailParts, report: str, context: Context) -> list[Delivery] 
             recipient=clean_address(found.group(1)),
             reason=reason,
             reason_is_final=True,
+            evidence=evidence,
             diagnosis=" ".join(report.split())[:1000],
         )
     ]

@@ -47,9 +47,15 @@ class MailParts:
     original: str = ""
     attached: email.message.Message | None = None
     content_types: list[str] = field(default_factory=list)
+    report: str = ""  # the human-readable report, without the quoted original (set by the parser)
+    _headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     def header(self, name: str) -> str:
-        return header_text(self.message, name)
+        """Decoded, unfolded header value ('' when absent); each header is decoded once."""
+        key = name.lower()
+        if key not in self._headers:
+            self._headers[key] = header_text(self.message, name)
+        return self._headers[key]
 
 
 def load(data: bytes) -> MailParts:

@@ -6,9 +6,6 @@ from dataclasses import dataclass, field
 
 KINDS = ("hard", "soft", "complaint", "autoreply", "unknown")
 
-# Reasons that mean the address itself is bad (the address must not be mailed again).
-HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
-
 REASONS = frozenset(
     {
         "userunknown", "hostunknown", "hasmoved", "mailboxfull", "systemfull", "blocked",
@@ -37,6 +34,10 @@ class Delivery:
     reason: str = ""
     reason_is_final: bool = False
     feedback_type: str = ""
+    rule: str = ""  # the rule that chose the reason, for explanations
+    evidence: str = ""  # the words or code that rule read
+    writer: str = ""  # who writes those words, when the tables say
+    status_inferred: bool = False  # the report stated no code; status stands for the reason
 
 
 @dataclass
@@ -45,7 +46,8 @@ class BounceResult:
 
     kind: hard | soft | complaint | autoreply | unknown
     reason: a word of the fixed taxonomy (model.REASONS)
-    status: the enhanced status code (RFC 3463) quoted by the bounce, or None
+    status: the enhanced status code (RFC 3463) the bounce states; when it states none, the
+        code the reason stands for (reasons.toml); None for complaints and auto-replies
     recipient: the failed (or complaining / auto-replying) address, or None
     recipients: every failed address the bounce names
     message_id: Message-ID of the original message, when quoted

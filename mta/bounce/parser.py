@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
-from mta.bounce import arf, autoreply, formats, prose, providers
+from mta.bounce import arf, autoreply, formats, prose
 from mta.bounce.addresses import find_addresses, is_address
 from mta.bounce.dsn import parse_fields, read_deliveries, settle_status
+from mta.bounce.families import agent_hint, family_command, family_hint, family_of
 from mta.bounce.mime import MailParts, from_message, load
 from mta.bounce.model import BounceResult, Delivery
-from mta.bounce.reason import find_reason, kind_of
+from mta.bounce.providers import provider_hint, remote_host
+from mta.bounce.reason import REFINABLE, Decision, decide, inferred_status, is_temporary, kind_of
 from mta.bounce.status import find_reply_code, find_status
 from mta.bounce.verp import looks_like_token, parse_return_path
 
@@ -30,20 +32,27 @@ def parse_bounce(data: bytes, verp_secret: bytes | None = None) -> BounceResult:
     ``verp_secret`` is given, a valid VERP return path fills in the recipient
     and message id that the bounce text does not name.
     """
+    return analyse(data, verp_secret)[0]
+
+
+def analyse(data: bytes, verp_secret: bytes | None = None) -> tuple[BounceResult, list[Delivery]]:
+    """parse_bounce, with the classified deliveries (each with its rule and evidence)."""
     try:
         return _parse(bytes(data), verp_secret)
     except (RecursionError, MemoryError):
-        return BounceResult()
+        return BounceResult(), []
     except Exception:  # noqa: BLE001 - the parser must never raise on hostile input
-        return BounceResult()
+        return BounceResult(), []
 
 
-def _parse(data: bytes, verp_secret: bytes | None) -> BounceResult:
+def _parse(data: bytes, verp_secret: bytes | None) -> tuple[BounceResult, list[Delivery]]:
     parts = load(data)
-    deliveries = _deliveries(parts)
+    deliveries = [
+        d for d in _deliveries(parts) if d.recipient or d.reason or d.diagnosis or d.status
+    ]
     result = _result(deliveries, parts)
     _identify(result, parts, verp_secret)
-    return _printable(result)
+    return _printable(result), deliveries
 
 
 def _printable(result: BounceResult) -> BounceResult:
@@ -57,6 +66,8 @@ def _printable(result: BounceResult) -> BounceResult:
 
 
 def _valid_text(value: str) -> str:
+    if value.isascii():
+        return value
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
@@ -65,14 +76,15 @@ def _deliveries(parts: MailParts, depth: int = 0) -> list[Delivery]:
         return arf.read_feedback(parts)
     report, quoted = prose.split_report("\n".join(parts.texts))
     parts.original = parts.original or quoted
+    parts.report = report
     context = _context(parts, report)
     special = formats.read(parts, report, context)
     texts = special or prose.scan(report, context)
     dsn = _dsn_deliveries(parts, report)
     if dsn:
-        return _dsn_with_prose(dsn, texts, report, parts)
+        return _read_as_family(_dsn_with_prose(dsn, texts, report, parts), parts, report)
     if special is not None or _is_bounce(parts, report):
-        return _prose_bounce(parts, texts, report, context, depth)
+        return _read_as_family(_prose_bounce(parts, texts, report, context, depth), parts, report)
     inner = _attached_bounce(parts, depth)
     if inner:
         return inner
@@ -89,7 +101,29 @@ def _dsn_with_prose(
     for d in dsn:
         if hint and not d.reason:
             d.reason, d.reason_is_final = hint, True
+            d.rule, d.evidence = "PowerMTA bounce category", "X-PowerMTA-BounceCategory"
     return dsn
+
+
+def _read_as_family(deliveries: list[Delivery], parts: MailParts, report: str) -> list[Delivery]:
+    """What the reporting MTA family's own wording says: the SMTP command, the reason."""
+    family = family_of(parts, report)
+    single = len(deliveries) == 1
+    for d in deliveries:
+        d.command = d.command or family_command(family, d) or prose.command_token(d.diagnosis)
+        if not d.command and single:
+            d.command = prose.command_token(report)
+        if family is not None and not d.reason:
+            settle_status(d)
+            _apply(d, family_hint(family, d), final=False)
+    return deliveries
+
+
+def _apply(d: Delivery, decision: Decision | None, final: bool) -> None:
+    if decision is None:
+        return
+    d.reason, d.rule, d.evidence, d.writer = decision
+    d.reason_is_final = final or decision.reason not in REFINABLE
 
 
 def _prose_bounce(
@@ -173,6 +207,12 @@ def _has_bounce_headers(parts: MailParts) -> bool:
     return bool(parts.reports)
 
 
+# Matched on the lower-cased report: much faster than an IGNORECASE alternation.
+_ENVELOPE_SENDER_RE = re.compile(
+    r"(?:mail from:?|envelope-(?:sender|from)|return-path:?)\s*<?([^\s<>]+@[^\s<>]+)>?"
+)
+
+
 def _context(parts: MailParts, report: str) -> prose.Context:
     senders: set[str] = set()
     for name in ("To", "From", "Reply-To", "Sender", "Cc"):
@@ -180,11 +220,8 @@ def _context(parts: MailParts, report: str) -> prose.Context:
     for name, value in parse_fields(_original_head(parts.original)):
         if name in ("from", "return-path", "sender", "reply-to"):
             senders.update(a.lower() for a in find_addresses(value))
-    for match in re.finditer(
-        r"(?i)(?:mail from:?|envelope-sender|envelope-from|return-path:?)\s*<?([^\s<>]+@[^\s<>]+)>?",
-        report,
-    ):
-        senders.update(a.lower() for a in find_addresses(match.group(1)))
+    for match in _ENVELOPE_SENDER_RE.finditer(report.lower()):
+        senders.update(find_addresses(match.group(1)))
     failed = tuple(find_addresses(parts.header("X-Failed-Recipients")))
     failed_set = {f.lower() for f in failed}
     return prose.Context(sender_addresses=frozenset(senders - failed_set), failed_recipients=failed)
@@ -206,19 +243,29 @@ def _enrich(deliveries: list[Delivery], texts: list[Delivery], report: str) -> N
             d.command = d.command or match.command or prose.command_in(match.diagnosis)
             if match.reason and not d.reason:
                 d.reason, d.reason_is_final = match.reason, match.reason_is_final
+                d.rule, d.evidence, d.writer = match.rule, match.evidence, match.writer
             d.action = d.action or match.action
+            _specific_status(d, match.diagnosis)
         d.command = d.command or prose.command_in(d.diagnosis)
         if not d.command and single:
             d.command = prose.command_in(report)
 
 
+def _specific_status(d: Delivery, text: str) -> None:
+    """A DSN that says only X.0.0 (or nothing) while its prose quotes the specific code."""
+    if d.status and not d.status.endswith(".0.0"):
+        return
+    found = find_status(text, d.status[:1])
+    if found and not found.endswith(".0.0"):
+        d.status = found
+
+
 def _result(deliveries: list[Delivery], parts: MailParts) -> BounceResult:
-    deliveries = [d for d in deliveries if d.recipient or d.reason or d.diagnosis or d.status]
     if not deliveries:
         return BounceResult()
-    report = "\n".join(parts.texts)[:20000]
+    report = parts.report[:20000]
     for d in deliveries:
-        _finish(d, report)
+        _finish(d, report, single=len(deliveries) == 1)
     first = deliveries[0]
     recipients = [d.recipient for d in deliveries if d.recipient]
     return BounceResult(
@@ -235,18 +282,43 @@ def _result(deliveries: list[Delivery], parts: MailParts) -> BounceResult:
     )
 
 
-def _finish(d: Delivery, report: str) -> None:
+_NOT_BOUNCES = {"feedback": "feedback report (ARF)", "vacation": "automatic reply (RFC 3834)"}
+
+
+def _finish(d: Delivery, report: str, single: bool) -> None:
     if d.reason in ("feedback", "vacation"):
         d.status = ""
+        d.rule = d.rule or _NOT_BOUNCES[d.reason]
         return
     settle_status(d)
-    host = providers.remote_host(d, report)
+    if single and (not d.status or d.status.endswith(".0.0")):
+        _status_from_report(d, report)
+    host = remote_host(d, report)
     d.remote_host = d.remote_host or host
-    if not d.reason_is_final:
-        hint = providers.provider_reason(d, host)
-        if hint:
-            d.reason, d.reason_is_final = hint, True
-    d.reason = find_reason(d)
+    if not d.reason_is_final and d.reason in REFINABLE:
+        _apply(d, agent_hint(d) or provider_hint(d, host), final=True)
+    d.reason, d.rule, d.evidence, d.writer = decide(d)
+    if not d.status and d.reason != "delivered":
+        d.status = inferred_status(d.reason, _temporary(d))
+        d.status_inferred = True
+
+
+_STATUS_SEARCH_CHARS = 8000  # the remote server's reply is quoted near the top of the report
+
+
+def _status_from_report(d: Delivery, report: str) -> None:
+    """A specific code the report states elsewhere (the remote server's reply it quotes)."""
+    text = report[:_STATUS_SEARCH_CHARS]
+    if d.status:
+        _specific_status(d, text)
+    else:
+        d.status = find_status(text, d.reply_code[:1])
+
+
+def _temporary(d: Delivery) -> bool:
+    if d.action.lower() in ("delayed", "expired"):
+        return True
+    return is_temporary("", d.reply_code, d.diagnosis)
 
 
 def _short(text: str) -> str | None:

@@ -57,22 +57,28 @@ _SMTP_COMMANDS = (
     (re.compile(r"\bAUTH\b", re.I), "AUTH"),
 )
 
-# How bounces name the SMTP command that failed.
+# How bounces name the SMTP command that failed, most telling first:
+# (a word the text must contain, in lower case; inline flags; pattern).
 _COMMAND_CONTEXTS = (
-    re.compile(r"in reply to (?P<c>[A-Z][A-Z ]{2,12}?) command", re.I),
-    re.compile(
-        r"after (?P<c>RCPT TO|MAIL FROM|end of data|DATA|initial connection|HELO|EHLO|"
-        r"pipelined RCPT TO|pipelined MAIL FROM|RCPT|MAIL|STARTTLS|AUTH)",
-        re.I,
-    ),
-    re.compile(r"^\s*>>> ?(?P<c>RCPT|MAIL|DATA|EHLO|HELO|STARTTLS|AUTH)\b", re.I | re.M),
-    re.compile(r"did not like our (?P<c>RCPT TO|MAIL FROM|final DATA|DATA|EHLO|HELO)", re.I),
-    re.compile(r"Error following (?P<c>RCPT|MAIL|DATA|EHLO|HELO) command", re.I),
-    re.compile(r"\[(?P<c>RCPT_TO|MAIL_FROM|DATA)\]"),
-    re.compile(r"Sent <<< ?(?P<c>RCPT|MAIL|DATA|EHLO|HELO)", re.I),
-    re.compile(r"SMTP:(?P<c>RCPT|MAIL|DATA|EHLO|HELO) host", re.I),
-    re.compile(r"-+ ?SMTP command\s+(?P<c>RCPT|MAIL|DATA|EHLO|HELO)", re.I),
-    re.compile(r"most progress was (?P<c>RCPT TO|MAIL FROM|DATA) response", re.I),
+    ("reply to", "i", r"in reply to (?P<c>[A-Z][A-Z ]{2,12}?) command"),
+    ("after ", "i", r"after (?P<c>RCPT TO|MAIL FROM|end of data|DATA|initial connection|HELO|"
+                    r"EHLO|pipelined RCPT TO|pipelined MAIL FROM|RCPT|MAIL|STARTTLS|AUTH)"),
+    (">>>", "im", r"^\s*>>> ?(?P<c>RCPT|MAIL|DATA|EHLO|HELO|STARTTLS|AUTH)\b"),
+    # session transcripts: MDaemon / Kerio "--> RCPT To:<...>", Postfix's postmaster copy
+    ("->", "", r"--?> ?(?P<c>RCPT|MAIL|DATA|EHLO|HELO)\b"),
+    ("in:", "", r"\bIn: +(?P<c>RCPT|MAIL|DATA|EHLO|HELO)\b"),
+    ("did not like", "i", r"did not like our (?P<c>RCPT TO|MAIL FROM|final DATA|DATA|EHLO|HELO)"),
+    ("error following", "i", r"Error following (?P<c>RCPT|MAIL|DATA|EHLO|HELO) command"),
+    ("]", "", r"\[(?P<c>RCPT_TO|MAIL_FROM|DATA)\]"),
+    ("<<<", "i", r"Sent <<< ?(?P<c>RCPT|MAIL|DATA|EHLO|HELO)"),
+    ("smtp:", "i", r"SMTP:(?P<c>RCPT|MAIL|DATA|EHLO|HELO) host"),
+    ("smtp command", "i", r"-+ ?SMTP command\s+(?P<c>RCPT|MAIL|DATA|EHLO|HELO)"),
+    ("most progress", "i", r"most progress was (?P<c>RCPT TO|MAIL FROM|DATA) response"),
+    ("remote server for", "i", r"SMTP error from remote server for (?P<c>TEXT|RCPT|MAIL) command"),
+)  # fmt: skip
+_COMMAND_CONTEXT_RES = tuple(
+    (needle, re.compile(f"(?{flags}:{pattern})" if flags else pattern))
+    for needle, flags, pattern in _COMMAND_CONTEXTS
 )
 _QMAIL_COMMANDS = (
     ("does not like recipient", "RCPT"),
@@ -82,6 +88,7 @@ _QMAIL_COMMANDS = (
     ("but greeting failed", "CONN"),
     ("but my name was rejected", "EHLO"),
     ("after initial connection", "CONN"),
+    ("refused to talk to me", "HELO"),  # Postfix: the server's greeting was a rejection
 )
 
 _HEAD_PREFIX = (
@@ -108,27 +115,58 @@ def split_report(text: str) -> tuple[str, str]:
     return "\n".join(lines), ""
 
 
+_LINE_JOIN_RE = re.compile(r"[ \t]*\n[ \t]*(?![>]{3}|<<<)")
+
+
 def command_in(text: str) -> str:
     """The SMTP command a piece of bounce text says was rejected ('' if unsaid)."""
     if not text:
         return ""
-    text = re.sub(r"[ \t]*\n[ \t]*(?![>]{3}|<<<)", " ", text)
-    for pattern in _COMMAND_CONTEXTS:
-        match = pattern.search(text)
+    lowered = text.lower()
+    joined = ""
+    for needle, pattern in _COMMAND_CONTEXT_RES:
+        if needle not in lowered:
+            continue  # the regular expression cannot match: spare the scan
+        joined = joined or _LINE_JOIN_RE.sub(" ", text)
+        match = pattern.search(joined)
         if match:
             return _command_word(match.group("c"))
-    lowered = text.lower()
+    lowered = " ".join(lowered.split())
     for phrase, command in _QMAIL_COMMANDS:
         if phrase in lowered:
             return command
     return ""
 
 
+# SMTP commands named in upper case inside a reply ("... in RCPT TO", "[RCPT_TO]",
+# ">>> DATA"); the later stage of the session wins when several are named.
+_COMMAND_TOKEN_RE = re.compile(
+    r"(?<![A-Za-z0-9@.])(HELO|EHLO|MAIL[ _]?FROM|RCPT|DATA)(?![A-Za-z0-9@])"
+)
+_SESSION_ORDER = ("HELO", "EHLO", "MAIL", "RCPT", "DATA")
+_REPLY_LINE_RE = re.compile(r"\b[245]\d\d\b|\b[245]\.\d{1,3}\.\d{1,3}\b")
+
+
+def command_token(text: str) -> str:
+    """The SMTP command a server's reply names in upper case ('' if none).
+
+    Only lines that carry a reply or status code count: a bounce's summary of the
+    original ("RCPT TO: someone", "MAIL FROM: ...") names no failed command.
+    """
+    named: set[str] = set()
+    for match in _COMMAND_TOKEN_RE.finditer(text or ""):
+        start = text.rfind("\n", 0, match.start()) + 1
+        end = text.find("\n", match.end())
+        if _REPLY_LINE_RE.search(text, start, len(text) if end < 0 else end):
+            named.add(match.group(1)[:4])
+    return next((c for c in reversed(_SESSION_ORDER) if c in named), "")
+
+
 def _command_word(said: str) -> str:
     said = said.strip().upper().replace("_", " ")
     if said.startswith("INITIAL"):
         return "CONN"
-    if "DATA" in said:
+    if "DATA" in said or said == "TEXT":
         return "DATA"
     for pattern, command in _SMTP_COMMANDS:
         if pattern.search(said):
@@ -165,25 +203,25 @@ def _add_evidence(deliveries: list[Delivery], lines: list[str]) -> None:
     lines that name it.
     """
     single = len(deliveries) == 1
+    stripped = [(line.strip(), line.lower()) for line in lines if line.strip()]
     for d in deliveries:
         has_code = bool(_CODE_LINE_RE.search(d.diagnosis))
         extra = [
-            line.strip()
-            for line in lines
-            if line.strip()
-            and line.strip() not in d.diagnosis
-            and _is_evidence(line, d.recipient, single, has_code)
+            line
+            for line, lowered in stripped
+            if line not in d.diagnosis
+            and _is_evidence(line, lowered, d.recipient, single, has_code)
         ]
         if extra:
             d.diagnosis = "\n".join([d.diagnosis, *extra[:8]]).strip()
 
 
-def _is_evidence(line: str, recipient: str, single: bool, has_code: bool) -> bool:
-    if recipient in line.lower():
+def _is_evidence(line: str, lowered: str, recipient: str, single: bool, has_code: bool) -> bool:
+    if recipient in lowered:
         return not has_code
     if not single:
         return False
-    if line.lstrip().startswith("<<<"):
+    if line.startswith("<<<"):
         return True
     return not has_code and bool(_CODE_LINE_RE.search(line))
 
@@ -322,15 +360,22 @@ def _tails(lines: list[str], context: Context) -> list[Delivery]:
 def _anywhere(lines: list[str], context: Context) -> list[Delivery]:
     """Last resort: any usable address in the report, with its paragraph as the error."""
     text = "\n".join(lines)
-    for match in ADDRESS_RE.finditer(text):
-        address = lower_domain(match.group(1).rstrip("."))
-        line_start = text.rfind("\n", 0, match.start()) + 1
-        prefix = text[line_start : match.start()].lower()
-        if re.search(r"(from|sender|reply-to|return-path|envelope-from)\W*$", prefix):
-            continue
-        if _usable(address, context):
-            return [Delivery(recipient=address, diagnosis=_paragraph(text, match.start()))]
+    offset = 0
+    for line in lines:
+        # the address pattern is costly: only lines with an "@" can hold one
+        for match in ADDRESS_RE.finditer(line) if "@" in line else ():
+            address = lower_domain(match.group(1).rstrip("."))
+            if _SENDER_PREFIX_RE.search(line[: match.start()].lower()):
+                continue
+            if _usable(address, context):
+                return [
+                    Delivery(recipient=address, diagnosis=_paragraph(text, offset + match.start()))
+                ]
+        offset += len(line) + 1
     return []
+
+
+_SENDER_PREFIX_RE = re.compile(r"(from|sender|reply-to|return-path|envelope-from)\W*$")
 
 
 def _paragraph(text: str, position: int) -> str:

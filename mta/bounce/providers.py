@@ -1,18 +1,19 @@
-"""What the big mailbox providers mean by their own error texts.
+"""What the big mailbox providers mean by their own replies (receivers.toml).
 
-Some wordings are only conclusive when a given provider said them: Yahoo's
-"dd This user doesn't have a ... account" comes after DATA yet names an
-unknown mailbox. The provider is recognised by the remote MTA's host name;
-Gmail's help-page keys (``?p=NoSuchUser``) and Microsoft's numbered
-enhanced codes identify themselves.
+Some wordings are only conclusive when a given provider said them: Yahoo's "dd This user
+doesn't have a ... account" comes after DATA yet names an unknown mailbox; NTT docomo's
+5.2.0 is its sender filter. The provider is recognised by the remote MTA's host name, by
+the recipient's domain, or by its own name in the reply.
 """
 
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from mta.bounce.model import Delivery
-from mta.bounce.rules import normalize
+from mta.bounce.phrases import Provider, normalize, providers
+from mta.bounce.reason import Decision
 
 _HOST_PATTERNS = (
     re.compile(r"while talking to ([\w.-]+\.[a-z]{2,})", re.I),
@@ -20,57 +21,8 @@ _HOST_PATTERNS = (
     re.compile(r"\bremote host ([\w.-]+\.[a-z]{2,})", re.I),
     re.compile(r"\bRemote-MTA:\s*dns;\s*([\w.-]+\.[a-z]{2,})", re.I),
 )
-
-_YAHOO_HOSTS = (".yahoodns.net", ".yahoo.com", ".yahoo.co.jp", ".aol.com")
-_YAHOO = (
-    ("yahoo requires all senders to authenticate with either spf or dkim", "authfailure"),
-    (" because the ip is in spamhaus's list;", "blocked"),
-    ("not accepted from ip addresses on spamhaus xbl", "blocked"),
-    ("relaying denied for ", "norelaying"),
-    ("headers are not rfc compliant", "notcompliantrfc"),
-    ("not accepted for policy reasons", "policyviolation"),
-    ("temporarily deferred due to unexpected volume or user complaints", "rejected"),
-    (" will be permanently deferred", "rejected"),
-    ("user is receiving mail too quickly", "toomanyconn"),
-    (" is no longer valid.", "suspend"),
-    ("this mailbox is disabled", "suspend"),
-    ("max message per connection reached", "toomanyconn"),
-    ("dd this user doesn't have a ", "userunknown"),
-    ("mailbox not found", "userunknown"),
-)
-
-# Gmail names the help page of each rejection: https://support.google.com/mail/?p=<Key>
-_GMAIL_KEYS = {
-    "nosuchuser": "userunknown",
-    "disableduser": "suspend",
-    "overquotatemp": "mailboxfull",
-    "overquotaperm": "mailboxfull",
-    "rfcmessagenoncompliant": "notcompliantrfc",
-    "dmarcrejection": "authfailure",
-    "senderauthentication": "authfailure",
-    "unsolicitedmessageerror": "spamdetected",
-    "unsolicitediperror": "blocked",
-    "unsolicitedratelimiterror": "toomanyconn",
-    "receivingratelimit": "toomanyconn",
-    "ipv6authrequired": "requireptr",
-    "maxsizeerror": "mesgtoobig",
-    "toomanyrecipients": "toomanyconn",
-}
-_GMAIL_KEY_RE = re.compile(r"support\.google\.com/mail/(?:answer/\d+)?\?p=([A-Za-z0-9]+)")
-
-_MICROSOFT_HOSTS = (".protection.outlook.com", ".prod.outlook.com", ".outlook.com", ".hotmail.com")
-# (enhanced code or prefix, low, high, phrase) -> reason; low/high bound the last number.
-_MICROSOFT: tuple[tuple[str, int, int, str, str], ...] = (
-    ("5.7.", 606, 649, "banned sending ip", "blocked"),
-    ("4.7.", 500, 899, "please try again later", "blocked"),
-    ("5.7.", 509, 509, "does not pass dmarc verification", "authfailure"),
-    ("5.7.", 515, 515, "required authentication level", "authfailure"),
-    ("5.7.", 23, 23, "sender policy framework violation", "authfailure"),
-    ("5.4.", 1, 1, "recipient address rejected: access denied", "userunknown"),
-    ("5.1.", 10, 10, "recipientnotfound", "userunknown"),
-    ("5.4.", 300, 316, "message expired", "expired"),
-    ("5.2.", 3, 3, "recipsizelimit", "mesgtoobig"),
-)
+# Host names quoted inside a reply ("... [AM0PR01MB0001.eurprd01.prod.outlook.com]").
+_QUOTED_HOST_RE = re.compile(r"\[([\w-]+(?:\.[\w-]+){2,})\]")
 
 
 def remote_host(d: Delivery, report: str) -> str:
@@ -84,30 +36,58 @@ def remote_host(d: Delivery, report: str) -> str:
     return ""
 
 
-def provider_reason(d: Delivery, host: str) -> str:
-    """A reason the provider's own wording settles, or ''."""
+def provider_hint(d: Delivery, host: str) -> Decision | None:
+    """A reason the provider's own reply settles, or None."""
     text = normalize(d.diagnosis)
     if not text:
-        return ""
-    gmail = _GMAIL_KEY_RE.search(d.diagnosis)
-    if gmail and gmail.group(1).lower() in _GMAIL_KEYS:
-        return _GMAIL_KEYS[gmail.group(1).lower()]
-    dotted = "." + host
-    if dotted.endswith(_YAHOO_HOSTS):
-        return next((reason for phrase, reason in _YAHOO if phrase in text), "")
-    if dotted.endswith(_MICROSOFT_HOSTS) or "outlook.com" in text:
-        return _microsoft(d.status, text)
-    return ""
+        return None
+    hosts = set().union(*map(_suffixes, [host, *_QUOTED_HOST_RE.findall(d.diagnosis.lower())]))
+    domains = _suffixes(d.recipient.rpartition("@")[2].lower())
+    for provider in _speaking(hosts, domains):
+        decision = _read(provider, d.status, text)
+        if decision:
+            return decision
+    return None
 
 
-def _microsoft(status: str, text: str) -> str:
-    for prefix, low, high, phrase, reason in _MICROSOFT:
-        if not status.startswith(prefix) or phrase not in text:
-            continue
-        try:
-            number = int(status.rsplit(".", 1)[1])
-        except ValueError:
-            continue
-        if low <= number <= high:
-            return reason
-    return ""
+def _speaking(hosts: set[str], domains: set[str]) -> list[Provider]:
+    """The providers these host names and recipient domain point to, in table order."""
+    by_host, by_domain, anywhere = _index()
+    found = set(anywhere)
+    for name in hosts:
+        found.update(by_host.get(name, ()))
+    for name in domains:
+        found.update(by_domain.get(name, ()))
+    return [p for p in providers() if p.name in found]
+
+
+@cache
+def _index() -> tuple[dict[str, list[str]], dict[str, list[str]], tuple[str, ...]]:
+    by_host: dict[str, list[str]] = {}
+    by_domain: dict[str, list[str]] = {}
+    for p in providers():
+        for suffix in p.hosts:
+            by_host.setdefault(suffix, []).append(p.name)
+        for suffix in p.domains:
+            by_domain.setdefault(suffix, []).append(p.name)
+    anywhere = tuple(p.name for p in providers() if not p.hosts and not p.domains)
+    return by_host, by_domain, anywhere
+
+
+def _suffixes(name: str) -> set[str]:
+    """'mx1.mail.example.com' -> {'mx1.mail.example.com', 'mail.example.com', 'example.com', 'com'}"""
+    labels = name.split(".")
+    return {".".join(labels[i:]) for i in range(len(labels))} if name else set()
+
+
+def _read(provider: Provider, status: str, text: str) -> Decision | None:
+    by_code = provider.by_code(status) if status else None
+    if by_code:
+        return Decision(by_code[0], f"receiver {provider.name}: its own status code", by_code[1])
+    found = provider.find(text)
+    if found:
+        reason, said = found
+        return Decision(
+            reason, f"receiver {provider.name}: its own reply", said.phrase, provider.name
+        )
+    return None

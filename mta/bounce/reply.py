@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mta.bounce.model import Delivery
+from mta.bounce.phrases import book, normalize
 from mta.bounce.reason import find_reason, kind_of
-from mta.bounce.rules import matches, normalize
 from mta.bounce.status import find_status, is_status
 
 
@@ -27,7 +27,7 @@ def classify_reply(
         diag_type="SMTP",
     )
     reason = find_reason(delivery)
-    if reason == "filtered" and command is None and matches("userunknown", normalize(text)):
+    if reason == "filtered" and command is None and book().said("userunknown", normalize(text)):
         reason = "userunknown"
     if reason in ("onhold", "undefined", "delivered"):
         reason = "undefined" if code >= 400 else "delivered"

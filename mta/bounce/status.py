@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from mta.bounce.phrases import book
+
 _IPV4_RE = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 # class.subject.detail; not preceded by a digit, a dot, a slash or a "v" (version numbers)
 _STATUS_RE = re.compile(r"(?<![\d./vV])([245])\.([0-7])\.(\d{1,3})(?![\d]|\.\d)")
@@ -20,113 +22,18 @@ REPLY_CODES = frozenset(
     }
 )  # fmt: skip
 
-# RFC 3463 / IANA registry codes that name a reason by themselves.
-STATUS_REASONS: dict[str, str] = {
-    "4.1.6": "hasmoved",
-    "4.1.7": "rejected",
-    "4.1.8": "rejected",
-    "4.1.9": "systemerror",
-    "4.2.1": "blocked",
-    "4.2.2": "mailboxfull",
-    "4.2.3": "exceedlimit",
-    "4.2.4": "filtered",
-    "4.3.1": "systemfull",
-    "4.3.2": "notaccept",
-    "4.3.3": "systemerror",
-    "4.3.5": "systemerror",
-    "4.4.1": "expired",
-    "4.4.2": "networkerror",
-    "4.4.3": "systemerror",
-    "4.4.4": "networkerror",
-    "4.4.5": "systemfull",
-    "4.4.6": "networkerror",
-    "4.4.7": "expired",
-    "4.4.8": "networkerror",
-    "4.5.3": "systemerror",
-    "4.5.5": "systemerror",
-    "4.6.0": "contenterror",
-    "4.6.2": "contenterror",
-    "4.6.5": "contenterror",
-    "4.7.1": "blocked",
-    "4.7.2": "blocked",
-    "4.7.5": "securityerror",
-    "4.7.6": "securityerror",
-    "4.7.7": "securityerror",
-    "4.7.12": "securityerror",
-    "4.7.15": "securityerror",
-    "4.7.16": "mesgtoobig",
-    "4.7.24": "authfailure",
-    "4.7.25": "requireptr",
-    "4.7.26": "authfailure",
-    "5.1.0": "userunknown",
-    "5.1.1": "userunknown",
-    "5.1.2": "hostunknown",
-    "5.1.3": "userunknown",
-    "5.1.4": "filtered",
-    "5.1.6": "hasmoved",
-    "5.1.7": "rejected",
-    "5.1.8": "rejected",
-    "5.1.9": "systemerror",
-    "5.1.10": "notaccept",
-    "5.2.0": "filtered",
-    "5.2.1": "filtered",
-    "5.2.2": "mailboxfull",
-    "5.2.3": "exceedlimit",
-    "5.2.4": "filtered",
-    "5.3.0": "systemerror",
-    "5.3.1": "systemfull",
-    "5.3.2": "notaccept",
-    "5.3.3": "systemerror",
-    "5.3.4": "mesgtoobig",
-    "5.3.5": "systemerror",
-    "5.4.0": "networkerror",
-    "5.4.3": "systemerror",
-    "5.4.4": "hostunknown",
-    "5.5.2": "syntaxerror",
-    "5.5.3": "toomanyconn",
-    "5.5.4": "systemerror",
-    "5.5.5": "systemerror",
-    "5.5.6": "syntaxerror",
-    "5.6.0": "contenterror",
-    "5.6.1": "contenterror",
-    "5.6.2": "contenterror",
-    "5.6.3": "contenterror",
-    "5.6.5": "contenterror",
-    "5.6.6": "contenterror",
-    "5.6.7": "contenterror",
-    "5.6.8": "contenterror",
-    "5.6.9": "contenterror",
-    "5.7.0": "securityerror",
-    "5.7.1": "securityerror",
-    "5.7.2": "securityerror",
-    "5.7.3": "securityerror",
-    "5.7.4": "securityerror",
-    "5.7.5": "securityerror",
-    "5.7.6": "securityerror",
-    "5.7.7": "securityerror",
-    "5.7.8": "securityerror",
-    "5.7.9": "securityerror",
-    "5.7.10": "securityerror",
-    "5.7.11": "securityerror",
-    "5.7.13": "suspend",
-    "5.7.14": "securityerror",
-    "5.7.15": "securityerror",
-    "5.7.16": "mesgtoobig",
-    "5.7.17": "hasmoved",
-    "5.7.18": "hasmoved",
-    "5.7.19": "securityerror",
-    "5.7.20": "authfailure",
-    "5.7.21": "authfailure",
-    "5.7.22": "authfailure",
-    "5.7.23": "authfailure",
-    "5.7.24": "authfailure",
-    "5.7.25": "requireptr",
-    "5.7.26": "authfailure",
-    "5.7.27": "notaccept",
-    "5.7.28": "spamdetected",
-    "5.7.29": "authfailure",
-    "5.7.30": "securityerror",
-}
+
+def _code_reasons() -> dict[str, str]:
+    """Enhanced status code -> the reason it names by itself (the `codes` of reasons.toml)."""
+    table: dict[str, str] = {}
+    for reason in book().reasons.values():
+        for code in reason.codes:
+            if table.setdefault(code, reason.name) != reason.name:
+                raise ValueError(f"{code} names both {table[code]} and {reason.name}")
+    return table
+
+
+STATUS_REASONS: dict[str, str] = _code_reasons()
 
 
 def is_status(code: str | None) -> bool:
@@ -158,11 +65,12 @@ def find_status(text: str, reply_class: str = "") -> str:
         found = same or found
     if not found:
         return ""
-    specific = [c for c in found if not _is_vague(c)]
+    specific = [c for c in found if not is_vague(c)]
     return specific[0] if specific else found[0]
 
 
-def _is_vague(code: str) -> bool:
+def is_vague(code: str) -> bool:
+    """X.0.0 and the catch-all 4.4.7 say only the class of the failure."""
     return code.endswith(".0.0") or code == "4.4.7"
 
 

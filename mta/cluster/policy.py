@@ -271,7 +271,7 @@ class PolicySync:
             state = self.store.get_campaign(txn, account, campaign)
             if counters is None:
                 counters = self.store.get_counters(txn, campaign_key(account, campaign))
-        if state.status != ACTIVE or not state.checks:
+        if state.status != ACTIVE or not state.guarded:
             return None
         base = Counters.from_dict(state.baseline)
         return state.at if find_breach(counters.minus(base), self.guard.thresholds) else None

@@ -1,4 +1,4 @@
-"""`mta account list|show|suspend|resume|delete|purge|hash-password`.
+"""`mta account list|show|suspend|resume|delete|purge|hash-password|new-api-key`.
 
 Suspending refuses an account's new mail (550 5.7.1) and holds its queued mail;
 resuming releases it (and cancels a deletion not purged yet). Deleting refuses its
@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 import time
 from typing import Any
 
+from mta.commands.campaign import guard_text
 from mta.commands.common import add_config_arg, config_from, fail, print_json, print_table
-from mta.commands.remote import CommandError, add_api_args, either
-from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
+from mta.commands.remote import add_api_args, either
+from mta.config import ConfigError
+from mta.http.client import MAX_LIMIT, AdminClient, segment
+from mta.inject.auth import api_key_hash, new_api_key
 from mta.policy import operations
 from mta.policy.model import ACTIVE, account_hold
 from mta.policy.offline import OfflineSession
@@ -29,6 +33,7 @@ from mta.policy.retention import (
     purge_event_logs,
 )
 from mta.smtp.auth import hash_password
+from mta.text import shown
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="seconds to follow the live event log after rewriting it")
     hashpw = asub.add_parser("hash-password", help="print a password hash for the config")
     hashpw.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    apikey = asub.add_parser("new-api-key", help="make an injection API key (shown once)")
+    apikey.add_argument("name")
+    add_config_arg(apikey)
     for q in (show, suspend, resume, delete):
         q.add_argument("name")
     for q in (listing, show, suspend, resume, delete, purge):
@@ -59,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.set_defaults(func=either(offline_delete, None, show_change))
     purge.set_defaults(func=run_purge)
     hashpw.set_defaults(func=run_hash_password)
+    apikey.set_defaults(func=run_new_api_key)
 
 
 Row = dict[str, Any]
@@ -85,16 +94,14 @@ def offline_list(args: argparse.Namespace) -> list[Row]:
 def offline_show(args: argparse.Namespace) -> Row:
     with OfflineSession(config_from(args)) as s:
         def show(txn: Any) -> Row:
+            s.require_account(txn, args.name)
             row = _row(s, txn, args.name)
             row["campaigns"] = operations.list_campaigns(s.store, txn, s.thresholds, args.name,
                                                     with_jobs=False)
             row["suppressed"] = sum(1 for _ in s.store.suppressions(txn, args.name))
             return row
 
-        row = s.read(show)
-    if not row["configured"] and not row["campaigns"] and row["status"] == ACTIVE:
-        raise CommandError(f"no account {args.name!r}")
-    return row
+        return s.read(show)
 
 
 COUNTERS = ("submitted", "sent", "delivered", "hard_bounces", "soft_bounces", "complaints",
@@ -134,16 +141,21 @@ def show_account(row: Row) -> None:
         print(f"{'purge after':17} {when(row['purge_after'])}")
     print(f"{'suppressed':17} {row['suppressed']} addresses")
     print(f"{'totals':17} " + ", ".join(f"{k} {v}" for k, v in row["totals"].items()))
-    print_table(["campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs"],
+    print_table(["campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs",
+                 "guard"],
                 [[c["campaign"], c["status"], c["sent"], c["delivered"], c["hard_bounces"],
-                  c["complaints"], c["unsubscribes"]] for c in row["campaigns"]])
+                  c["complaints"], c["unsubscribes"], guard_text(c)] for c in row["campaigns"]])
 
 
 # --- suspend / resume / delete -------------------------------------------------------------
 
 def _change(args: argparse.Namespace, action: str, fn: Any, event: str) -> Row:
     with OfflineSession(config_from(args), write=True) as s:
-        result = s.write(lambda txn: fn(s, txn))
+        def change(txn: Any) -> Row:
+            s.require_account(txn, args.name)
+            return fn(s, txn)
+
+        result = s.write(change)
         s.emit({"type": event, "account": args.name,
                 **{k: v for k, v in result.items() if k != "account"}})
         s.audit(f"account.{action}", args.name)
@@ -184,12 +196,7 @@ def online_suspend(client: AdminClient, args: argparse.Namespace) -> Row:
 
 
 def online_resume(client: AdminClient, args: argparse.Namespace) -> Row:
-    try:
-        was = client.get(f"accounts/{segment(args.name)}")["status"]
-    except ApiError as exc:
-        if exc.status != 404:
-            raise
-        was = ACTIVE
+    was = client.get(f"accounts/{segment(args.name)}")["status"]  # 404: no such account
     before = held_for(client, args.name)
     client.post(f"accounts/{segment(args.name)}/resume")
     return {"account": args.name, "released": before - held_for(client, args.name),
@@ -235,4 +242,21 @@ def run_hash_password(args: argparse.Namespace) -> int:
     if not password:
         return fail("an empty password")
     print(hash_password(password))
+    return 0
+
+
+def run_new_api_key(args: argparse.Namespace) -> int:
+    """Print a new key once, and the config line that makes it the account's."""
+    try:
+        account = config_from(args).account(args.name)
+    except ConfigError:
+        account = None
+    key = new_api_key()
+    hashes = [*(account.api_key_hashes if account else []), api_key_hash(key)]
+    print(f"API key for account {shown(args.name)} (shown once; keep it secret):\n  {key}")
+    print(f"Put this line in its [[accounts]] entry (name = {json.dumps(args.name)}), then "
+          "restart the engine:")
+    print(f"  api_key_hashes = {json.dumps(hashes)}")
+    if account is None:
+        print(f"(no account {shown(args.name)} in the config file yet)", file=sys.stderr)
     return 0

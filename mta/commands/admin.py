@@ -64,6 +64,8 @@ def campaign_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("campaign")
     p.add_argument("action", nargs="?", choices=["pause", "resume", "drop"])
     p.add_argument("--reason", default="", help="why (pause), kept in the audit log")
+    p.add_argument("--no-guard", metavar="REASON", default="",
+                   help="resume with automatic pausing off for it, for this reason")
 
 
 def account_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +95,8 @@ def run_campaign(c: AdminClient, args: argparse.Namespace) -> Any:
     path = f"campaigns/{segment(args.account)}/{segment(args.campaign)}"
     if args.action is None:
         return c.get(path)
-    return c.post(f"{path}/{args.action}", {"reason": args.reason} if args.reason else {})
+    body = {"reason": args.reason, "no_guard": args.no_guard}
+    return c.post(f"{path}/{args.action}", {k: v for k, v in body.items() if v})
 
 
 def run_account(c: AdminClient, args: argparse.Namespace) -> Any:
@@ -124,6 +127,9 @@ def show_status(d: dict[str, Any]) -> None:
           f"{q['recipients']} recipients waiting")
     paused = [c for c in d["campaigns"] if c.get("paused")]
     print(f"paused campaigns: {', '.join(c['account'] + '/' + c['campaign'] for c in paused) or 'none'}")
+    for c in d["campaigns"]:
+        if c.get("guard") is False:
+            print(f"no guard: {c['account']}/{c['campaign']}: {c['no_guard']}")
 
 
 def show_campaigns(d: dict[str, Any]) -> None:

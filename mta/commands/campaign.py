@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mta.commands.common import add_config_arg, config_from, print_table
-from mta.commands.remote import CommandError, add_api_args, either
+from mta.commands.remote import CommandError, add_api_args, either, require_account
 from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
 from mta.http.operations import config_thresholds
 from mta.policy import operations
@@ -32,11 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = csub.add_parser("show", help="one campaign in detail")
     pause = csub.add_parser("pause", help="hold a campaign's mail and refuse new mail for it")
     pause.add_argument("--reason", default="", help="quoted in the refusals")
-    resume = csub.add_parser("resume", help="release a campaign's held mail (due now)")
-    resume.add_argument("--rearm", action="store_true",
-                        help="judge its rates again, counting from now (default: "
-                             "automatic pausing stays off for this campaign); always "
-                             "written to the spool directly")
+    resume = csub.add_parser("resume", help="release a campaign's held mail (due now); the "
+                                            "guard judges the mail sent from now on")
+    resume.add_argument("--no-guard", metavar="REASON", default="",
+                        help="turn automatic pausing off for this campaign (the reason is "
+                             "kept in the audit log and shown in every listing)")
     drop = csub.add_parser("drop", help="remove a campaign's queued and held mail")
     for q in (show, pause, resume, drop):
         q.add_argument("id", help="the campaign id")
@@ -60,11 +60,16 @@ def session(args: argparse.Namespace, write: bool = False) -> OfflineSession:
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
     with session(args) as s:
-        return s.read(lambda txn: operations.list_campaigns(s.store, txn, s.thresholds,
-                                                       args.account))
+        def rows(txn: Any) -> list[Row]:
+            if args.account is not None:
+                s.require_account(txn, args.account)
+            return operations.list_campaigns(s.store, txn, s.thresholds, args.account)
+
+        return s.read(rows)
 
 
 def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
+    require_account(client, args.account)
     return [r for r in client.get("campaigns")["campaigns"]
             if args.account in (None, r["account"])]
 
@@ -113,7 +118,8 @@ Action = Callable[[OfflineSession, Any, str, str], Any]
 After = Callable[[OfflineSession, str, str, Any], Row]
 
 
-def perform(args: argparse.Namespace, action: str, act: Action, after: After) -> Row:
+def perform(args: argparse.Namespace, action: str, act: Action, after: After,
+            **details: Any) -> Row:
     """Resolve the campaign, act in one write transaction, then record and report."""
     with session(args, write=True) as s:
         def op(txn: Any) -> tuple[str, str, Any]:
@@ -122,7 +128,7 @@ def perform(args: argparse.Namespace, action: str, act: Action, after: After) ->
 
         account, campaign, result = s.write(op)
         shown = after(s, account, campaign, result)
-        s.audit(f"campaign.{action}", f"{account}/{campaign}")
+        s.audit(f"campaign.{action}", f"{account}/{campaign}", **details)
     return shown
 
 
@@ -146,27 +152,37 @@ def online_pause(client: AdminClient, args: argparse.Namespace) -> Row:
             "held": row["held"] - before["held"]}
 
 
+def no_guard_reason(args: argparse.Namespace) -> str:
+    reason = args.no_guard.strip()
+    if args.no_guard and not reason:
+        raise CommandError("--no-guard needs the reason to turn automatic pausing off")
+    return reason
+
+
 def offline_resume(args: argparse.Namespace) -> Row:
+    no_guard = no_guard_reason(args)
+
     def act(s: OfflineSession, txn: Any, account: str, campaign: str) -> Any:
         return operations.resume_campaign(s.store, txn, account, campaign, s.by, s.now(),
-                                     rearm=args.rearm)
+                                          no_guard)
 
     def after(s: OfflineSession, account: str, campaign: str, result: Any) -> Row:
         s.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
-                "released": result["released"], "rearm": args.rearm})
+                "released": result["released"], "guard": result["guard"],
+                **({"no_guard": no_guard} if no_guard else {})})
         return result
 
-    return perform(args, "resume", act, after)
+    return perform(args, "resume", act, after, **({"no_guard": no_guard} if no_guard else {}))
 
 
 def online_resume(client: AdminClient, args: argparse.Namespace) -> Row:
-    if args.rearm:  # the admin API has no rearm: written to the spool, as --offline does
-        return offline_resume(args)
+    no_guard = no_guard_reason(args)
     path = api_path(client, args)
     before = current(client, path)
-    row = client.post(f"{path}/resume")
+    row = client.post(f"{path}/resume", {"no_guard": no_guard} if no_guard else {})
     return {"account": row["account"], "campaign": row["campaign"],
-            "released": before["held"] - row["held"], "was": before["status"]}
+            "released": before["held"] - row["held"], "was": before["status"],
+            "guard": row["guard"]}
 
 
 def offline_drop(args: argparse.Namespace) -> Row:
@@ -205,13 +221,25 @@ def pct(row: Row, rule: str) -> str:
     return percent(row["rates"].get(rule))
 
 
+def guard_text(row: Row) -> str:
+    """How the guard stands on a campaign: off (and why), not judged yet, or judging."""
+    if "guard" not in row:  # the spool alone cannot say (no policy guard running)
+        return "-"
+    if not row["guard"]:
+        return f"off: {row['no_guard']}"
+    if not row["judged"]:
+        return f"judged after {row['judged_after']} sent ({row['window_sent']} so far)"
+    return "on"
+
+
 def show_list(rows: list[Row]) -> None:
     print_table(
         ["account", "campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs",
-         "queued", "held"],
+         "queued", "held", "guard"],
         [[r["account"], r["campaign"], r.get("status", "paused" if r["paused"] else "active"),
           r["sent"], r["delivered"], pct(r, "hard_bounce"), pct(r, "complaint"),
-          pct(r, "unsubscribe"), r["queued"] + r["deferred"], r["held"]] for r in rows])
+          pct(r, "unsubscribe"), r["queued"] + r["deferred"], r["held"], guard_text(r)]
+         for r in rows])
 
 
 def show_campaign(row: Row) -> None:
@@ -221,12 +249,13 @@ def show_campaign(row: Row) -> None:
     if row["since"]:
         print(f"since     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['since']))}"
               f" by {row['by']}")
-    print(f"automatic pausing {'on' if row['checks'] else 'off (resumed by an operator)'}")
+    print(f"guard     {guard_text(row)}")
     print(f"mail      submitted {row['submitted']}, sent {row['sent']}, delivered "
           f"{row['delivered']}, hard bounces {row['hard_bounces']}, soft bounces "
           f"{row['soft_bounces']}, complaints {row['complaints']}, unsubscribes "
           f"{row['unsubscribes']}")
-    print_table(["rule", "rate", "threshold"], [
+    judged = "" if row["judged"] else " (not judged yet)"
+    print_table(["rule", f"rate{judged}", "threshold"], [
         ["hard bounce (of sent)", pct(row, "hard_bounce"),
          f">= {percent(t['hard_bounce'])}"],
         ["complaint (of delivered)", pct(row, "complaint"), f"> {percent(t['complaint'])}"],
@@ -242,8 +271,10 @@ def show_paused(r: Row) -> None:
 
 
 def show_resumed(r: Row) -> None:
+    guard = ("the guard judges the mail sent from now on" if r["guard"]
+             else "automatic pausing is off for it")
     print(f"campaign {r['campaign']} of {r['account']} resumed; {r['released']} held jobs "
-          f"released")
+          f"released; {guard}")
 
 
 def show_dropped(r: Row) -> None:

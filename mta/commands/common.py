@@ -8,19 +8,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mta.config import Config, load_config
+from mta.config import CONFIG_ENV, CONFIG_SEARCH, Config, find_config, load_config
 from mta.text import shown
-
-DEFAULT_CONFIG = "config/mta.toml"
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None,
+                        help=f"config file (default: ${CONFIG_ENV}, else the first of "
+                             f"{', '.join(CONFIG_SEARCH)} that exists)")
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    return load_config(find_config(args.config))
 
 
 def print_json(data: Any) -> None:

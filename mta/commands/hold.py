@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from mta.commands.common import add_config_arg, config_from, print_table
-from mta.commands.remote import CommandError, add_api_args, either
+from mta.commands.remote import CommandError, add_api_args, either, require_account
 from mta.http.client import MAX_LIMIT, AdminClient, segment
 from mta.policy import operations
 from mta.policy.model import REVIEW
@@ -26,10 +26,12 @@ Row = dict[str, Any]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hold", help="held mail: list, release, reject")
     hsub = p.add_subparsers(dest="hold_command", required=True)
-    listing = hsub.add_parser("list", help="held messages (default: waiting for review)")
+    listing = hsub.add_parser("list", help="every held message, with why it is held")
     listing.add_argument("--account", help="only this account's mail")
-    listing.add_argument("--all", action="store_true",
-                         help="mail held for any reason (paused campaigns, suspended accounts)")
+    listing.add_argument("--reason", default=None,
+                         help="only mail held for this reason: review (trial accounts), "
+                              "campaign:ACCOUNT/ID (a paused campaign), account:NAME (a "
+                              "suspended or deleted account)")
     listing.add_argument("--limit", type=int, default=1000)
     release = hsub.add_parser("release", help="send a held message (due now)")
     reject = hsub.add_parser("reject", help="remove a held message without sending it")
@@ -47,16 +49,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def wanted(args: argparse.Namespace) -> str | None:
-    """The hold reason the command is about: review, or any (None)."""
-    return None if getattr(args, "all", False) or getattr(args, "any", False) else REVIEW
+    """The hold reason the command is about (None: any). `list` shows every reason
+    unless --reason names one; `release` and `reject` are about review unless --any."""
+    if "reason" in args:
+        return args.reason
+    return None if args.any else REVIEW
 
 
 # --- list --------------------------------------------------------------------------------------
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
     with OfflineSession(config_from(args)) as s:
-        return s.read(lambda txn: operations.list_held(s.store, txn, wanted(args), args.account,
-                                                  args.limit))
+        def rows(txn: Any) -> list[Row]:
+            if args.account is not None:
+                s.require_account(txn, args.account)
+            return operations.list_held(s.store, txn, wanted(args), args.account, args.limit)
+
+        return s.read(rows)
 
 
 def held_jobs(client: AdminClient, args: argparse.Namespace) -> list[Row]:
@@ -68,6 +77,7 @@ def held_jobs(client: AdminClient, args: argparse.Namespace) -> list[Row]:
 
 def online_list(client: AdminClient, args: argparse.Namespace) -> list[Row]:
     """One row per message, as `operations.list_held` makes them."""
+    require_account(client, args.account)
     rows: dict[str, Row] = {}
     for job in held_jobs(client, args):
         row = rows.get(job["message"])

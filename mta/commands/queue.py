@@ -10,6 +10,7 @@ from typing import Any
 from mta.commands.common import add_config_arg, config_from, print_table
 from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import AdminClient, segment
+from mta.queue.jobs import RcptState
 from mta.queue.spool import Spool
 from mta.queue.views import message_detail, message_list, queue_stats
 
@@ -84,11 +85,17 @@ def show_list(rows: list[dict[str, Any]]) -> None:
          m["campaign"], m["size"]] for m in rows])
 
 
+def recipient_state(job: dict[str, Any], rcpt: list[Any]) -> str:
+    """A recipient's state as `queue stats` counts it: its job's state (queued, deferred,
+    held; mta.queue.jobs.JobState) while it waits, else its own (delivered, bounced)."""
+    return job["state"] if rcpt[1] == RcptState.QUEUED else rcpt[1]
+
+
 def show_message(info: dict[str, Any]) -> None:
     for key in ("id", "from", "account", "campaign", "msgid", "size", "client"):
         print(f"{key:9} {info.get(key)}")
     print(f"{'received':9} {clock(info.get('received'))}")
-    print_table(["recipient", "state", "code", "reply", "attempts", "next attempt", "held"], [
-        [r[0], r[1], r[2], (r[3] or "")[:60], job["attempts"],
-         clock(job["next"] / 1000, "%H:%M:%S"), job.get("held") or ""]
+    print_table(["recipient", "state", "code", "attempts", "next attempt", "held", "reply"], [
+        [r[0], recipient_state(job, r), r[2], job["attempts"],
+         clock(job["next"] / 1000, "%H:%M:%S"), job.get("held") or "", r[3] or ""]
         for job in info["jobs"] for r in job["rcpts"]])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mta.commands.common import config_from, fail, print_json
-from mta.http.client import AdminClient, ApiError, base_url
+from mta.http.client import AdminClient, ApiError, base_url, segment, unreachable
 from mta.policy.operations import PolicyError
 
 Offline = Callable[[argparse.Namespace], Any]
@@ -74,8 +74,14 @@ def client_for(args: argparse.Namespace) -> AdminClient | None:
     if client.answers():
         return client
     if explicit:
-        raise ApiError(f"cannot reach the engine at {url}: connection refused")
+        raise unreachable(url)
     return None
+
+
+def require_account(client: AdminClient, name: str | None) -> None:
+    """ApiError (404, "no account ...") when `name` is given and is no account."""
+    if name is not None:
+        client.get(f"accounts/{segment(name)}")
 
 
 def output(args: argparse.Namespace, data: Any, show: Show) -> None:

@@ -1,4 +1,4 @@
-"""`mta suppression list|add|remove|import|export --account A`: an account's opt-outs.
+"""`mta suppression list|add|remove|import|export ACCOUNT ...`: an account's opt-outs.
 
 Hard bounces, complaints and unsubscribes are added by the engine itself; RCPT to a
 listed address is refused with 550 5.7.1. CSV columns: address, reason, campaign,
@@ -18,6 +18,7 @@ from mta.commands.remote import CommandError, add_api_args, either
 from mta.http.client import MAX_LIMIT, AdminClient, ApiError, segment
 from mta.policy import operations
 from mta.policy.offline import OfflineSession
+from mta.policy.operations import PolicyError
 
 Row = dict[str, Any]
 
@@ -25,33 +26,38 @@ Row = dict[str, Any]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("suppression", help="an account's suppression list")
     ssub = p.add_subparsers(dest="suppression_command", required=True)
-    listing = ssub.add_parser("list", help="the listed addresses")
-    listing.add_argument("--limit", type=int, default=None)
-    add = ssub.add_parser("add", help="list addresses")
-    add.add_argument("addresses", nargs="+")
-    add.add_argument("--reason", default="manual")
-    remove = ssub.add_parser("remove", help="take addresses off the list")
-    remove.add_argument("addresses", nargs="+")
-    imp = ssub.add_parser("import", help="list every address of a CSV file ('-': stdin)")
-    imp.add_argument("file")
-    exp = ssub.add_parser("export", help="the list as CSV (to a file, or stdout)")
-    exp.add_argument("file", nargs="?", default="-")
-    for q in (listing, add, remove, imp, exp):
-        q.add_argument("--account", required=True)
+    parsers = {name: ssub.add_parser(name, help=text) for name, text in (
+        ("list", "the listed addresses"), ("add", "list addresses"),
+        ("remove", "take addresses off the list"),
+        ("import", "list every address of a CSV file ('-': stdin)"),
+        ("export", "the list as CSV (to a file, or stdout)"))}
+    for q in parsers.values():
+        q.add_argument("account", help="the account whose list it is")
         add_config_arg(q)
         q.add_argument("--json", action="store_true", help="print JSON")
+    listing, add, remove = parsers["list"], parsers["add"], parsers["remove"]
+    listing.add_argument("--limit", type=int, default=None)
+    add.add_argument("addresses", nargs="+")
+    add.add_argument("--reason", default="manual")
+    remove.add_argument("addresses", nargs="+")
+    parsers["import"].add_argument("file")
+    parsers["export"].add_argument("file", nargs="?", default="-")
     for q in (listing, add, remove):
         add_api_args(q)
     listing.set_defaults(func=either(offline_list, online_list, show_list))
     add.set_defaults(func=either(offline_add, online_add, show_change, change_status))
     remove.set_defaults(func=either(offline_remove, online_remove, show_change, change_status))
-    imp.set_defaults(func=either(offline_import, None, show_change, change_status))
-    exp.set_defaults(func=run_export)
+    parsers["import"].set_defaults(func=either(offline_import, None, show_change, change_status))
+    parsers["export"].set_defaults(func=run_export)
 
 
 def _rows(args: argparse.Namespace, limit: int | None) -> list[dict[str, Any]]:
     with OfflineSession(config_from(args)) as s:
-        return s.read(lambda txn: operations.suppression_rows(s.store, txn, args.account, limit))
+        def rows(txn: Any) -> list[dict[str, Any]]:
+            s.require_account(txn, args.account)
+            return operations.suppression_rows(s.store, txn, args.account, limit)
+
+        return s.read(rows)
 
 
 def offline_list(args: argparse.Namespace) -> list[Row]:
@@ -71,7 +77,7 @@ def show_list(rows: list[Row]) -> None:
 def run_export(args: argparse.Namespace) -> int:
     try:
         rows = _rows(args, None)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, PolicyError) as exc:
         return fail(str(exc))
     text = operations.export_csv(rows)
     if args.file == "-":
@@ -85,7 +91,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _write(args: argparse.Namespace, action: str, fn: Any) -> Row:
     with OfflineSession(config_from(args), write=True) as s:
-        result = s.write(lambda txn: fn(s, txn))
+        def change(txn: Any) -> Row:
+            s.require_account(txn, args.account)
+            return fn(s, txn)
+
+        result = s.write(change)
         s.audit(f"suppression.{action}", args.account, **{
             k: v for k, v in result.items() if k != "account"})
     return result

@@ -7,18 +7,22 @@ connection to the first reachable address of a destination (greeting, EHLO or
 HELO, opportunistic STARTTLS or required TLS), and `Connection.send()` that runs
 one transaction with PIPELINING when the server offers it (RFC 2920: MAIL, every
 RCPT and DATA in one write) and one command at a time when it does not.
+
+TLS follows the destination's plan (mta/delivery/tls): each MX host's requirements,
+and a checker that judges what the server showed after STARTTLS (the handshake never
+verifies by itself). Once STARTTLS was sent to a host, the session never goes on in
+plain text: a refused STARTTLS or a failed handshake fails that host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Protocol, cast
 
 from mta.delivery.protocol import (
     LOST_STATUS,
@@ -27,6 +31,9 @@ from mta.delivery.protocol import (
     Transaction,
     parse_ehlo,
 )
+from mta.delivery.tls.model import Check, HostPolicy, PeerInfo, TlsMode, TlsPlan, Verdict
+from mta.delivery.tls.policy import judge, mode_policy
+from mta.delivery.tls.service import handshake_context
 from mta.queue.outcome import RcptResult, enhanced_status
 
 QUIT_TIMEOUT = 5.0  # at most this long for the reply to QUIT when closing
@@ -38,6 +45,22 @@ class Target:
     address: str  # the IP address to connect to
 
 
+class SessionChecker(Protocol):
+    """Judges a session from what the server showed (mta.delivery.tls.service.TlsChecker)."""
+
+    context: ssl.SSLContext
+
+    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class TlsRoute:
+    """The TLS side of a destination: its plan and the checker of its sessions."""
+
+    plan: TlsPlan
+    checker: SessionChecker
+
+
 @dataclass
 class ConnectSettings:
     port: int
@@ -45,7 +68,8 @@ class ConnectSettings:
     connect_timeout: float
     command_timeout: float
     source_address: str = ""
-    tls_required: bool = False
+    tls_required: bool = False  # without `tls`: TLS required, certificate not checked
+    tls: TlsRoute | None = None
 
 
 @dataclass
@@ -54,6 +78,8 @@ class ConnectFailure:
     code: int
     text: str
     enhanced: str
+    tls: dict[str, Any] | None = None  # the session's TLS fields, for the events
+    policy: bool = False  # refused by the TLS policy (not a sign of an unreachable host)
 
 
 class _Lost(Exception):
@@ -150,12 +176,14 @@ class Connection:
     """An open SMTP session, past EHLO (and STARTTLS), ready for transactions."""
 
     def __init__(self, protocol: SmtpProtocol, target: Target, extensions: dict[str, str],
-                 command_timeout: float, tls: bool = False) -> None:
+                 command_timeout: float, tls: bool = False,
+                 tls_fields: dict[str, Any] | None = None) -> None:
         self.protocol = protocol
         self.target = target
         self.extensions = extensions
         self.command_timeout = command_timeout
         self.tls = tls
+        self.tls_fields = tls_fields  # version, cipher, verified, policy: for the events
         self.sent = 0  # transactions run on this connection
         self._needs_reset = False
         self._busy = False
@@ -187,7 +215,8 @@ class Connection:
         host = self.target.host
         if not self.protocol.usable:
             why = self.protocol.error or "connection is not usable"
-            return [RcptResult(r, 0, why, LOST_STATUS, host) for r in recipients]
+            return [RcptResult(r, 0, why, LOST_STATUS, host, tls=self.tls_fields)
+                    for r in recipients]
         tx = Transaction(sender, recipients, data, extensions=self.extensions, mx=host,
                          reset_first=self._needs_reset)
         self._busy = True
@@ -202,7 +231,10 @@ class Connection:
             self.protocol.abort()
         self._needs_reset = tx.needs_reset
         self.sent += 1
-        return tx.results()
+        results = tx.results()
+        for result in results:
+            result.tls = self.tls_fields
+        return results
 
     async def _run(self, tx: Transaction) -> None:
         protocol = self.protocol
@@ -230,11 +262,14 @@ class Connection:
 
 
 class _Refused(Exception):
-    def __init__(self, code: int, text: str, enhanced: str = "") -> None:
+    def __init__(self, code: int, text: str, enhanced: str = "",
+                 tls: dict[str, Any] | None = None, policy: bool = False) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
         self.enhanced = enhanced or enhanced_status(code, text)
+        self.tls = tls
+        self.policy = policy
 
 
 async def connect(targets: list[Target], settings: ConnectSettings
@@ -265,7 +300,7 @@ async def _open(target: Target, settings: ConnectSettings) -> Connection | Conne
         return await _session(protocol, target, settings)
     except _Refused as exc:
         _quit_quietly(protocol)
-        return ConnectFailure(target, exc.code, exc.text, exc.enhanced)
+        return ConnectFailure(target, exc.code, exc.text, exc.enhanced, exc.tls, exc.policy)
     except (TimeoutError, _Lost, OSError) as exc:
         protocol.abort()
         why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
@@ -275,30 +310,62 @@ async def _open(target: Target, settings: ConnectSettings) -> Connection | Conne
         raise
 
 
+class _Unchecked:
+    """Without a destination plan (tests, tools): `tls_required`, no certificate check."""
+
+    context = handshake_context()
+
+    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo) -> Verdict:
+        return judge(policy, host, peer, None, _now())
+
+
+_UNCHECKED = _Unchecked()
+
+
+def _now() -> Any:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _tls_setup(settings: ConnectSettings, target: Target) -> tuple[HostPolicy, SessionChecker]:
+    if settings.tls is not None:
+        policy = settings.tls.plan.host(target.host)
+        if policy is not None:
+            return policy, settings.tls.checker
+    mode = TlsMode.REQUIRED_INSECURE if settings.tls_required else TlsMode.OPPORTUNISTIC_INSECURE
+    policy = mode_policy(mode)
+    assert policy.check is Check.NONE
+    return policy, settings.tls.checker if settings.tls is not None else _UNCHECKED
+
+
 async def _session(protocol: SmtpProtocol, target: Target, settings: ConnectSettings
                    ) -> Connection:
-    """Greeting, EHLO (or HELO), STARTTLS when offered; _Refused when the server says no."""
+    """Greeting, EHLO (or HELO), STARTTLS as the host's policy says, the verdict on the
+    session; _Refused when the server says no or the policy does."""
     timeout = settings.command_timeout
+    policy, checker = _tls_setup(settings, target)
     greeting = await protocol.reply(timeout)
     if greeting.code != 220:
         raise _Refused(greeting.code, greeting.text)
     extensions = await _hello(protocol, settings)
-    tls = False
-    if "STARTTLS" in extensions:
+    peer = PeerInfo(offered="STARTTLS" in extensions)
+    if peer.offered and policy.starttls:
         protocol.write(b"STARTTLS\r\n")
         reply = await protocol.reply(timeout)
+        if reply.code == 421:
+            raise _Refused(reply.code, f"STARTTLS refused by {target.host}: {reply}")
         if reply.code == 220:
-            await _start_tls(protocol, target, settings)
-            tls = True
-            extensions = await _hello(protocol, settings)
-        elif reply.code == 421 or settings.tls_required:
-            raise _Refused(reply.code if reply.code == 421 else 0,
-                           f"STARTTLS refused by {target.host}: {reply}",
-                           "" if reply.code == 421 else "4.7.10")
-    if settings.tls_required and not tls:
-        raise _Refused(0, f"TLS is required but {target.host} does not offer STARTTLS",
-                       "4.7.10")
-    return Connection(protocol, target, extensions, timeout, tls)
+            peer = await _start_tls(protocol, target, settings, checker.context)
+        else:  # TLS was tried: no plain text on this host now
+            peer = PeerInfo(True, handshake_error=f"STARTTLS refused by {target.host}: {reply}",
+                            starttls_refused=True)
+    verdict = checker.check(policy, target.host, target.address, peer)
+    if not verdict.allow:
+        raise _Refused(0, verdict.reason, verdict.status, verdict.fields(), policy=True)
+    if peer.tls:
+        extensions = await _hello(protocol, settings)
+    return Connection(protocol, target, extensions, timeout, peer.tls, verdict.fields())
 
 
 async def _hello(protocol: SmtpProtocol, settings: ConnectSettings) -> dict[str, str]:
@@ -315,8 +382,9 @@ async def _hello(protocol: SmtpProtocol, settings: ConnectSettings) -> dict[str,
     return {}
 
 
-async def _start_tls(protocol: SmtpProtocol, target: Target, settings: ConnectSettings
-                     ) -> None:
+async def _start_tls(protocol: SmtpProtocol, target: Target, settings: ConnectSettings,
+                     context: ssl.SSLContext) -> PeerInfo:
+    """The handshake; what the server showed, or why the handshake failed."""
     transport = protocol.transport
     assert transport is not None
     protocol.parser.clear()  # nothing sent before the handshake counts (RFC 3207 4.2)
@@ -324,27 +392,42 @@ async def _start_tls(protocol: SmtpProtocol, target: Target, settings: ConnectSe
     try:
         async with asyncio.timeout(settings.connect_timeout + 1):  # the inner one comes first
             new = await protocol.loop.start_tls(
-                transport, protocol, _tls_context(), server_hostname=_sni(target.host),
+                transport, protocol, context, server_hostname=_sni(target.host),
                 ssl_handshake_timeout=settings.connect_timeout)
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         protocol.abort()
         transport.abort()
         await asyncio.sleep(0)  # let the loop finish closing (asyncio's TLS wrapper too)
         why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
-        raise _Refused(0, f"TLS handshake with {target.host} [{target.address}] failed: {why}",
-                       "4.7.0") from exc
+        return PeerInfo(True, handshake_error=f"TLS handshake with {target.host} "
+                        f"[{target.address}] failed: {why}")
     if new is None:  # pragma: no cover - the loop closed the connection
         raise _Lost("connection lost during the TLS handshake")
     protocol.transport = cast(asyncio.Transport, new)
+    ssl_object = new.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return PeerInfo(True, True, ssl_object.version() or "" if ssl_object is not None else "",
+                    cipher[0] if cipher else "", peer_chain(ssl_object))
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """Opportunistic TLS (as MTAs do without DANE or MTA-STS): encrypt, do not verify."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+def peer_chain(ssl_object: Any) -> tuple[bytes, ...]:
+    """The certificates the server sent (DER), its own first. Python 3.13 has
+    `get_unverified_chain()`; before that the same method is on the private `_sslobj`."""
+    if ssl_object is None:
+        return ()
+    getter = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    chain: list[bytes] = []
+    if getter is not None:
+        for cert in getter() or ():
+            chain.append(cert if isinstance(cert, bytes) else cert.public_bytes(_DER))
+    leaf = ssl_object.getpeercert(binary_form=True)
+    if leaf and (not chain or chain[0] != leaf):
+        chain.insert(0, leaf)
+    return tuple(chain)
+
+
+_DER = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009 - the private module's constant
 
 
 def _sni(host: str) -> str | None:

@@ -10,6 +10,11 @@ every message, and told every reply; then the budget shared with other nodes
 (`mta.throttle.shared`), whose lease is given back once the connection is closed. Just
 before sending, the scheduler's hold check is asked again (a campaign may have been
 paused while the item waited), then the transforms rewrite what is sent, in order.
+
+TLS: each domain's plan (mta/delivery/tls: the mode, DANE, MTA-STS) says which MX hosts
+may be used and what each must offer; hosts it excludes are never contacted, and a
+domain whose plan leaves none is deferred (4.7.x). Pools are keyed by the plan too, so
+a connection is only reused for mail whose policy it was checked against.
 """
 
 from __future__ import annotations
@@ -26,8 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mta.config import Config
-from mta.delivery.connection import ConnectFailure, Connection, ConnectSettings, Target, connect
+from mta.delivery.connection import (
+    ConnectFailure,
+    Connection,
+    ConnectSettings,
+    Target,
+    TlsRoute,
+    connect,
+)
 from mta.delivery.mx import Route, RouteError
+from mta.delivery.tls.policy import refusal
+from mta.delivery.tls.service import TlsPolicies
 from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.throttle import CONNECTION_FAILED, WAIT_FOR_CLOSE, Destination, Throttle
@@ -59,7 +73,7 @@ class Pool:
     key: tuple[str, ...]
     targets: list[Target]
     dest: Destination
-    tls_required: bool = False
+    tls: TlsRoute | None = None  # the destination's TLS plan and checker
     queue: deque[Item] = field(default_factory=deque)
     workers: int = 0
     idle: int = 0
@@ -80,7 +94,8 @@ LocalHandler = Callable[[Item], Awaitable[None]]
 class Deliverer:
     def __init__(self, cfg: Config, resolver: Resolver, throttle: Throttle,
                  budget: SharedBudget, scheduler: Scheduler, transforms: list[Transform],
-                 local_domains: set[str], local_handler: LocalHandler) -> None:
+                 local_domains: set[str], local_handler: LocalHandler,
+                 tls: TlsPolicies | None = None) -> None:
         self.cfg = cfg
         self.resolver = resolver
         self.throttle = throttle
@@ -90,6 +105,7 @@ class Deliverer:
         self.transforms = transforms  # in order, the last one (DKIM) just before sending
         self.local_handler = local_handler  # mail for the engine's own domains
         self.local_domains = local_domains
+        self.tls = tls  # None: STARTTLS when offered, nothing checked (tools, tests)
         budget.subscribe(self.wake_idle)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
@@ -99,8 +115,6 @@ class Deliverer:
             port=d.port, helo=d.helo_name or cfg.engine.hostname,
             connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
             source_address=d.source_address)
-        self._tls_required = {name.lower() for name, policy in d.domains.items()
-                              if policy.tls == "required"}
 
     # --- entry point from the scheduler ----------------------------------------
 
@@ -127,14 +141,40 @@ class Deliverer:
                                         for r in item.job.waiting()])
             return
         targets = route_targets(route)
-        dest = self.destination(item.domain, [h.name for h in route.hosts])
-        tls = item.domain in self._tls_required
-        key = (dest.name, "tls" if tls else "", *(t.address for t in targets))
+        hosts = [h.name for h in route.hosts]
+        tls: TlsRoute | None = None
+        if self.tls is not None:
+            try:
+                plan = await self.tls.plan(item.domain, hosts, route.secure)
+            except Exception as exc:  # never a downgrade: the item waits
+                log.exception("TLS policy of %s", item.domain)
+                await self._complete(item, [RcptResult(r, 0, f"TLS policy lookup failed: {exc}",
+                                                       "4.7.0") for r in item.job.waiting()])
+                return
+            targets = [t for t in targets if plan.allows(t.host)]
+            exclusion = refusal(plan)
+            if exclusion is not None or not targets:
+                await self._refuse(item, plan, exclusion)
+                return
+            tls = TlsRoute(plan, self.tls.checker)
+        dest = self.destination(item.domain, hosts)
+        key = (dest.name, tls.plan.key if tls else "", *(t.address for t in targets))
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(key, targets, dest, tls)
         pool.queue.append(item)
         self._kick(pool)
+
+    async def _refuse(self, item: Item, plan: Any, exclusion: Any) -> None:
+        """The TLS plan leaves no MX host to use: defer, and say why."""
+        if exclusion is None:
+            text, status, fields = f"no MX host of {item.domain} is usable", "4.7.0", None
+        else:
+            assert self.tls is not None
+            verdict = self.tls.checker.refused(exclusion)
+            text, status, fields = exclusion.reason, exclusion.status, verdict.fields()
+        await self._complete(item, [RcptResult(r, 0, text, status, tls=fields)
+                                    for r in item.job.waiting()])
 
     def destination(self, domain: str, mx_hosts: list[str]) -> Destination:
         """The throttle destination: a provider, a domain with limits of its own, or
@@ -233,8 +273,8 @@ class Deliverer:
         if not await self._connection_slot(pool, item):
             return None
         settings = self._settings
-        if pool.tls_required:
-            settings = ConnectSettings(**{**settings.__dict__, "tls_required": True})
+        if pool.tls is not None:
+            settings = ConnectSettings(**{**settings.__dict__, "tls": pool.tls})
         conn, failures = await connect(self._healthy_first(pool.targets), settings)
         now = time.monotonic()
         if len(self._failed_hosts) > 10_000:
@@ -242,6 +282,8 @@ class Deliverer:
         retry_after: float | None = None
         for failure in failures:
             self._failed_hosts[failure.target.address] = now + HOST_FAILURE_MEMORY
+            if failure.policy:  # the TLS policy refused it: no sign of a busy or slow host
+                continue
             decision = self.throttle.record(pool.dest, failure.code or CONNECTION_FAILED,
                                             failure.enhanced, failure.text, connecting=True)
             retry_after = (None if decision.retry_at is None
@@ -408,7 +450,8 @@ def connect_results(item: Item, failures: list[ConnectFailure]) -> list[RcptResu
     code = last.code
     if 500 <= code < 600 and not all(500 <= f.code < 600 for f in failures):
         code = 0  # one MX refused for good, another only failed: try again later
-    return [RcptResult(r, code, last.text, last.enhanced if code else "4.4.1", last.target.host)
+    enhanced = last.enhanced if code or last.policy else "4.4.1"
+    return [RcptResult(r, code, last.text, enhanced, last.target.host, tls=last.tls)
             for r in item.job.waiting()]
 
 

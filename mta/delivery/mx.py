@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -66,6 +67,7 @@ class Route:
     domain: str
     hosts: tuple[Host, ...]
     implicit: bool = False  # no MX records: the domain's own A/AAAA
+    secure: bool = False  # the MX answer was authenticated (AD from a validating resolver)
 
     def targets(self) -> list[tuple[Host, str]]:
         """(host, address) pairs in the order to try them."""
@@ -216,6 +218,7 @@ class Lookup:
     outcome: Outcome
     records: tuple[Any, ...] = ()
     detail: str = ""
+    secure: bool = False  # every answer on the way had the AD flag (DNSSEC-validated)
 
 
 class NegativeCappedCache(dns.resolver.LRUCache):
@@ -247,6 +250,8 @@ def build_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
     resolver.lifetime = config.timeout
     resolver.timeout = min(config.timeout, MAX_ATTEMPT_TIMEOUT)
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
+    if config.dnssec_validating:  # ask for the AD bit (RFC 6840 5.7): DANE needs it
+        resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.cache = NegativeCappedCache(config.cache_size, config.negative_ttl_max)
     return resolver
 
@@ -305,7 +310,8 @@ class MxResolver:
             return permanent(domain, NO_SUCH_DOMAIN, f"domain {domain} does not exist (NXDOMAIN)")
         if mx.outcome == "nodata":
             host, failed = await self._resolve_host(name, 0)
-            return self._choose(domain, [host], implicit=True, had_tempfail=failed)
+            return self._choose(domain, [host], implicit=True, had_tempfail=failed,
+                                secure=mx.secure)
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in mx.records]
         if is_null_mx(records):
             return permanent(domain, NULL_MX, f"{domain} does not accept mail (null MX)")
@@ -316,12 +322,14 @@ class MxResolver:
             *(self._resolve_host(dns.name.from_text(host), pref) for pref, host in ordered)
         )
         hosts = [host for host, _ in resolved]
-        return self._choose(domain, hosts, implicit=False, had_tempfail=any(f for _, f in resolved))
+        return self._choose(domain, hosts, implicit=False, had_tempfail=any(f for _, f in resolved),
+                            secure=mx.secure)
 
     def _choose(
-        self, domain: str, hosts: list[Host], *, implicit: bool, had_tempfail: bool = False
+        self, domain: str, hosts: list[Host], *, implicit: bool, had_tempfail: bool = False,
+        secure: bool = False,
     ) -> Route | RouteError:
-        return choose_route(
+        route = choose_route(
             domain,
             hosts,
             implicit=implicit,
@@ -330,6 +338,9 @@ class MxResolver:
             allow_loopback=self.allow_loopback_mx,
             max_addresses=self.max_addresses,
         )
+        if secure and isinstance(route, Route):
+            route = Route(route.domain, route.hosts, route.implicit, secure=True)
+        return route
 
     async def _resolve_host(self, name: dns.name.Name, preference: int) -> tuple[Host, bool]:
         """The host's IPv4 then IPv6 addresses, and whether a lookup failed temporarily."""
@@ -360,6 +371,7 @@ async def follow_cnames(
     resolver) or each query adds one link (an authoritative server that does not chase).
     """
     hops = 0
+    secure = True
     for _ in range(max_depth + 1):
         try:
             answer = await query(name, rdtype)
@@ -370,9 +382,11 @@ async def follow_cnames(
         hops += len(answer.chaining_result.cnames)
         if hops > max_depth:
             return Lookup("tempfail", detail=f"CNAME chain longer than {max_depth} at {name}")
+        response = getattr(answer, "response", None)
+        secure = secure and response is not None and bool(response.flags & dns.flags.AD)
         if answer.rrset is not None:
-            return Lookup("answer", tuple(answer.rrset))
+            return Lookup("answer", tuple(answer.rrset), secure=secure)
         if answer.canonical_name == name:
-            return Lookup("nodata")
+            return Lookup("nodata", secure=secure)
         name = answer.canonical_name
     return Lookup("tempfail", detail=f"CNAME chain longer than {max_depth} at {name}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mta.bounce.reply import classify_reply
-from mta.config import Config, parse_hostport, shipped_path
+from mta.config import Config, parse_hostport
 from mta.context import WorkerContext
 from mta.delivery.deliverer import Transform
 from mta.delivery.dsn import build_dsn, should_notify
@@ -70,6 +70,8 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
             event = {"type": "InboundProcessed" if local else kind, **base,
                      "recipient": r.recipient, "mx": r.mx, "code": r.code,
                      "status": r.enhanced, "reply": r.text[:500]}
+            if r.tls:  # TLS version, cipher, verified, which policy applied
+                event.update(r.tls)
             if not r.delivered:
                 event["kind"], event["reason"] = classify_reply(r.code, r.enhanced, r.text)
             if r.possible_duplicate or (item.maybe_sent and r.delivered):
@@ -100,7 +102,7 @@ def check_delivery_config(cfg: Config) -> None:
     """Stops `mta serve` at start, with one line, on a bad DKIM key or shaping file."""
     if cfg.dkim.keys:
         DkimSigner.from_config(cfg.dkim)
-    load_shaping(shipped_path(cfg.throttle.shaping_file))
+    load_shaping(cfg.throttle.shaping_file)
 
 
 def make_resolver(cfg: Config) -> MxResolver:
@@ -115,7 +117,7 @@ def make_throttle(ctx: WorkerContext, shared: bool) -> Throttle:
     """This worker's throttle: its share of each budget, or (`shared`: the budget is held
     across all workers of all nodes, mta.throttle.shared) the whole of it."""
     cfg = ctx.cfg
-    return Throttle(load_shaping(shipped_path(cfg.throttle.shaping_file)), ctx.index,
+    return Throttle(load_shaping(cfg.throttle.shaping_file), ctx.index,
                     1 if shared else ctx.workers,
                     on_event=lambda event: ctx.emit({"type": "ThrottleChange", **event}))
 

@@ -154,8 +154,12 @@ class DkimSigner:
     def sign(self, message: bytes, now: float | None = None) -> bytes:
         """The message, line ends normalized to CRLF, with DKIM-Signature field(s) prepended.
 
-        Unsigned (but normalized) when neither the From: domain nor the fallback has a key.
+        Unsigned (but normalized) when neither the From: domain nor the fallback has a key;
+        unsigned and untouched when no key is configured at all. Either way counted.
         """
+        if not self._keys:
+            self.unsigned += 1
+            return message
         message = normalize_message(message)
         header_block, body = split_message(message)
         fields = relaxed_fields(header_block)

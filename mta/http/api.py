@@ -19,9 +19,10 @@ from prometheus_client.core import GaugeMetricFamily
 
 from mta.audit import AuditLog, action_record
 from mta.http.operations import PolicyOperations
-from mta.metrics import outcome_totals
+from mta.metrics import outcome_totals, throughput_history
 from mta.queue.spool import Spool
 from mta.queue.views import message_detail, message_list, queue_stats
+from mta.throughput import Ring
 
 SCAN_SHARE = 20  # wait at least this many times the last scan's duration before the next
 TOP_DESTINATIONS = 10
@@ -122,8 +123,10 @@ def throttle_summary(rows: list[dict[str, Any]], limit: int = TOP_THROTTLE_ROWS
 
 class AdminApi:
     def __init__(self, cfg: Any, spool: Spool, policy: PolicyOperations,
-                 audit: AuditLog | None = None, metrics_registry: Any = None) -> None:
+                 audit: AuditLog | None = None, metrics_registry: Any = None,
+                 throughput: Ring | None = None) -> None:
         self.cfg = cfg
+        self.throughput = throughput  # this worker's ring (the others' are read from files)
         self.spool = spool
         self.policy = policy
         self.audit = audit
@@ -155,9 +158,11 @@ class AdminApi:
         queue = await self.queue_sampler.get()
         campaigns = await self.campaign_sampler.get()
         throttle = await self.throttle_sampler.get()
+        now = time.time()
         return {
-            "time": time.time(),
+            "time": now,
             "totals": outcome_totals(self.metrics_registry),
+            "throughput": await asyncio.to_thread(throughput_history, self.throughput, now),
             "queue": {k: queue[k] for k in ("total", "jobs", "recipients", "by_state")},
             "storage": storage_figures(self.spool),
             "destinations": busiest_destinations(queue, throttle),

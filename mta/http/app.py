@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,11 @@ async def api_guard(request: web.Request, handler: Handler) -> web.StreamRespons
     client = request.remote or ""
     if not st.checker.enabled:
         return json_error(403, "the admin API is disabled: set [http] admin_token")
-    if st.limiter.blocked(client):
+    wait = math.ceil(st.limiter.retry_after(client))
+    if wait:
         record(st, auth_record("admin-api", client, "", "refused"))
-        return json_error(429, "too many failed authentications, try again later")
+        return json_error(429, f"too many failed authentications from {client}: try again "
+                               f"in {wait} s", {"Retry-After": str(wait)})
     identity = st.checker.identify(request.headers.get("Authorization"))
     if identity is None:
         st.limiter.failed(client)
@@ -217,12 +220,23 @@ async def campaign_action(request: web.Request) -> web.Response:
     account, campaign = request.match_info["account"], request.match_info["campaign"]
     action = request.match_info["action"]
     policy = state(request).admin.policy
-    reason = str((await body_fields(request)).get("reason", ""))[:200]
+    fields = await body_fields(request)
+    reason = str(fields.get("reason", ""))[:200]
+    no_guard = no_guard_field(fields)
     runs = {"pause": lambda: policy.pause_campaign(account, campaign, reason),
-            "resume": lambda: policy.resume_campaign(account, campaign),
+            "resume": lambda: policy.resume_campaign(account, campaign, no_guard),
             "drop": lambda: policy.drop_campaign(account, campaign)}
+    details = {"reason": reason, "no_guard": no_guard if action == "resume" else ""}
     return await act(request, f"campaign.{action}", f"{account}/{campaign}", runs[action],
-                     **({"reason": reason} if reason else {}))
+                     **{k: v for k, v in details.items() if v})
+
+
+def no_guard_field(fields: dict[str, Any]) -> str:
+    """A resume's `no_guard`: the operator's reason to turn automatic pausing off."""
+    value = fields.get("no_guard", "")
+    if not isinstance(value, str) or (value and not value.strip()):
+        raise ValueError("no_guard must be the reason (text) to turn automatic pausing off")
+    return value.strip()[:200]
 
 
 async def account_action(request: web.Request) -> web.Response:

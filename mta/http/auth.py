@@ -56,8 +56,15 @@ class FailureLimiter:
         self._failures: dict[str, deque[float]] = {}
 
     def blocked(self, client: str, now: float | None = None) -> bool:
-        recent = self._recent(client, time.monotonic() if now is None else now)
-        return recent is not None and len(recent) >= self.limit
+        return self.retry_after(client, now) > 0
+
+    def retry_after(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` may try again (0: it is not refused now)."""
+        now = time.monotonic() if now is None else now
+        recent = self._recent(client, now)
+        if recent is None or len(recent) < self.limit:
+            return 0.0
+        return max(0.0, recent[-self.limit] + self.window - now)
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -52,8 +52,7 @@ class AdminClient:
         except urllib.error.HTTPError as exc:
             raise ApiError(error_text(exc.code, exc.read()), exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiError(f"cannot reach the engine at {self.url}: {reason}") from None
+            raise unreachable(self.url, exc) from None
 
     def answers(self) -> bool:
         """Whether an HTTP listener answers at the URL: False when the connection is
@@ -63,10 +62,9 @@ class AdminClient:
         except urllib.error.HTTPError:
             return True
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ConnectionRefusedError):
+            if refused(exc):
                 return False
-            raise ApiError(f"cannot reach the engine at {self.url}: {reason}") from None
+            raise unreachable(self.url, exc) from None
         return True
 
     def get(self, path: str) -> Any:
@@ -77,6 +75,16 @@ class AdminClient:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+
+def refused(exc: BaseException) -> bool:
+    return isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+
+
+def unreachable(url: str, exc: BaseException | None = None) -> ApiError:
+    """The one wording of "no engine answers there" (None: the connection was refused)."""
+    reason = "connection refused" if exc is None or refused(exc) else getattr(exc, "reason", exc)
+    return ApiError(f"cannot reach the engine at {url}: {reason}")
 
 
 def error_text(status: int, payload: bytes) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from mta.http.operations import InvalidToken, NotFound
 from mta.policy import operations
 from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
-from mta.policy.model import ACTIVE
+from mta.policy.model import ACTIVE, Counters
 from mta.policy.rates import monthly_cap
 from mta.policy.store import account_key, campaign_key, month_key
 
@@ -42,6 +42,15 @@ class GuardOperations:
     def __init__(self, guard: PolicyGuard) -> None:
         self.guard = guard
         self.store = guard.store
+        self.configured = operations.configured_accounts(guard.cfg)
+
+    def _account_op(self, name: str, fn: Callable[[Any], T]) -> Callable[[Any], T]:
+        """`fn` for an account that exists (NotFoundError for any other name)."""
+        def run(txn: Any) -> T:
+            operations.require_account(self.store, txn, name, self.configured)
+            return fn(txn)
+
+        return run
 
     async def _read(self, fn: Callable[[Any], T]) -> T:
         def run() -> T:
@@ -82,7 +91,8 @@ class GuardOperations:
         states = await self._read(lambda txn: [self.store.get_campaign(
             txn, r["account"], r["campaign"]) for r in rows])
         for row, key, state in zip(rows, keys, states, strict=True):
-            row.update(operations.counter_fields(totals[key], state), counted="cluster")
+            row.update(operations.counter_fields(totals[key], state, self.guard.thresholds),
+                       counted="cluster")
         return rows
 
     async def _cluster_accounts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,13 +123,24 @@ class GuardOperations:
                          "held": result["held"]})
         return await self.campaign(account, campaign)
 
-    async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
+    async def resume_campaign(self, account: str, campaign: str, no_guard: str = ""
+                              ) -> dict[str, Any]:
         now = self.guard.clock()
+        totals = await self._judged_totals(account, campaign)
         result = await self._write(lambda txn: operations.resume_campaign(
-            self.store, txn, account, campaign, BY, now))
+            self.store, txn, account, campaign, BY, now, no_guard, totals))
         self.guard.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
-                         "by": BY, "released": result["released"]})
+                         "by": BY, "released": result["released"], "guard": result["guard"],
+                         **({"no_guard": no_guard} if no_guard else {})})
         return await self.campaign(account, campaign)
+
+    async def _judged_totals(self, account: str, campaign: str) -> Counters | None:
+        """The counters the campaign is judged on: on several nodes the cluster's (None:
+        this node's own, also while Redis cannot say)."""
+        key = campaign_key(account, campaign)
+        shared = self.guard.shared
+        totals = await shared.shared_totals([key]) if shared.judges else None
+        return None if totals is None else totals[key]
 
     async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]:
         now = self.guard.clock()
@@ -146,41 +167,44 @@ class GuardOperations:
 
         return await self._cluster_accounts(await self._read(rows))
 
+    @_port_errors
     async def account(self, name: str) -> dict[str, Any]:
-        row = (await self._cluster_accounts([await self._read(
-            lambda txn: self._account_row(txn, name))]))[0]
-        if not row["configured"] and row["status"] == ACTIVE and not any(row["totals"].values()):
-            raise NotFound(f"no account {name!r}")
-        return row
+        row = await self._read(self._account_op(name, lambda txn: self._account_row(txn, name)))
+        return (await self._cluster_accounts([row]))[0]
 
+    @_port_errors
     async def suspend_account(self, name: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(lambda txn: operations.suspend_account(
-            self.store, txn, name, BY, reason, now))
+        await self._write(self._account_op(name, lambda txn: operations.suspend_account(
+            self.store, txn, name, BY, reason, now)))
         self.guard.emit({"type": "AccountSuspended", "account": name, "by": BY,
                          "reason": reason})
         return await self.account(name)
 
+    @_port_errors
     async def resume_account(self, name: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(lambda txn: operations.resume_account(self.store, txn, name, BY, now))
+        await self._write(self._account_op(name, lambda txn: operations.resume_account(
+            self.store, txn, name, BY, now)))
         self.guard.emit({"type": "AccountResumed", "account": name, "by": BY})
         return await self.account(name)
 
+    @_port_errors
     async def suppressions(self, account: str, limit: int) -> list[dict[str, Any]]:
-        return await self._read(lambda txn: operations.suppression_rows(
-            self.store, txn, account, limit))
+        return await self._read(self._account_op(account, lambda txn: operations.suppression_rows(
+            self.store, txn, account, limit)))
 
+    @_port_errors
     async def suppress(self, account: str, address: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        added = await self._write(lambda txn: operations.add_suppression(
-            self.store, txn, account, address, reason or "manual", now))
+        added = await self._write(self._account_op(account, lambda txn: operations.add_suppression(
+            self.store, txn, account, address, reason or "manual", now)))
         return {"account": account, "address": address.lower(), "added": added}
 
     @_port_errors
     async def unsuppress(self, account: str, address: str) -> dict[str, Any]:
-        removed = await self._write(lambda txn: operations.remove_suppression(
-            self.store, txn, account, address))
+        removed = await self._write(self._account_op(account, lambda txn: (
+            operations.remove_suppression(self.store, txn, account, address))))
         if not removed:
             raise operations.NotFoundError(f"{address} is not on the list of {account}")
         return {"account": account, "address": address.lower(), "removed": True}

@@ -55,14 +55,17 @@ class InvalidToken(Exception):
 class PolicyOperations(Protocol):
     """Campaign rows are dicts: account, campaign, paused (bool), reason, sent, delivered,
     hard_bounces, complaints, unsubscribes, rates {hard_bounce, complaint, unsubscribe}
-    (fractions or None), queued, held. Async methods return the changed object's row."""
+    (fractions or None, since the last resume), queued, held; with the guard also guard
+    (False: an operator turned it off), no_guard (why), judged (False below the minimum
+    volume), judged_after, window_sent. Async methods return the changed object's row."""
 
     def thresholds(self) -> dict[str, float]: ...
     async def campaigns(self) -> list[dict[str, Any]]: ...
     async def campaign(self, account: str, campaign: str) -> dict[str, Any]: ...
     async def pause_campaign(self, account: str, campaign: str, reason: str
                              ) -> dict[str, Any]: ...
-    async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]: ...
+    async def resume_campaign(self, account: str, campaign: str, no_guard: str = ""
+                              ) -> dict[str, Any]: ...
     async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]: ...
     async def accounts(self) -> list[dict[str, Any]]: ...
     async def account(self, name: str) -> dict[str, Any]: ...
@@ -188,7 +191,9 @@ class SpoolOperations:
                    "reason": reason or "paused by an operator", "held": held, "by": "operator"})
         return await self.campaign(account, campaign)
 
-    async def resume_campaign(self, account: str, campaign: str) -> dict[str, Any]:
+    async def resume_campaign(self, account: str, campaign: str, no_guard: str = ""
+                              ) -> dict[str, Any]:
+        """No guard runs here to judge the campaign: `no_guard` changes nothing."""
         hold_reason = campaign_hold(account, campaign)
         released = await self.submit(campaign_op(
             self.spool, account, campaign,

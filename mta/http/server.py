@@ -14,12 +14,11 @@ and the listener comes back with it.
 from __future__ import annotations
 
 import logging
-import socket
 
 from aiohttp import web
 
 from mta.audit import AuditLog, start_audit
-from mta.config import Config, ConfigError, check_bindable, parse_hostport
+from mta.config import Config, StartupError, check_bindable, parse_hostport
 from mta.context import WorkerContext
 from mta.http.api import AdminApi
 from mta.http.app import HttpState, build_app
@@ -34,7 +33,7 @@ def check_http(cfg: Config) -> None:
     """A startup check: the HTTP address can be bound (stops `mta serve` with one line)."""
     if not cfg.http.enabled:
         return
-    check_bindable("[http] listen", cfg.http.listen, socket.SO_REUSEADDR)
+    check_bindable("[http] listen", cfg.http.listen)
 
 
 async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditLog | None,
@@ -44,7 +43,8 @@ async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditL
     if not cfg.http.enabled:
         return None
     registry = metrics.registry if metrics is not None else None
-    admin = AdminApi(cfg, ctx.spool, policy, audit, registry)
+    admin = AdminApi(cfg, ctx.spool, policy, audit, registry,
+                     metrics.throughput if metrics is not None else None)
     st = HttpState(admin, TokenChecker(cfg.http.admin_token, cfg.http.operator_tokens),
                    FailureLimiter(cfg.http.max_auth_failures, cfg.http.auth_failure_window),
                    audit, registry)
@@ -55,7 +55,8 @@ async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditL
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"[http] listen {cfg.http.listen}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {cfg.http.listen} ([http] listen): "
+                           f"{exc.strerror}") from None
     ctx.on_close(runner.cleanup)
     log.info("worker %d: operators' HTTP on %s", ctx.index, cfg.http.listen)
     return admin

@@ -22,7 +22,7 @@ from mta.policy.admission import Reservations
 from mta.policy.holds import hold_campaign_op
 from mta.policy.ledger import Applied, Batch, Ledger, Outcome, Submission
 from mta.policy.model import month_of
-from mta.policy.notice import notice_sender, pause_notice
+from mta.policy.notice import ReplyCount, notice_sender, pause_notice
 from mta.policy.rates import Breach, Thresholds
 from mta.policy.shared import LocalPolicy, SharedPolicy
 from mta.policy.snapshot import SnapshotCache
@@ -220,10 +220,11 @@ class Counting:
             await self.committer.submit(hold_campaign_op(
                 self.store, pause.account, pause.campaign, int(self.clock() * 1000)))
 
-    def _notice(self, account: str, campaign: str, breach: Breach) -> NewMessage | None:
+    def _notice(self, account: str, campaign: str, breach: Breach,
+                replies: list[ReplyCount]) -> NewMessage | None:
         config = self.accounts.get(account)
         if config is None or not config.email:
             return None
         hostname = self.cfg.engine.hostname
         return pause_notice(config.email, notice_sender(self.pc.notice_from, hostname),
-                            hostname, account, campaign, breach, self.clock())
+                            hostname, account, campaign, breach, self.clock(), replies)

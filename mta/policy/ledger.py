@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mta.policy.model import ACTIVE, PAUSED, CampaignState, Counters, Suppression
+from mta.policy.notice import ReplyCount, frequent_replies
 from mta.policy.rates import Breach, Thresholds, find_breach
 from mta.policy.store import PolicyStore, account_key, campaign_key, month_key
 from mta.queue.spool import NewMessage
@@ -99,7 +100,8 @@ class Applied:
         self.touched = sorted(set(self.touched) | set(other.touched))
 
 
-NoticeMaker = Callable[[str, str, Breach], NewMessage | None]
+# (account, campaign, the breach, the replies most often behind it) -> the notice
+NoticeMaker = Callable[[str, str, Breach, list[ReplyCount]], NewMessage | None]
 
 
 def outcome_delta(kind: str, final: bool) -> Counters:
@@ -199,7 +201,7 @@ class Ledger:
         """Pause the campaign if `counters` (by default its own) cross a threshold;
         `notify` false: another node sends the account's notice."""
         state = self.store.get_campaign(txn, account, campaign)
-        if state.status != ACTIVE or not state.checks:
+        if state.status != ACTIVE or not state.guarded:
             return None
         if counters is None:
             counters = self.store.get_counters(txn, campaign_key(account, campaign))
@@ -207,23 +209,26 @@ class Ledger:
         if breach is None:
             return None
         self.store.put_campaign(txn, account, campaign, CampaignState(
-            status=PAUSED, checks=True, rule=breach.rule, reason=breach.describe(),
+            status=PAUSED, rule=breach.rule, reason=breach.describe(),
             rate=round(breach.rate, 4), threshold=breach.threshold, by="policy", at=now,
             baseline=state.baseline))
         pause = Pause(account, campaign, breach)
-        notice = self._notice(account, campaign, breach) if notify else None
+        notice = self._notice(txn, account, campaign, breach) if notify else None
         if notice is not None:
             self.store.spool.put_message(txn, notice)
             pause.notice_id = notice.id
         return pause
 
-    def _notice(self, account: str, campaign: str, breach: Breach) -> NewMessage | None:
+    def _notice(self, txn: Any, account: str, campaign: str, breach: Breach
+                ) -> NewMessage | None:
         """The account's notice; one that cannot be made is logged and skipped: the pause
         and every other count of the batch stand."""
         if self.make_notice is None:
             return None
         try:
-            return self.make_notice(account, campaign, breach)
+            replies = frequent_replies(self.store.suppressions(txn, account), campaign,
+                                       breach.rule)
+            return self.make_notice(account, campaign, breach, replies)
         except Exception as exc:
             log.error("no pause notice for campaign %s of account %s: %s",
                       shown(campaign, 200), shown(account, 200), shown(str(exc), 200))

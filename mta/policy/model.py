@@ -18,6 +18,9 @@ COUNTER_FIELDS = ("submitted", "sent", "delivered", "hard", "soft", "complaints"
 ACTIVE, PAUSED, DROPPED = "active", "paused", "dropped"
 SUSPENDED, DELETED = "suspended", "deleted"
 
+# Why an older version's resume turned automatic pausing off (no reason was asked then).
+LEGACY_NO_GUARD = "resumed by an operator before resumed campaigns were judged again"
+
 # Reasons in the spool's `held` db that the policy guard sets.
 REVIEW = "review"
 
@@ -68,10 +71,11 @@ class Counters:
 
 @dataclass
 class CampaignState:
-    """A campaign's standing. `checks` false: automatic pausing is off (an operator resumed)."""
+    """A campaign's standing. The guard judges it on the counters since `baseline` (a
+    resume starts a fresh window); `no_guard`, an operator's reason, turns that off."""
 
     status: str = ACTIVE
-    checks: bool = True
+    no_guard: str = ""  # why automatic pausing is off for it; empty: the guard judges it
     rule: str = ""  # hard_bounce | complaint | unsubscribe | operator
     reason: str = ""  # one sentence, quoted in refusals and notices
     rate: float = 0.0
@@ -84,13 +88,21 @@ class CampaignState:
     def paused(self) -> bool:
         return self.status == PAUSED
 
+    @property
+    def guarded(self) -> bool:
+        return not self.no_guard
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CampaignState:
+        data = data or {}
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        if data.get("checks") is False and not state.no_guard:  # a record of an older version
+            state.no_guard = LEGACY_NO_GUARD
+        return state
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from mta.audit import AuditLog, action_record
 from mta.config import Config
 from mta.events import EventLog
+from mta.policy import operations
 from mta.policy.rates import Thresholds, monthly_cap
 from mta.policy.store import PolicyStore
 from mta.queue.spool import Spool
@@ -66,6 +67,10 @@ class OfflineSession:
         if self._audit is None:
             self._audit = AuditLog(self.cfg.engine.audit_log)
         self._audit.record(action_record("cli", self.by, action, obj, result, **details))
+
+    def require_account(self, txn: Any, name: str) -> None:
+        """NotFoundError (mta.policy.operations) unless `name` is an account."""
+        operations.require_account(self.store, txn, name, operations.configured_accounts(self.cfg))
 
     def monthly_cap(self, account: str) -> int | None:
         config = self.cfg.account(account)

@@ -92,21 +92,27 @@ def campaign_row(account: str, campaign: str, counters: Counters, state: Campaig
     return {
         "account": account, "campaign": campaign, "status": state.status,
         "paused": state.status == PAUSED, "reason": state.reason, "rule": state.rule,
-        "by": state.by, "since": state.at or None, "checks": state.checks,
-        **counter_fields(counters, state),
+        "by": state.by, "since": state.at or None,
+        "guard": state.guarded, "no_guard": state.no_guard,
+        **counter_fields(counters, state, thresholds),
         "queued": seen["queued"], "deferred": seen["deferred"], "held": seen["held"],
     }
 
 
-def counter_fields(counters: Counters, state: CampaignState) -> dict[str, Any]:
-    """A campaign row's counts and rates (since its state's baseline)."""
-    rates = campaign_rates(counters.minus(Counters.from_dict(state.baseline)))
+def counter_fields(counters: Counters, state: CampaignState, thresholds: Thresholds
+                   ) -> dict[str, Any]:
+    """A campaign row's counts, and its rates in the window the guard judges (since the
+    state's baseline: the last resume); `judged` false below the minimum volume."""
+    window = counters.minus(Counters.from_dict(state.baseline))
+    rates = campaign_rates(window)
     return {
         "submitted": counters.submitted, "sent": counters.sent,
         "delivered": counters.delivered, "hard_bounces": counters.hard,
         "soft_bounces": counters.soft, "complaints": counters.complaints,
         "unsubscribes": counters.unsubscribes,
         "rates": {k: round(v / 100, 6) for k, v in rates.items()},
+        "window_sent": window.sent, "judged_after": thresholds.min_volume,
+        "judged": window.sent >= thresholds.min_volume,
     }
 
 
@@ -141,22 +147,24 @@ def pause_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, by
 
 
 def resume_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, by: str,
-                    now: float, rearm: bool = False) -> dict[str, Any]:
+                    now: float, no_guard: str = "", totals: Counters | None = None
+                    ) -> dict[str, Any]:
     """Back to delivery: held jobs are due now.
 
-    Without `rearm`, automatic pausing stays off for this campaign (the operator has
-    judged it; the same counters would pause it again at once). With `rearm`, its rates
-    are judged again, counting from now, after a fresh minimum volume.
+    The guard keeps judging the campaign on a fresh window: the mail sent from now on
+    (counted from `totals`, the counters it is judged on: by default this node's), after
+    the same minimum volume. `no_guard` (the operator's reason) turns automatic pausing
+    off for this campaign instead, visibly.
     """
     state = store.get_campaign(txn, account, campaign)
-    counters = store.get_counters(txn, campaign_key(account, campaign))
+    if totals is None:
+        totals = store.get_counters(txn, campaign_key(account, campaign))
     store.put_campaign(txn, account, campaign, CampaignState(
-        status=ACTIVE, checks=rearm, by=by, at=now,
-        baseline=counters.as_dict() if rearm else state.baseline))
+        status=ACTIVE, no_guard=no_guard.strip(), by=by, at=now, baseline=totals.as_dict()))
     released = jobs.release_reason(store.spool, txn, campaign_hold(account, campaign),
                                    now_ms(now))
     return {"account": account, "campaign": campaign, "released": released,
-            "was": state.status}
+            "was": state.status, "guard": not no_guard.strip()}
 
 
 def drop_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, by: str,
@@ -196,6 +204,26 @@ def account_row(store: PolicyStore, txn: Any, name: str, account_cfg: Any,
         "month": month, "month_sent": store.get_counters(txn, month_key(name, month)).submitted,
         "monthly_cap": monthly_cap, "totals": totals.as_dict(),
     }
+
+
+def configured_accounts(cfg: Any) -> set[str]:
+    """The accounts the config names: [[accounts]] and the trusted clients' account."""
+    return {a.name for a in cfg.accounts} | {cfg.smtp.trusted_account}
+
+
+def account_known(store: PolicyStore, txn: Any, name: str, configured: Iterable[str]) -> bool:
+    """An account is one the config names, or one the policy store has seen (a standing,
+    counted mail, a suppression list)."""
+    return (name in set(configured) or store.get_state(txn, account_key(name)) is not None
+            or bool(store.get_counters(txn, account_key(name)))
+            or next(iter(store.suppressions(txn, name)), None) is not None)
+
+
+def require_account(store: PolicyStore, txn: Any, name: str, configured: Iterable[str]
+                    ) -> None:
+    """NotFoundError for a name that is no account: the same error everywhere."""
+    if not account_known(store, txn, name, configured):
+        raise NotFoundError(f"no account {name!r}")
 
 
 def known_accounts(store: PolicyStore, txn: Any, configured: Iterable[str]) -> list[str]:

@@ -91,8 +91,8 @@ class Job:
         return record
 
     def as_dict(self) -> dict[str, Any]:
-        """The job as the admin API and `mta queue show` print it."""
-        return self.to_record() | {"job": self.id.decode()}
+        """The job as the admin API and `mta queue show` print it, with its state."""
+        return self.to_record() | {"job": self.id.decode(), "state": str(self.state())}
 
     def waiting(self) -> list[str]:
         """The recipients still to deliver."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from mta.queue.jobs import Job, RcptState
 
@@ -26,6 +27,7 @@ class RcptResult:
     enhanced: str = ""  # x.y.z from the reply, or chosen by the engine
     mx: str = ""
     possible_duplicate: bool = False  # connection lost after the final dot
+    tls: dict[str, Any] | None = None  # the session's TLS fields (delivery), for the events
 
     @property
     def permanent(self) -> bool:

@@ -191,6 +191,16 @@ class Spool:
 
         return store
 
+    def store_many_op(self, messages: list[NewMessage]) -> Callable[[Any], list[str]]:
+        """An operation that stores several messages: all of them or, if it fails, none."""
+
+        def store(txn: Any) -> list[str]:
+            for message in messages:
+                self.put_message(txn, message)
+            return [m.id for m in messages]
+
+        return store
+
     def put_message(self, txn: Any, m: NewMessage) -> None:
         by_domain: dict[str, list[str]] = {}
         for rcpt in m.recipients:

@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from typing import Any, Protocol
@@ -111,19 +111,19 @@ def read_campaign(headers: bytes, header: str) -> tuple[str, str | None]:
     whose campaign field is unfit: several of them, not UTF-8, or not a name
     (`mta.text.name_problem`; never truncated)."""
     values = raw_field_values(headers, header.encode())
-    shown_header = shown(header, ascii_only=True)
     if not values:
         return "", None
     if len(values) > 1:
-        return "", (f"550 5.6.0 {shown_header}: appears {len(values)} times; a message "
-                    "belongs to one campaign")
+        return "", (f"550 5.6.0 {shown(header, ascii_only=True)}: appears {len(values)} "
+                    "times; a message belongs to one campaign")
     try:
         name = values[0].decode("utf-8")
     except UnicodeDecodeError:
-        return "", f"550 5.6.0 {shown_header}: is not valid UTF-8"
+        return "", f"550 5.6.0 {shown(header, ascii_only=True)}: is not valid UTF-8"
     problem = name_problem(name)
     if problem:
-        return "", f"550 5.6.0 {shown_header}: {shown(problem, ascii_only=True)}"
+        return "", (f"550 5.6.0 {shown(header, ascii_only=True)}: "
+                    f"{shown(problem, ascii_only=True)}")
     return name, None
 
 
@@ -253,23 +253,31 @@ class Intake:
         if self._auth_pool is not None:
             await asyncio.to_thread(self._auth_pool.shutdown, wait=True)
 
-    async def check_login(self, ip: str, user: str, password: bytes) -> bool | None:
+    async def check_login(self, ip: str, user: str, password: bytes, channel: str = "smtp"
+                          ) -> bool | None:
         """Whether the password is right; None: `ip` may not try any more.
 
         A password verified before is known at no cost. Any other is checked under a
         reservation of the engine-wide limit (`AuthLimit`: failures and attempts in
         progress on every worker), and its outcome recorded even if the client has hung
-        up meanwhile."""
+        up meanwhile. `channel` says where the attempt came (SMTP, the injection API)."""
         if self._passwords.known(user, password):
-            self._auth_checked(ip, user, True)
+            self.auth_checked(ip, user, True, channel)
             return True
+        return await self.check_limited(ip, user, lambda: self._verify(user, password),
+                                        channel)
+
+    async def check_limited(self, ip: str, identity: str,
+                            verify: Callable[[], Awaitable[bool]], channel: str) -> bool | None:
+        """`verify()` under the engine-wide limit of failed attempts per address, its
+        outcome recorded; None: `ip` may not try any more."""
         reservation = await self.auth_limit.reserve(ip)
         if reservation is None:
             return None
         ok = False
         try:
-            ok = await self._verify(user, password)
-            self._auth_checked(ip, user, ok)
+            ok = await verify()
+            self.auth_checked(ip, identity, ok, channel)
         finally:
             await self.auth_limit.release(ip, reservation, failed=not ok)
         return ok
@@ -282,8 +290,10 @@ class Intake:
         return await asyncio.get_running_loop().run_in_executor(
             self._auth_pool, self._passwords.check, user, password)
 
-    def _auth_checked(self, ip: str, user: str, ok: bool) -> None:
-        self.emit({"type": "Auth", "client": ip, "identity": user[:200], "ok": ok})
+    def auth_checked(self, ip: str, user: str, ok: bool, channel: str = "smtp") -> None:
+        """An authentication attempt, for the event and audit logs."""
+        event = {"type": "Auth", "client": ip, "identity": user[:200], "ok": ok}
+        self.emit(event if channel == "smtp" else event | {"channel": channel})
 
     def auth_delay(self, ip: str) -> float | None:
         """Seconds to wait before an AUTH attempt from ip (longer with each recent
@@ -392,6 +402,17 @@ class Intake:
 
     async def accept(self, client: Client, envelope: Envelope, content: bytes) -> str:
         """Store the message durably; the reply to the final dot."""
+        prepared = await self.prepare(client, envelope, content)
+        if isinstance(prepared, str):
+            return prepared
+        return await self.store([prepared]) or f"250 2.0.0 Ok: queued as {prepared.id}"
+
+    async def prepare(self, client: Client, envelope: Envelope, content: bytes,
+                      protocol: str = "") -> NewMessage | str:
+        """The checks on a message's content (its campaign field, its From: domains, the
+        policy's admission) and, when they pass, the record to store: the content under
+        our Received header. A string is the refusal to answer instead. `protocol` names
+        the way the message came in the Received header (default: the SMTP session's)."""
         headers = header_block(content)
         campaign, refusal = read_campaign(headers, self.cfg.smtp.campaign_header)
         if refusal:
@@ -412,44 +433,60 @@ class Intake:
             refusal = await self.policy.admit(message)  # check_message + cluster limits
             if refusal:
                 return refusal
-        message.data = self._received_header(client, message.id, envelope) + content
-        return await self._store(message)
+        message.data = self._received_header(client, message.id, envelope, protocol) + content
+        return message
 
-    async def _store(self, message: NewMessage) -> str:
+    async def store(self, messages: list[NewMessage]) -> str | None:
+        """Commit `messages` to the spool in one transaction (one fsync), then announce
+        each (a Reception event, the scheduler woken). None once they are stored; else
+        the reply for all of them, none of which is kept."""
         try:
             async with asyncio.timeout(self.cfg.smtp.commit_timeout):
-                await asyncio.shield(self.committer.submit(self.spool.store_op(message)))
+                await asyncio.shield(self.committer.submit(self.spool.store_many_op(messages)))
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"
         except TimeoutError:
-            log.warning("commit of %s took longer than %.0fs", message.id,
+            log.warning("commit of %s took longer than %.0fs", _ids(messages),
                         self.cfg.smtp.commit_timeout)
             return "451 4.3.0 Storage too slow, try again later"
         except Exception:
-            log.exception("could not store message %s", message.id)
+            log.exception("could not store message %s", _ids(messages))
             return "451 4.3.0 Could not store the message, try again later"
-        self.emit({
-            "type": "Reception", "id": message.id, "account": message.account,
-            "campaign": message.campaign, "sender": message.sender,
-            "recipients": len(message.recipients), "size": len(message.data),
-        })
-        if self.on_stored is not None:
-            self.on_stored(message)
-        return f"250 2.0.0 Ok: queued as {message.id}"
+        for message in messages:
+            self.emit({
+                "type": "Reception", "id": message.id, "account": message.account,
+                "campaign": message.campaign, "sender": message.sender,
+                "recipients": len(message.recipients), "size": len(message.data),
+            })
+            if self.on_stored is not None:
+                self.on_stored(message)
+        return None
 
-    def _received_header(self, client: Client, message_id: str, envelope: Envelope) -> bytes:
+    def _received_header(self, client: Client, message_id: str, envelope: Envelope,
+                         protocol: str = "") -> bytes:
         helo = (client.helo or "unknown").encode("ascii", "replace").decode()[:100]
         helo = re.sub(r"[^\x21-\x7e]", "?", helo)
-        proto = "ESMTP" if client.extended else "SMTP"
+        proto = protocol or ("ESMTP" if client.extended else "SMTP")
         if client.tls:
             proto += "S"
         if client.login is not None:
             proto += "A"
         rcpt = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (f"Received: from {helo} ([{client.ip or 'unknown'}])\r\n\tby {self.cfg.engine.hostname} "
-                f"with {proto} id {message_id}{rcpt};\r\n\t{formatdate(localtime=False)}\r\n"
+                f"with {proto} id {message_id}{rcpt};\r\n\t{_date(int(time.time()))}\r\n"
                 ).encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """The Received header's date: made once a second, not once a message."""
+    return formatdate(second, localtime=False)
+
+
+def _ids(messages: list[NewMessage]) -> str:
+    ids = ", ".join(m.id for m in messages[:3])
+    return ids + (f" and {len(messages) - 3} more" if len(messages) > 3 else "")
 
 
 def session_settings(cfg: Config) -> Settings:

@@ -4,28 +4,41 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const HISTORY = 90;
 const KEY = "mta-admin-token";
 const SVG = "http://www.w3.org/2000/svg";
-const history = [];
-let previous = null;
+const KINDS = ["received", "delivered", "deferred"];
+const CHART = { width: 1000, height: 170, left: 48, right: 10, top: 10, bottom: 24 };
+const TICKS = { 1: 600, 60: 3 * 3600 };  // seconds between time labels, by the data's step
 let timer = null;
 
 const $ = (id) => document.getElementById(id);
 const token = () => sessionStorage.getItem(KEY);
 
+// What went wrong, in one wording per condition (the status line shows `message`).
+class DashboardError extends Error {
+  constructor(kind, message) { super(message); this.kind = kind; }
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, {
-    ...options,
-    headers: { Authorization: `Bearer ${token()}`, ...(options.headers || {}) },
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      ...options,
+      headers: { Authorization: `Bearer ${token()}`, ...(options.headers || {}) },
+    });
+  } catch (error) {
+    throw new DashboardError("unreachable", "engine unreachable (no answer from it)");
+  }
+  const body = await response.json().catch(() => ({}));
   if (response.status === 401) {
     sessionStorage.removeItem(KEY);
     showLogin("The token was refused.");
-    throw new Error("unauthorized");
+    throw new DashboardError("unauthorized", "unauthorized");
   }
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
+  if (response.status === 403) {
+    throw new DashboardError("off", "admin API off: the engine has no [http] admin_token");
+  }
+  if (!response.ok) throw new DashboardError("error", body.error || response.statusText);
   return body;
 }
 
@@ -52,6 +65,10 @@ function fmtBytes(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
+function fmtClock(seconds) {
+  const d = new Date(seconds * 1000);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+}
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -60,34 +77,28 @@ function el(tag, text, cls) {
   return node;
 }
 
+function svgEl(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  if (text != null) node.textContent = text;
+  return node;
+}
+
 function fillTable(id, rows, makeRow) {
   const body = $(id).querySelector("tbody");
   body.replaceChildren(...rows.map(makeRow));
 }
 
-function rates(totals, time) {
-  if (!previous || time <= previous.time) return {};
-  const dt = time - previous.time;
-  const out = {};
-  for (const k of ["received", "delivered", "deferred"]) {
-    out[k] = Math.max(0, (totals[k] - previous.totals[k]) / dt);
-  }
-  return out;
-}
+// --- figures ---------------------------------------------------------------------------
 
 function drawTotals(data) {
-  const perSecond = rates(data.totals, data.time);
   for (const k of ["received", "delivered", "deferred", "bounced", "expired"]) {
     $(`${k}-total`).textContent = fmtInt(data.totals[k]);
   }
-  for (const k of ["received", "delivered", "deferred"]) {
-    $(`${k}-rate`).textContent = fmtRate(perSecond[k]);
-  }
-  if (perSecond.received != null) {
-    history.push(perSecond);
-    if (history.length > HISTORY) history.shift();
-  }
-  previous = { time: data.time, totals: data.totals };
+  const now = data.throughput.current;
+  for (const k of KINDS) $(`${k}-rate`).textContent = fmtRate(now[k]);
+  $("chart-now").textContent = "now (last 10 s): " +
+    KINDS.map((k) => `${k} ${fmtRate(now[k])}/s`).join(" · ");
 }
 
 function drawQueue(data) {
@@ -99,53 +110,89 @@ function drawQueue(data) {
   $("disk-free").textContent = fmtBytes(data.storage.disk_free_bytes);
 }
 
-function drawChart() {
-  const svg = $("chart");
-  const top = Math.max(1, ...history.flatMap((p) => [p.received, p.delivered, p.deferred]));
-  const lines = ["received", "delivered", "deferred"].map((k) => {
-    const line = document.createElementNS(SVG, "polyline");
-    const step = 600 / (HISTORY - 1);
-    const points = history.map((p, i) => `${(i * step).toFixed(1)},${(115 - (p[k] / top) * 105).toFixed(1)}`);
-    line.setAttribute("points", points.join(" "));
-    line.setAttribute("class", `k-${k}`);
-    return line;
-  });
-  $("chart-max").textContent = `top of the chart: ${fmtRate(top)}/s`;
-  svg.replaceChildren(...lines);
+// --- the throughput charts: a time axis, a rate axis from zero, one line per kind -------
+
+function niceTop(value) {
+  const power = 10 ** Math.floor(Math.log10(value));
+  return [1, 2, 5, 10].map((f) => f * power).find((v) => v >= value);
 }
 
-// A bar for a rate, with the threshold drawn as a line; red at or past the threshold.
-function rateBar(rate, threshold) {
-  const cell = el("td", null, "rate");
+function drawChart(id, table) {
+  const svg = $(id);
+  const n = table.received.length;
+  const perSecond = Object.fromEntries(KINDS.map((k) => [k, table[k].map((v) => v / table.step)]));
+  const top = niceTop(Math.max(1, ...KINDS.flatMap((k) => perSecond[k])));
+  const w = CHART.width - CHART.left - CHART.right;
+  const h = CHART.height - CHART.top - CHART.bottom;
+  const x = (i) => CHART.left + (i * w) / (n - 1);
+  const y = (v) => CHART.top + h * (1 - v / top);
+  const nodes = [svgEl("rect", { x: CHART.left, y: CHART.top, width: w, height: h, class: "plot" })];
+  for (const v of [0, top / 2, top]) {
+    nodes.push(svgEl("line", { x1: CHART.left, x2: CHART.left + w, y1: y(v), y2: y(v), class: "grid" }),
+      svgEl("text", { x: CHART.left - 4, y: y(v) + 4, class: "value" }, `${fmtRate(v)}/s`));
+  }
+  const every = TICKS[table.step] || 600;
+  const end = table.start + (n - 1) * table.step;
+  for (let t = Math.ceil(table.start / every) * every; t <= end; t += every) {
+    const at = x((t - table.start) / table.step);
+    nodes.push(svgEl("line", { x1: at, x2: at, y1: CHART.top, y2: CHART.top + h, class: "grid" }),
+      svgEl("text", { x: at, y: CHART.height - 6, class: "tick" }, fmtClock(t)));
+  }
+  for (const k of KINDS) {
+    const points = perSecond[k].map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`);
+    nodes.push(svgEl("polyline", { points: points.join(" "), class: `k-${k}` }));
+  }
+  svg.replaceChildren(...nodes);
+  for (const k of KINDS) svg.dataset[k] = String(table[k].reduce((a, b) => a + b, 0));
+  svg.dataset.start = String(table.start);
+}
+
+function drawCharts(data) {
+  drawChart("chart-hour", data.throughput.seconds);
+  drawChart("chart-day", data.throughput.minutes);
+}
+
+// --- campaigns ---------------------------------------------------------------------------
+
+// A bar for a rate, with the threshold drawn as a line: red at or past the threshold once
+// the campaign is judged; grey ("judged after N sent") below the minimum volume.
+function rateBar(rate, threshold, c) {
+  const judged = c.judged !== false;
+  const cell = el("td", null, judged ? "rate" : "rate pending");
+  cell.dataset.judged = judged ? "yes" : "no";
   const scale = Math.max(threshold * 2, rate || 0);
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("viewBox", "0 0 100 10");
-  svg.setAttribute("class", "bar");
-  const bar = document.createElementNS(SVG, "rect");
-  bar.setAttribute("width", String(rate ? Math.min(100, (rate / scale) * 100) : 0));
-  bar.setAttribute("height", "10");
-  bar.setAttribute("class", rate != null && rate >= threshold ? "over" : "under");
-  const mark = document.createElementNS(SVG, "line");
-  const x = String((threshold / scale) * 100);
-  for (const [a, v] of [["x1", x], ["x2", x], ["y1", "0"], ["y2", "10"]]) mark.setAttribute(a, v);
-  mark.setAttribute("class", "threshold");
-  svg.append(bar, mark);
+  const svg = svgEl("svg", { viewBox: "0 0 100 10", class: "bar" });
+  const over = judged && rate != null && rate >= threshold;
+  const bar = svgEl("rect", { width: rate ? Math.min(100, (rate / scale) * 100) : 0, height: 10,
+    class: judged ? (over ? "over" : "under") : "pending" });
+  const x = (threshold / scale) * 100;
+  svg.append(bar, svgEl("line", { x1: x, x2: x, y1: 0, y2: 10, class: "threshold" }));
   cell.append(svg, el("span", `${fmtPct(rate)} / ${fmtPct(threshold)}`));
+  if (!judged) cell.title = `not judged yet: judged after ${fmtInt(c.judged_after)} sent`;
   return cell;
 }
 
 function campaignKey(c) { return `${c.account}/${c.campaign}`; }
+
+function stateCell(c) {
+  const state = c.paused ? "paused" : c.status === "dropped" ? "dropped" : "sending";
+  const cell = el("td", state, c.paused || c.status === "dropped" ? "state-paused" : "state-ok");
+  if (c.guard === false) {
+    cell.append(el("span", ` · no guard: ${c.no_guard}`, "state-unguarded"));
+  } else if (c.judged === false) {
+    cell.append(el("span", ` · judged after ${fmtInt(c.judged_after)} sent`, "state-pending"));
+  }
+  return cell;
+}
 
 function drawCampaigns(data) {
   const t = data.thresholds;
   fillTable("campaigns", data.campaigns, (c) => {
     const row = el("tr");
     row.dataset.campaign = campaignKey(c);
-    row.append(el("td", c.account), el("td", c.campaign),
-      el("td", c.paused ? "paused" : "sending", c.paused ? "state-paused" : "state-ok"),
-      el("td", fmtInt(c.delivered)),
-      rateBar(c.rates.hard_bounce, t.hard_bounce), rateBar(c.rates.complaint, t.complaint),
-      rateBar(c.rates.unsubscribe, t.unsubscribe), el("td", fmtInt(c.queued)), el("td", fmtInt(c.held)));
+    row.append(el("td", c.account), el("td", c.campaign), stateCell(c), el("td", fmtInt(c.delivered)),
+      rateBar(c.rates.hard_bounce, t.hard_bounce, c), rateBar(c.rates.complaint, t.complaint, c),
+      rateBar(c.rates.unsubscribe, t.unsubscribe, c), el("td", fmtInt(c.queued)), el("td", fmtInt(c.held)));
     return row;
   });
   const paused = data.campaigns.filter((c) => c.paused);
@@ -154,30 +201,62 @@ function drawCampaigns(data) {
   fillTable("paused", paused, (c) => {
     const row = el("tr");
     row.dataset.campaign = campaignKey(c);
-    const button = el("button", "Resume", "resume");
-    button.type = "button";
-    button.dataset.account = c.account;
-    button.dataset.campaign = c.campaign;
-    button.addEventListener("click", () => resume(button, c));
     const action = el("td");
-    action.append(button);
+    action.append(actionButton("Resume", "resume", c, resumeQuestion(c, t)),
+      actionButton("Drop", "drop", c, dropQuestion(c)));
     row.append(el("td", c.account), el("td", c.campaign), el("td", c.reason), el("td", fmtInt(c.held)), action);
     return row;
   });
 }
 
-async function resume(button, c) {
+function resumeQuestion(c, t) {
+  return `Resume ${campaignKey(c)}? Its ${fmtInt(c.held)} held jobs go out now. The guard ` +
+    `keeps judging it on the mail sent from now on: past a threshold after ` +
+    `${fmtInt(t.min_volume)} sent, it is paused again.`;
+}
+
+function dropQuestion(c) {
+  return `Drop ${campaignKey(c)}? Its ${fmtInt(c.queued + c.deferred + c.held)} queued and ` +
+    `held jobs are removed for good (not sent), and new mail for it stays refused.`;
+}
+
+function actionButton(label, action, c, question) {
+  const button = el("button", label, action);
+  button.type = "button";
+  button.addEventListener("click", () => act(button, action, c, question));
+  return button;
+}
+
+// An in-page confirmation (a modal <dialog>): resolves true for OK, false otherwise.
+function confirmAction(question, verb) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = question;
+  $("confirm-ok").textContent = verb;
+  return new Promise((resolve) => {
+    const answer = (ok) => { if (dialog.open) dialog.close(); resolve(ok); };
+    $("confirm-ok").onclick = () => answer(true);
+    $("confirm-cancel").onclick = () => answer(false);
+    dialog.oncancel = () => resolve(false);
+    dialog.showModal();
+  });
+}
+
+async function act(button, action, c, question) {
+  const verb = action === "drop" ? "Drop" : "Resume";
+  if (!(await confirmAction(question, verb))) return;
   button.disabled = true;
   try {
-    const path = `/api/v1/campaigns/${encodeURIComponent(c.account)}/${encodeURIComponent(c.campaign)}/resume`;
+    const path = `/api/v1/campaigns/${encodeURIComponent(c.account)}/${encodeURIComponent(c.campaign)}/${action}`;
     await api(path, { method: "POST" });
-    setStatus(`resumed ${campaignKey(c)}`);
+    setStatus(`${action === "drop" ? "dropped" : "resumed"} ${campaignKey(c)}`);
   } catch (error) {
-    setStatus(`resume failed: ${error.message}`, true);
+    setStatus(`${action} failed: ${error.message}`, true);
     button.disabled = false;
   }
   refresh();
 }
+
+// --- destinations and throttle -------------------------------------------------------------
 
 function drawDestinations(data) {
   fillTable("destinations", data.destinations, (d) => {
@@ -205,14 +284,15 @@ async function refresh() {
     $("forget").hidden = false;
     drawTotals(data);
     drawQueue(data);
-    drawChart();
+    drawCharts(data);
     drawCampaigns(data);
     drawDestinations(data);
     document.body.dataset.updated = String(data.time);
     setStatus(`updated ${new Date(data.time * 1000).toLocaleTimeString()}`);
   } catch (error) {
-    if (error.message === "unauthorized") return;
-    setStatus(`engine unreachable: ${error.message}`, true);
+    if (error.kind === "unauthorized") return;
+    document.body.dataset.problem = error.kind || "error";
+    setStatus(error.message, true);
   }
   timer = setTimeout(refresh, REFRESH_MS);
 }

@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --tls: this many plain/TLS pairs, alternating (the median "
                              "ratio is less at the mercy of other load on the machine)")
+    parser.add_argument("--html", action="store_true",
+                        help="messages with a text part and an HTML part holding links")
+    parser.add_argument("--tracking", choices=["on", "off", "compare"],
+                        help="the engine's open and click tracking; compare: off then on, "
+                             "--rounds pairs, and the ratio of their end-to-end rates")
     parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
                         help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
                              "when offered); the engine target authenticates per account")
@@ -77,7 +82,26 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
                  if getattr(args, key) is not None}
     if overrides:
         scenario.load = replace(scenario.load, **overrides)
+    if args.html:
+        scenario.messages = replace(scenario.messages, html=True)
     return scenario
+
+
+def with_tracking(scenario: Scenario, on: bool) -> Scenario:
+    engine = {**scenario.engine, "tracking": {**scenario.engine.get("tracking", {}),
+                                              "opens": on, "clicks": on}}
+    return replace(scenario, engine=engine)
+
+
+def tracking_comparison(results: list[RunResult]) -> str:
+    """Each off/on pair's ratios, and the median end-to-end ratio (on / off)."""
+    pairs = list(zip(results[0::2], results[1::2], strict=False))
+    lines = [format_comparison(on, off) for off, on in pairs]
+    ratios = sorted(on.e2e_rate / off.e2e_rate for off, on in pairs if off.e2e_rate)
+    lines.append(f"tracking on / off e2e ratio per round: "
+                 f"{', '.join(f'{r:.2f}' for r in ratios)}"
+                 + (f"; median {statistics.median(ratios):.2f}" if ratios else ""))
+    return "\n".join(lines)
 
 
 def targets_of(args: argparse.Namespace) -> list[str]:
@@ -113,16 +137,28 @@ def main(args: argparse.Namespace) -> int:
     opts = Options(scenario, args.workers, args.dkim, args.sink_port, args.dns_port, args.keep,
                    not args.quiet, args.auth)
     results: list[RunResult] = []
+    runs: list[tuple[str, bool | None]] = [(kind, None) for kind in targets_of(args)]
+    if args.tracking == "compare":
+        if args.target != "engine" or args.compare or args.tls:
+            raise SystemExit("--tracking compare runs the engine twice: no --target, "
+                             "--compare or --tls")
+        runs = [("engine", False), ("engine", True)] * max(1, args.rounds)
+    elif args.tracking:
+        runs = [(kind, args.tracking == "on") for kind, _ in runs]
     try:
-        for kind in targets_of(args):
+        for kind, tracking in runs:
             tls = kind == "engine+tls"
-            results.append(run_once("engine" if tls else kind,
-                                    replace(opts, tls=tls, sink_processes=args.tls)))
+            run_opts = replace(opts, tls=tls, sink_processes=args.tls)
+            if tracking is not None:
+                run_opts = replace(run_opts, scenario=with_tracking(scenario, tracking))
+            results.append(run_once("engine" if tls else kind, run_opts))
             print(format_report(results[-1]), flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: everything started has been stopped", file=sys.stderr)
         return 130
-    if args.tls:
+    if args.tracking == "compare":
+        print(tracking_comparison(results))
+    elif args.tls:
         print(tls_comparison(results))
     elif len(results) > 1:
         print(format_comparison(results[0], results[1]))

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "mta.commands.suppression",
     "mta.commands.account",
     "mta.commands.tls",
+    "mta.commands.node",
 ]
 
 

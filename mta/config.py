@@ -133,6 +133,8 @@ class SmtpConfig:
     tls_cert: str = path_setting("")
     tls_key: str = path_setting("")
     campaign_header: str = "X-Campaign-ID"
+    send_at_header: str = "X-Send-At"  # RFC 3339 or Unix seconds: not attempted before; removed
+    lane_header: str = "X-MTA-Lane"  # transactional | bulk (for accounts allowed it); removed
 
 
 @dataclass
@@ -186,6 +188,8 @@ class DeliveryConfig:
     max_mx_addresses: int = 5
     max_connections_per_destination: int = 20
     max_concurrent_deliveries: int = 2000
+    transactional_slots: int = 100  # of max_concurrent_deliveries, kept free of bulk mail
+    bulk_min_share: float = 0.2  # of a destination's sends, kept for bulk while both wait
     connection_idle_timeout: float = 30.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -258,6 +262,8 @@ class PolicyConfig:
     footer_text: str = "Email Marketing by MTA"  # added for accounts not on the pro plan
     footer_html: str = ""  # empty: footer_text, HTML-escaped, in a <p>
     unsubscribe_path: str = "/unsubscribe/"  # one-click links: [http] public_url + this + token
+    unsubscribe_placeholder: str = "{{unsubscribe_url}}"  # replaced by the link in the body
+    unsubscribe_label: str = "Unsubscribe"  # text of the visible link appended to the footer
     unsubscribe_mailbox: str = "unsubscribe"  # mailto local part on [bounce] domain
     unsubscribe_secret: str = ""  # HMAC key of the links; empty: a random key kept in the spool
     notice_from: str = ""  # From: of notices to accounts; empty: postmaster@[engine] hostname
@@ -303,6 +309,26 @@ class InjectConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Open and click tracking of campaign mail (mta/tracking), served on [http] listen."""
+
+    opens: bool = True  # a 1x1 image per recipient in HTML parts
+    clicks: bool = True  # http(s) links in text and HTML parts become signed redirects
+    header: str = "X-MTA-Tracking"  # per campaign: "off", "opens" or "clicks"; removed
+    secret: str = ""  # HMAC key of the tokens; empty: a random key kept in the spool
+    click_path: str = "/c/"  # click links: [http] public_url + this + token
+    open_path: str = "/o/"  # the pixel: [http] public_url + this + token + ".gif"
+    hidden_link: bool = True  # an invisible link in HTML parts: whoever follows it is a bot
+    client_address: str = "truncate"  # in events: "truncate" (/24, /48), "hash", "full", "none"
+    scanner_window: float = 10.0  # s after delivery: clicks on every link within it = machine
+    machine_agents: list[str] = field(default_factory=lambda: [
+        "GoogleImageProxy", "YahooMailProxy", "ggpht.com", "Mail-Privacy", "Barracuda",
+        "Mimecast", "Proofpoint", "Symantec", "Trend Micro", "python-requests", "curl/",
+        "Go-http-client", "Wget", "bot", "spider", "crawler", "HeadlessChrome",
+        "Microsoft Office Existence Discovery"])  # user-agent substrings (case ignored)
+
+
+@dataclass
 class AccountConfig:
     name: str
     password_hash: str = ""
@@ -311,6 +337,22 @@ class AccountConfig:
     plan: str = "standard"
     subscriber_level: int = 0
     sender_domains: list[str] = field(default_factory=list)
+    tracking: bool = True  # false: no open pixel, no click rewriting (the unsubscribe link stays)
+    max_rate: str = ""  # "500/m": its mail is paced out at this rate (accepted, never refused)
+    lane: str = "bulk"  # the lane of its mail: bulk | transactional
+    lanes: list[str] = field(default_factory=list)  # lanes its mail may choose by lane_header
+
+
+@dataclass
+class WindowConfig:
+    """A campaign's delivery window: its mail is attempted only during one of its windows
+    (mta.queue.schedule); outside them, attempts wait for the next window start."""
+
+    campaign: str
+    account: str = ""  # empty: the campaign of any account
+    days: list[str] = field(default_factory=list)  # "mon", "mon-fri"; empty: every day
+    hours: str = "00:00-24:00"  # HH:MM-HH:MM, local time in `timezone`
+    timezone: str = "UTC"  # a zoneinfo name
 
 
 @dataclass
@@ -328,7 +370,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tlsrpt: TlsReportConfig = field(default_factory=TlsReportConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     accounts: list[AccountConfig] = field(default_factory=list)
+    windows: list[WindowConfig] = field(default_factory=list)
 
     def account(self, name: str) -> AccountConfig | None:
         return next((a for a in self.accounts if a.name == name), None)
@@ -351,6 +395,12 @@ def _validator(section: str, key: str):
 @_validator("http", "listen")
 def _check_hostport(value: str) -> None:
     parse_hostport(value)
+
+
+@_validator("tracking", "client_address")
+def _check_client_address(value: str) -> None:
+    if value not in ("truncate", "hash", "full", "none"):
+        raise ValueError("must be one of truncate, hash, full, none")
 
 
 @_validator("inject", "listen")
@@ -480,9 +530,54 @@ def _check_domain_list(value: list[str]) -> None:
 
 
 @_validator("smtp", "campaign_header")
+@_validator("smtp", "send_at_header")
+@_validator("smtp", "lane_header")
 def _check_field_name(value: str) -> None:
     if not _FIELD_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a header field name")
+
+
+@_validator("accounts", "max_rate")
+def _check_rate(value: str) -> None:
+    if value:
+        from mta.throttle.account_pace import parse_rate
+        parse_rate(value)
+
+
+@_validator("accounts", "lane")
+def _check_lane(value: str) -> None:
+    if value not in ("bulk", "transactional"):
+        raise ValueError(f"{value!r}: bulk or transactional")
+
+
+@_validator("accounts", "lanes")
+def _check_lanes(value: list[str]) -> None:
+    for lane in value:
+        _check_lane(lane)
+
+
+@_validator("delivery", "bulk_min_share")
+def _check_share(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError("a fraction: more than 0, at most 1")
+
+
+@_validator("windows", "days")
+def _check_days(value: list[str]) -> None:
+    from mta.queue.schedule import parse_days
+    parse_days(value)
+
+
+@_validator("windows", "hours")
+def _check_hours(value: str) -> None:
+    from mta.queue.schedule import parse_hours
+    parse_hours(value)
+
+
+@_validator("windows", "timezone")
+def _check_timezone(value: str) -> None:
+    from mta.queue.schedule import zone
+    zone(value)
 
 
 @_validator("engine", "local_mailboxes")

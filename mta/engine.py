@@ -59,12 +59,17 @@ from mta.listen_lock import claim_address
 from mta.metrics import LiveParts
 from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
+from mta.queue.rules import RateCache, RuleCheck, RuleExpiry
+from mta.queue.schedule import windows_of
 from mta.queue.scheduler import Scheduler
 from mta.queue.spool import Spool
 from mta.smtp.intake import Intake
 from mta.smtp.server import IntakeSMTP
 from mta.throttle import Throttle
+from mta.throttle.account_pace import AccountPaces, parse_rate
 from mta.throttle.shared import LocalBudget, SharedBudget
+from mta.tracking.hits import tracking_secret
+from mta.tracking.rewrite import TrackingTransform
 
 log = logging.getLogger("mta.engine")
 
@@ -188,6 +193,14 @@ async def start_guard(ctx: WorkerContext, link: RedisLink | None) -> PolicyGuard
     return guard
 
 
+def account_paces(ctx: WorkerContext, budget: SharedBudget) -> AccountPaces:
+    """`[[accounts]] max_rate`: one pace per account, shared across nodes by `budget`."""
+    rates = {a.name: parse_rate(a.max_rate) for a in ctx.cfg.accounts if a.max_rate}
+    return AccountPaces(rates, budget, ctx.workers, on_wait=lambda account, wait: ctx.emit(
+        {"type": "AccountPaced", "account": account, "queue_wait": wait}),
+        campaign_rates=RateCache(ctx.spool).get)
+
+
 def shared_budget(ctx: WorkerContext, link: RedisLink | None, throttle: Throttle
                   ) -> SharedBudget:
     if link is None:
@@ -205,14 +218,23 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
     inbound handler takes mail for our own domains), its outcome is recorded and emitted."""
     cfg = ctx.cfg
     local_domains = bounce_domains(cfg) | {d.lower() for d in cfg.smtp.local_domains}
+    throttle = make_throttle(ctx, shared=link is not None)
+    budget = shared_budget(ctx, link, throttle)
+    rules = RuleCheck(ctx.spool, then=guard.holds if guard else None)  # operators' rules
     scheduler = Scheduler(ctx.spool, ctx.committer, cfg.delivery, ctx.index, ctx.workers,
                           on_outcome=emit_outcomes(ctx, local_domains),
                           build_dsn=make_dsn_builder(cfg),
-                          hold_check=guard.holds if guard else None)
+                          hold_check=rules, windows=windows_of(cfg),
+                          bounce_check=rules, pace=account_paces(ctx, budget))
+    if ctx.index == 0:  # one worker lifts expired rules
+        expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
+        expiry.start()
+        ctx.on_close(expiry.close)
     verp_key = verp_secret(cfg, ctx.spool)
     signer = DkimSigner.from_config(cfg.dkim)  # without keys: counts what goes out unsigned
     transforms: list[Transform] = [
         *([guard.transform] if guard and guard.transform else []),  # footer, List-Unsubscribe
+        TrackingTransform(cfg, tracking_secret(cfg.tracking, ctx.spool)),  # links, pixel
         *([verp_transform(cfg, verp_key)] if cfg.bounce.verp else []),  # the return path
         *([line_wrap_transform(cfg.delivery.line_length_limit)]
           if cfg.delivery.line_length_limit else []),
@@ -220,11 +242,10 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
     ]
     mailboxes = {cfg.policy.unsubscribe_mailbox.lower(): guard.unsubscribe_mailbox} if guard else {}
     inbound = InboundHandler(cfg, ctx.spool, ctx.emit, scheduler.complete, verp_key, mailboxes)
-    throttle = make_throttle(ctx, shared=link is not None)
     resolver = make_resolver(cfg)
     tls = start_tls(ctx, resolver.lookup,  # TLS modes, MTA-STS, DANE, TLS reports
                     on_stored=lambda _: scheduler.wake())
-    deliverer = Deliverer(cfg, resolver, throttle, shared_budget(ctx, link, throttle),
+    deliverer = Deliverer(cfg, resolver, throttle, budget,
                           scheduler, transforms, local_domains, inbound, tls=tls.policies)
     scheduler.start(dispatch=deliverer.dispatch)
     keep_throttle_snapshots(ctx, throttle)

@@ -62,7 +62,9 @@ MTA_SECTIONS: dict[str, Section] = {
     "cluster": Section(config.ClusterConfig, ("cluster",)),
     "tlsrpt": Section(config.TlsReportConfig, ("tlsrpt",)),
     "inject": Section(config.InjectConfig, ("inject",)),
+    "tracking": Section(config.TrackingConfig, ("tracking",)),
     "accounts": Section(config.AccountConfig, ("accounts",)),
+    "windows": Section(config.WindowConfig, ("windows",)),
 }
 
 SHAPING_SECTIONS: dict[str, Section] = {

@@ -209,3 +209,40 @@ def test_admin_api_off_and_engine_unreachable_read_differently(
     finally:
         engine.stop()
     wait.until(lambda d: text(d, "status").startswith("engine unreachable"))
+
+
+def test_campaign_page_shows_opens_clicks_and_top_links(tmp_path: Path,
+                                                        browser: webdriver.Chrome) -> None:
+    from mta.tracking.stats import apply_events
+
+    spool = Spool(tmp_path / "engine" / "spool")
+    store = PolicyStore(spool)
+    link = "https://shop.test/<b>sale</b>"  # shown as text, never as markup
+    events = [{"type": t, "account": "default", "campaign": "spring", "recipient": r,
+               "class": c, "link": link if t == "Click" else ""}
+              for t, r, c in (("Open", "a@d", "human"), ("Open", "b@d", "machine"),
+                              ("Click", "a@d", "human"), ("Click", "b@d", "machine"))]
+    with spool.env.begin(write=True) as txn:
+        store.put_counters(txn, campaign_key("default", "spring"),
+                           Counters(sent=4, delivered=4))
+        apply_events(spool, txn, events)
+    spool.close()
+    engine = start_http_engine(tmp_path / "engine")
+    try:
+        wait = log_in(browser, engine)
+        row = '#campaigns tr[data-campaign="default/spring"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+        cells = browser.find_elements(By.CSS_SELECTOR, f"{row} td")
+        assert cells[-2].text == "1 · 25.00 %" and cells[-1].text == "1 · 25.00 %"
+        browser.find_element(By.CSS_SELECTOR, f"{row} button.link").click()
+        wait.until(lambda d: d.find_element(By.ID, "campaign-page").is_displayed())
+        figures = text(browser, "campaign-figures")
+        assert "unique opens (people) 1 25.00 %" in figures
+        assert "clicks: human / machine 1 / 1" in figures
+        links = browser.find_elements(By.CSS_SELECTOR, "#campaign-links tbody tr")
+        assert [r.text for r in links] == [f"{link} 1 1"]
+        assert not browser.find_elements(By.CSS_SELECTOR, "#campaign-links b")
+        browser.find_element(By.ID, "campaign-close").click()
+        wait.until(lambda d: not d.find_element(By.ID, "campaign-page").is_displayed())
+    finally:
+        engine.stop()

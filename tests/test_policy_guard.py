@@ -413,8 +413,10 @@ async def test_transform_adds_footer_and_list_unsubscribe(tmp_path: Path) -> Non
         sender, data = g.transform(item, ["bob@dest.test"], "news@shop.test",
                                    item.message["data"])
         assert sender == "news@shop.test"
-        assert data.endswith(b"hello\r\n\r\nEmail Marketing by Test\r\n")
         token = g.token_for("shop", "spring", "bob@dest.test")
+        # The branding, then the visible link with the same token as List-Unsubscribe.
+        assert data.endswith(b"hello\r\n\r\nEmail Marketing by Test\r\n"
+                             + f"Unsubscribe: https://mta.test/unsubscribe/{token}\r\n".encode())
         assert f"<https://mta.test/unsubscribe/{token}>".encode() in data
         assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in data
         assert (await g.unsubscribe(token)).recipient == "bob@dest.test"
@@ -422,6 +424,14 @@ async def test_transform_adds_footer_and_list_unsubscribe(tmp_path: Path) -> Non
         _, pro = g.transform(item_for("vip", "launch", ["a@d.test"]), ["a@d.test"],
                              "n@vip.test", item.message["data"])
         assert b"Email Marketing" not in pro and b"List-Unsubscribe:" in pro
+        vip_token = g.token_for("vip", "launch", "a@d.test")
+        assert pro.endswith(f"Unsubscribe: https://mta.test/unsubscribe/{vip_token}\r\n".encode())
+        # A placeholder in the content takes the link where the customer put it.
+        placed = item_for("vip", "launch", ["a@d.test"])
+        body = b"From: n@vip.test\r\n\r\nhello\r\nLeave: {{unsubscribe_url}}\r\n"
+        _, out = g.transform(placed, ["a@d.test"], "n@vip.test", body)
+        assert out.endswith(f"Leave: https://mta.test/unsubscribe/{vip_token}\r\n".encode())
+        assert b"{{unsubscribe_url}}" not in out and out.count(vip_token.encode()) == 3
         _, plain = g.transform(item_for("vip", "", ["a@d.test"]), ["a@d.test"],
                                "n@vip.test", item.message["data"])
         assert plain == item.message["data"]

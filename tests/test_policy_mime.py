@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mta.config import DkimConfig
 from mta.dkim import DkimSigner
-from mta.policy.footer import add_footer
+from mta.policy.footer import UnsubscribeLink, add_footer
 from mta.policy.headers import Unsubscriber
 from tests.helpers.dkim import dkimpy_results, write_key
 
@@ -132,3 +132,88 @@ def test_single_text_part_gets_the_footer_appended_as_it_is() -> None:
     out = add_footer(latin, "Envoyé par Éxample")  # charset kept: the footer is re-encoded
     assert email.message_from_bytes(out, policy=default).get_content().replace(
         "\r\n", "\n") == "café\n\nEnvoyé par Éxample\n"
+
+
+URL = "https://mta.example.com/unsubscribe/abc.def"
+
+
+def test_visible_unsubscribe_link_in_both_parts_every_encoding() -> None:
+    link = UnsubscribeLink(URL)
+    for cte in (None, "quoted-printable", "base64"):
+        original = newsletter(cte)
+        out = add_footer(original, FOOTER, "", link)
+        got = parts(out)
+        assert got["text/plain"].rstrip().endswith(f"{FOOTER}\nUnsubscribe: {URL}")
+        html = got["text/html"]
+        assert f'<a href="{URL}">Unsubscribe</a>' in html
+        assert html.index(FOOTER) < html.index(URL) < html.index("</body>")
+        assert URL not in got["prices.csv"]
+        assert got["catalogue.pdf"] == parts(original)["catalogue.pdf"]
+        ctes = [p.get("Content-Transfer-Encoding") for p in
+                email.message_from_bytes(out, policy=default).walk()]
+        assert ctes == [p.get("Content-Transfer-Encoding") for p in
+                        email.message_from_bytes(original, policy=default).walk()]
+    # PRO: no branding, the link all the same.
+    got = parts(add_footer(newsletter(), "", "", link))
+    assert FOOTER not in got["text/plain"] and got["text/plain"].rstrip().endswith(URL)
+    assert FOOTER not in got["text/html"] and f'href="{URL}"' in got["text/html"]
+
+
+def test_placeholder_takes_the_link_where_the_customer_put_it() -> None:
+    msg = EmailMessage()
+    msg["From"] = "news@example.com"
+    msg.set_content("Hi\nStop: {{unsubscribe_url}}\n", cte="quoted-printable")
+    msg.add_alternative('<html><body><p>Hi</p><a href="{{unsubscribe_url}}">stop</a>'
+                        "</body></html>\n", subtype="html")
+    out = add_footer(msg.as_bytes(policy=SMTP), "", "", UnsubscribeLink(URL + "&x"))
+    got = parts(out)
+    assert "{{unsubscribe_url}}" not in out.decode()
+    assert got["text/plain"] == f"Hi\nStop: {URL}&x\n"  # placed, so not appended again
+    assert got["text/html"].count("mta.example.com") == 1
+    assert f'<a href="{URL}&amp;x">stop</a>' in got["text/html"]  # HTML-escaped
+    # Only the HTML part holds it: the text part still gets the link appended.
+    msg = EmailMessage()
+    msg["From"] = "news@example.com"
+    msg.set_content("Hi\n")
+    msg.add_alternative('<p><a href="[[u]]">stop</a></p>', subtype="html")
+    got = parts(add_footer(msg.as_bytes(policy=SMTP), "", "",
+                           UnsubscribeLink(URL, placeholder="[[u]]", label="Leave")))
+    assert got["text/plain"] == f"Hi\n\nLeave: {URL}\n"
+    assert got["text/html"].count(URL) == 1
+    # The fast path (one plain 7bit part): in place, or appended.
+    plain = b"From: a@example.com\r\n\r\nbye {{unsubscribe_url}}\r\n"
+    assert add_footer(plain, "", "", UnsubscribeLink(URL)).endswith(f"bye {URL}\r\n".encode())
+    assert add_footer(b"From: a@example.com\r\n\r\nbye\r\n", FOOTER, "",
+                      UnsubscribeLink(URL)).endswith(
+        f"bye\r\n\r\n{FOOTER}\r\nUnsubscribe: {URL}\r\n".encode())
+
+
+def test_fast_path_matches_the_email_package_and_declines_the_unusual() -> None:
+    from mta.policy import footer
+    from mta.policy.mimeparts import change_text_parts
+
+    link = UnsubscribeLink(URL)
+    for cte in (None, "quoted-printable", "base64"):
+        original = newsletter(cte)
+        fast = add_footer(original, "Email Marketing by Ünï", "", link)
+        assert change_text_parts(original, lambda *_: None) is original  # simple MIME
+        message = footer.parse(original)  # the email package's answer, forced
+        for part, body in footer.text_bodies(message):
+            first = True  # one text and one HTML part
+            change = (footer.plain_change(body, "Email Marketing by Ünï", link, first)
+                      if part.get_content_type() == "text/plain" else
+                      footer.html_change(body, footer.html_footer("Email Marketing by Ünï"),
+                                         link, first))
+            footer.replace_body(part, change)
+        slow = footer.serialize(message)
+        assert {k: v.replace("\n\n\n", "\n\n") for k, v in parts(fast).items()} == {
+            k: v.replace("\n\n\n", "\n\n") for k, v in parts(slow).items()}
+        assert email.message_from_bytes(fast, policy=default).defects == []
+    unusual = [
+        b"From: a@x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nhi\r\n",
+        b"From: a@x\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-uue\r\n\r\nhi\r\n",
+        b"From: a@x\r\nContent-Type: text/plain; charset=x-unknown\r\n\r\nhi\r\n",
+        b"From: a@x\r\nContent-Type: multipart/mixed\r\n\r\n--b\r\n\r\nhi\r\n--b--\r\n",
+    ]
+    for data in unusual:
+        assert change_text_parts(data, lambda leaf, text, n: text + "x") is None

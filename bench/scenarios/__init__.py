@@ -56,6 +56,7 @@ class MessageSpec:
     campaigns: int = 5
     campaign_order: str = "mixed"  # "mixed": i % campaigns; "sequential": blocks
     campaign_size: int = 0  # "sequential": messages per campaign (0: count / campaigns)
+    html: bool = False  # multipart/alternative: a text part and an HTML part with links
 
 
 @dataclass
@@ -232,7 +233,10 @@ class Traffic:
         self.run_id = run_id or f"{int(time.time()):x}"
         self.rng = random.Random(scenario.load.seed)
         self.plan: dict[int, Planned] = {}
-        self._bodies = {int(size): filler(int(size)) for size, _ in scenario.messages.sizes}
+        fill = html_filler if scenario.messages.html else filler
+        self._bodies = {int(size): fill(int(size)) for size, _ in scenario.messages.sizes}
+        self._ctype = (f'multipart/alternative; boundary="{BOUNDARY}"' if scenario.messages.html
+                       else "text/plain; charset=utf-8")
         self._sizes = [int(size) for size, _ in scenario.messages.sizes]
         self._size_weights = [w for _, w in scenario.messages.sizes]
         self._counts = [int(n) for n, _ in scenario.messages.recipients]
@@ -275,7 +279,7 @@ class Traffic:
     def headers(self, i: int, sender: str, rcpt: str, campaign: str) -> bytes:
         return (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: {campaign} message {i}\r\n"
                 f"Date: {self.date()}\r\nMessage-ID: <{i}.{self.run_id}@{DOMAIN_SUFFIX}>\r\n"
-                f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"MIME-Version: 1.0\r\nContent-Type: {self._ctype}\r\n"
                 f"X-Campaign-ID: {campaign}\r\n{INDEX_HEADER}: {i}\r\n\r\n").encode()
 
     def date(self) -> str:
@@ -295,6 +299,26 @@ def filler(size: int) -> bytes:
     body_len = max(len(LINE), size - 290)
     whole, rest = divmod(body_len, len(LINE))
     return LINE * whole + (LINE[: rest - 2] + b"\r\n" if rest > 2 else b"")
+
+
+BOUNDARY = "=_bench_alternative"
+LINKS = ["https://shop.bench.test/spring?utm=mail", "https://shop.bench.test/p/42",
+         "http://blog.bench.test/news"]
+
+
+def html_filler(size: int) -> bytes:
+    """A multipart/alternative body of about `size` bytes with its headers: a text part and
+    an HTML part (three links, and a placeholder-free layout), each about half."""
+    half = max(len(LINE), (size - 290 - 260) // 2)
+    text = f"Spring sale: {LINKS[0]}\r\n".encode()
+    text += LINE * max(0, (half - len(text)) // len(LINE))
+    links = "".join(f'<p><a href="{u}">offer {i}</a></p>\r\n' for i, u in enumerate(LINKS))
+    para = b"<p>" + LINE[:-2] + b"</p>\r\n"
+    body = b"<html><body>\r\n" + links.encode()
+    body += para * max(0, (half - len(body) - 17) // len(para)) + b"</body></html>\r\n"
+    return (f"--{BOUNDARY}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n".encode()
+            + text + f"\r\n--{BOUNDARY}\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            .encode() + body + f"\r\n--{BOUNDARY}--\r\n".encode())
 
 
 def index_of(data: bytes) -> int | None:

@@ -47,6 +47,7 @@ log = logging.getLogger("mta.cluster")
 BATCH_SECONDS = 0.05  # message tokens taken at once: this long at the rate (within the burst)
 TOKEN_LIFE = 1.0  # tokens in hand not used within this long (once usable) are dropped
 RESERVE_MAX = 1.0  # a message token may be reserved this far ahead
+PACE_RESERVE_MAX = 3600.0  # an account's turn may be reserved this far ahead
 WAITER_TTL = 3.0  # a worker refused a connection counts as waiting this long (at most node_ttl)
 FULL_MEMORY = 0.05  # after "full", connect() answers so itself this long (no round trip)
 RENEW_INTERVAL = 0.25  # leases renewed (and fair shares looked at) this often (at most ttl/3)
@@ -372,6 +373,18 @@ class ClusterThrottle:
             if result is not DOWN:
                 return self._reserved(keys, quantity, result)
         return self._send_locally(budgets)
+
+    async def pace(self, scope: str, rate: float, burst: int) -> float | None:
+        """A turn at a pace shared by every node (an account's rate), reserved up to
+        PACE_RESERVE_MAX ahead; None while Redis cannot answer (pace locally)."""
+        if not self.link.up:
+            return None
+        result = await self.link.call(lambda: self._pace(
+            keys=[self._key("pace", scope)], args=[1, PACE_RESERVE_MAX, 1.0 / rate, burst]))
+        if result is DOWN:
+            return None
+        taken, delay = int(result[0]), float(result[1])
+        return max(delay, 0.0) if taken else max(delay - PACE_RESERVE_MAX, 0.001)
 
     def _token_in_hand(self, keys: tuple[str, ...]) -> float | None:
         """0.0: a token was taken; > 0: tokens are reserved, usable after that wait;

@@ -141,6 +141,12 @@ def show_account(row: Row) -> None:
         print(f"{'purge after':17} {when(row['purge_after'])}")
     print(f"{'suppressed':17} {row['suppressed']} addresses")
     print(f"{'totals':17} " + ", ".join(f"{k} {v}" for k, v in row["totals"].items()))
+    e = row.get("engagement")
+    if e:
+        print(f"{'opens':17} unique {e['unique_opens']}, total {e['opens_total']} (human "
+              f"{e['opens_human']}, machine {e['opens_machine']})")
+        print(f"{'clicks':17} unique {e['unique_clicks']}, total {e['clicks_total']} (human "
+              f"{e['clicks_human']}, machine {e['clicks_machine']})")
     print_table(["campaign", "status", "sent", "delivered", "hard", "complaints", "unsubs",
                  "guard"],
                 [[c["campaign"], c["status"], c["sent"], c["delivered"], c["hard_bounces"],

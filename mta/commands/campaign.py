@@ -20,6 +20,7 @@ from mta.http.operations import config_thresholds
 from mta.policy import operations
 from mta.policy.offline import OfflineSession
 from mta.policy.rates import fmt_percent
+from mta.text import shown
 
 Row = dict[str, Any]
 
@@ -263,6 +264,23 @@ def show_campaign(row: Row) -> None:
          f"> {percent(t['unsubscribe'])}"]])
     print(f"judged after {t['min_volume']} sent; in the queue: {row['queued']} queued, "
           f"{row['deferred']} deferred, {row['held']} held")
+    show_engagement(row.get("engagement"))
+
+
+def show_engagement(e: dict[str, Any] | None) -> None:
+    """Opens and clicks: unique counts people only; totals split human / machine."""
+    if not e:
+        return
+    print(f"opens     unique {e['unique_opens']} ({percent(e['open_rate'])} of delivered),"
+          f" total {e['opens_total']} (human {e['opens_human']}, machine "
+          f"{e['opens_machine']})")
+    print(f"clicks    unique {e['unique_clicks']} ({percent(e['click_rate'])} of "
+          f"delivered, {percent(e['click_to_open'])} of unique opens), total "
+          f"{e['clicks_total']} (human {e['clicks_human']}, machine {e['clicks_machine']})")
+    if e.get("top_links"):
+        print_table(["top links", "human clicks", "machine clicks"], [
+            [shown(link["url"], 100), str(link["clicks_human"]), str(link["clicks_machine"])]
+            for link in e["top_links"]])
 
 
 def show_paused(r: Row) -> None:

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +41,7 @@ from mta.delivery.connection import (
 from mta.delivery.mx import Route, RouteError
 from mta.delivery.tls.policy import refusal
 from mta.delivery.tls.service import TlsPolicies
+from mta.queue.lanes import LaneQueue
 from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.throttle import CONNECTION_FAILED, WAIT_FOR_CLOSE, Destination, Throttle
@@ -74,7 +74,7 @@ class Pool:
     targets: list[Target]
     dest: Destination
     tls: TlsRoute | None = None  # the destination's TLS plan and checker
-    queue: deque[Item] = field(default_factory=deque)
+    queue: LaneQueue = field(default_factory=LaneQueue)  # transactional first (mta.queue.lanes)
     workers: int = 0
     idle: int = 0
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -161,7 +161,8 @@ class Deliverer:
         key = (dest.name, tls.plan.key if tls else "", *(t.address for t in targets))
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = Pool(key, targets, dest, tls)
+            pool = self.pools[key] = Pool(key, targets, dest, tls,
+                                          LaneQueue(self.cfg.delivery.bulk_min_share))
         pool.queue.append(item)
         self._kick(pool)
 

@@ -18,10 +18,19 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from mta.audit import AuditLog, action_record
-from mta.http.operations import PolicyOperations
+from mta.http.operations import NotFound, PolicyOperations, PolicyUnavailable
 from mta.metrics import outcome_totals, throughput_history
+from mta.queue.rules import (
+    Rule,
+    add_rule,
+    check_rule,
+    lift_rule,
+    rules_listing,
+    set_campaign_rate,
+)
 from mta.queue.spool import Spool
 from mta.queue.views import message_detail, message_list, queue_stats
+from mta.throttle.account_pace import parse_rate
 from mta.throughput import Ring
 
 SCAN_SHARE = 20  # wait at least this many times the last scan's duration before the next
@@ -124,8 +133,11 @@ def throttle_summary(rows: list[dict[str, Any]], limit: int = TOP_THROTTLE_ROWS
 class AdminApi:
     def __init__(self, cfg: Any, spool: Spool, policy: PolicyOperations,
                  audit: AuditLog | None = None, metrics_registry: Any = None,
-                 throughput: Ring | None = None) -> None:
+                 throughput: Ring | None = None, submit: Callable[[Any], Any] | None = None,
+                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
+        self.submit = submit  # worker 0's group committer, for the queue rules
+        self.emit = emit or (lambda event: None)
         self.throughput = throughput  # this worker's ring (the others' are read from files)
         self.spool = spool
         self.policy = policy
@@ -170,6 +182,43 @@ class AdminApi:
             "thresholds": self.policy.thresholds(),
             "campaigns": campaigns,
         }
+
+    # --- queue rules: suspend or bounce by scope, with an expiry (mta.queue.rules) ----------
+
+    async def queue_rules(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(rules_listing, self.spool)
+
+    async def add_queue_rule(self, rule: Rule) -> dict[str, Any]:
+        if self.submit is None:
+            raise PolicyUnavailable("this worker cannot write the spool")
+        done = await self.submit(lambda txn: add_rule(self.spool, txn, rule, time.time()))
+        self.emit({"type": "QueueRuleAdded", **rule.as_dict(), **done})
+        return {"rule": rule.as_dict(), **done}
+
+    async def lift_queue_rule(self, action: str, scope: str, value: str) -> dict[str, Any]:
+        if self.submit is None:
+            raise PolicyUnavailable("this worker cannot write the spool")
+        value = check_rule(action, scope, value)
+        done = await self.submit(
+            lambda txn: lift_rule(self.spool, txn, action, scope, value, time.time()))
+        if done is None:
+            raise NotFound(f"no {action} rule for {scope} {value!r}")
+        self.emit({"type": "QueueRuleLifted", "action": action, "scope": scope,
+                   "value": value, "by": "operator", "released": done["released"]})
+        return done
+
+    async def set_campaign_rate(self, account: str, campaign: str, max_rate: str
+                                ) -> dict[str, Any]:
+        """A campaign's sending rate ("100/m"; "" removes it): its mail is paced out."""
+        if self.submit is None:
+            raise PolicyUnavailable("this worker cannot write the spool")
+        per_second = parse_rate(max_rate) if max_rate else None
+        await self.submit(lambda txn: set_campaign_rate(self.spool, txn, account, campaign,
+                                                        per_second))
+        self.emit({"type": "CampaignRate", "account": account, "campaign": campaign,
+                   "max_rate": max_rate})
+        return {"account": account, "campaign": campaign, "max_rate": max_rate,
+                "per_second": per_second}
 
     # --- actions ---------------------------------------------------------------------------
 

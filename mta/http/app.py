@@ -11,6 +11,8 @@
   tab closes, never in a cookie, so no CSRF; never in a URL, so never in a log).
 - ``/unsubscribe/{token}`` (`[policy] unsubscribe_path`): RFC 8058 one-click (POST);
   GET shows a confirmation page with a button that POSTs.
+- ``/c/{token}`` and ``/o/{token}.gif`` (`[tracking]`): click and open tracking, public
+  (mta/http/tracking.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from mta.http.api import AdminApi
 from mta.http.auth import FailureLimiter, TokenChecker
 from mta.http.operations import InvalidToken, NotFound, PolicyUnavailable
 from mta.metrics import render
+from mta.queue.rules import new_rule, parse_duration
+from mta.queue.schedule import parse_send_at
 
 STATIC = Path(__file__).parent / "static"
 MAX_LIMIT = 10_000
@@ -52,6 +56,7 @@ class HttpState:
     limiter: FailureLimiter
     audit: AuditLog | None
     metrics_registry: Any
+    tracker: Any = None  # mta.tracking.hits.Tracker: the public /c/ and /o/ endpoints
 
 
 STATE = web.AppKey("state", HttpState)
@@ -239,6 +244,61 @@ def no_guard_field(fields: dict[str, Any]) -> str:
     return value.strip()[:200]
 
 
+async def campaign_rate(request: web.Request) -> web.Response:
+    """POST /api/v1/campaigns/{account}/{campaign}/rate {"max_rate": "100/m"} ("": none)."""
+    account, campaign = request.match_info["account"], request.match_info["campaign"]
+    value = (await body_fields(request)).get("max_rate", "")
+    if not isinstance(value, str):
+        raise ValueError('max_rate: a rate like "100/m", or "" for none')
+    admin = state(request).admin
+    return await act(request, "campaign.rate", f"{account}/{campaign}",
+                     lambda: admin.set_campaign_rate(account, campaign, value.strip()),
+                     max_rate=value.strip()[:40])
+
+
+async def get_queue_rules(request: web.Request) -> web.Response:
+    return as_json({"rules": await state(request).admin.queue_rules()})
+
+
+async def queue_rule_action(request: web.Request) -> web.Response:
+    """POST /api/v1/queue/{suspend|bounce|resume} {"scope", "value", "duration" or
+    "expires", "reason"}; resume lifts a suspension (or, with "action": "bounce", a
+    bounce rule)."""
+    action = request.match_info["action"]
+    admin = state(request).admin
+    fields = await body_fields(request)
+    scope, value = str(fields.get("scope", "")), str(fields.get("value", ""))
+    obj = f"{scope}:{value}"[:300]
+    if action == "resume":
+        lifted = str(fields.get("action", "suspend"))
+        return await act(request, f"queue.resume.{lifted}"[:40], obj,
+                         lambda: admin.lift_queue_rule(lifted, scope, value))
+    rule = new_rule(action, scope, value, duration=duration_field(fields),
+                    expires=expires_field(fields), reason=str(fields.get("reason", "")),
+                    by=request[WHO][1])
+    return await act(request, f"queue.{action}", obj, lambda: admin.add_queue_rule(rule),
+                     expires=rule.expires, **({"reason": rule.reason} if rule.reason else {}))
+
+
+def duration_field(fields: dict[str, Any]) -> float | None:
+    value = fields.get("duration")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("duration: seconds, or text like 15m, 2h, 1d")
+    return parse_duration(str(value))
+
+
+def expires_field(fields: dict[str, Any]) -> float | None:
+    value = fields.get("expires")
+    if value is None:
+        return None
+    when = parse_send_at(str(value)) if not isinstance(value, bool) else None
+    if when is None:
+        raise ValueError("expires: an RFC 3339 date-time or Unix seconds")
+    return when
+
+
 async def account_action(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.match_info["action"]
     policy = state(request).admin.policy
@@ -345,6 +405,9 @@ def add_routes(app: web.Application, cfg: Any) -> None:
     r.add_post(unsubscribe_path(cfg) + "/{token}", post_unsubscribe)
     r.add_get(f"{API}/dashboard", get_dashboard)
     r.add_get(f"{API}/queue", get_queue)
+    r.add_get(f"{API}/queue/rules", get_queue_rules)
+    r.add_post(f"{API}/campaigns/{{account}}/{{campaign}}/rate", campaign_rate)
+    r.add_post(f"{API}/queue/{{action:suspend|bounce|resume}}", queue_rule_action)
     r.add_get(f"{API}/messages", get_messages)
     r.add_get(f"{API}/messages/{{id}}", get_message)
     r.add_get(f"{API}/campaigns", get_campaigns)
@@ -366,4 +429,9 @@ def build_app(st: HttpState) -> web.Application:
     app = web.Application(middlewares=[page_headers, api_guard], client_max_size=1024**2)
     app[STATE] = st
     add_routes(app, st.admin.cfg)
+    if st.tracker is not None:  # public like /unsubscribe: api_guard only guards /api/
+        from mta.http.tracking import add_tracking_routes
+
+        tc = st.admin.cfg.tracking
+        add_tracking_routes(app, st.tracker, tc.click_path, tc.open_path)
     return app

@@ -25,6 +25,7 @@ from mta.http.app import HttpState, build_app
 from mta.http.auth import FailureLimiter, TokenChecker
 from mta.http.operations import PolicyOperations, SpoolOperations
 from mta.metrics import EngineMetrics, LiveParts, start_metrics
+from mta.tracking.hits import Tracker, tracking_secret
 
 log = logging.getLogger("mta.http")
 
@@ -44,10 +45,13 @@ async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditL
         return None
     registry = metrics.registry if metrics is not None else None
     admin = AdminApi(cfg, ctx.spool, policy, audit, registry,
-                     metrics.throughput if metrics is not None else None)
+                     metrics.throughput if metrics is not None else None,
+                     submit=ctx.committer.submit, emit=ctx.emit)
+    tracker = Tracker(cfg.tracking, tracking_secret(cfg.tracking, ctx.spool), ctx.emit,
+                      spool=ctx.spool, submit=ctx.committer.submit)
     st = HttpState(admin, TokenChecker(cfg.http.admin_token, cfg.http.operator_tokens),
                    FailureLimiter(cfg.http.max_auth_failures, cfg.http.auth_failure_window),
-                   audit, registry)
+                   audit, registry, tracker)
     runner = web.AppRunner(build_app(st), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(cfg.http.listen)
@@ -58,6 +62,8 @@ async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditL
         raise StartupError(f"cannot listen on {cfg.http.listen} ([http] listen): "
                            f"{exc.strerror}") from None
     ctx.on_close(runner.cleanup)
+    tracker.start()
+    ctx.on_close(tracker.close)
     log.info("worker %d: operators' HTTP on %s", ctx.index, cfg.http.listen)
     return admin
 

@@ -1,6 +1,7 @@
 """The injection request, read and checked: KumoMTA's `POST /api/inject/v1` shape.
 
     {"envelope_sender": "bounce@shop.example", "campaign": "spring",
+     "send_at": "2026-12-06T09:00:00+01:00",  (or Unix seconds; optional)
      "recipients": [{"email": "a@example.net", "name": "Ann", "substitutions": {...}}],
      "substitutions": {...},
      "content": {"from": {"email": ..., "name": ...}, "subject": ..., "text_body": ...,
@@ -23,6 +24,7 @@ from typing import Any
 
 from mta.address import Address, AddressError, parse_path
 from mta.inject.mime import Attachment
+from mta.queue.schedule import parse_send_at
 from mta.text import name_problem
 
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}\Z")  # RFC 5322 ftext
@@ -69,6 +71,7 @@ class InjectRequest:
     recipients: tuple[Recipient, ...]
     substitutions: dict[str, Any]
     content: Content | str  # a string: a complete RFC 5322 message (a template too)
+    send_at: float | None = None  # Unix seconds: not attempted before (None: now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,8 @@ def parse_request(body: bytes, limits: Limits) -> InjectRequest:
     """The request in `body`, checked; BadRequest names what is wrong."""
     data = _json(body)
     top = _Object(data, "the request body")
-    top.only({"envelope_sender", "campaign", "recipients", "substitutions", "content"})
+    top.only({"envelope_sender", "campaign", "recipients", "substitutions", "content",
+              "send_at"})
     recipients = top.list("recipients")
     if not recipients:
         raise BadRequest(400, "recipients: give at least one recipient")
@@ -95,7 +99,25 @@ def parse_request(body: bytes, limits: Limits) -> InjectRequest:
                          for i, item in enumerate(recipients)),
         substitutions=top.mapping("substitutions"),
         content=_content(top, limits),
+        send_at=_send_at(top.get("send_at", (str, int, float), None)),
     )
+
+
+def _send_at(value: Any) -> float | None:
+    """The `send_at` field: an RFC 3339 date-time or Unix seconds (a number or digits)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadRequest(400, "send_at: give an RFC 3339 date-time or Unix seconds")
+    if isinstance(value, (int, float)):
+        if not 0 <= value < 1e12:
+            raise BadRequest(400, "send_at: Unix seconds out of range")
+        return float(value)
+    when = parse_send_at(value)
+    if when is None:
+        raise BadRequest(400, "send_at: not a date-time (RFC 3339, like "
+                              "2026-12-06T09:00:00+01:00) nor Unix seconds")
+    return when
 
 
 def smtp_address(text: str) -> Address | str:

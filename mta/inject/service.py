@@ -77,7 +77,7 @@ class Injector:
         refusal = self.intake.check_mail(client, sender, 0)
         for n, item in enumerate(built):
             await _now_and_then(n)
-            reply = refusal or await self._admit(client, sender, item)
+            reply = refusal or await self._admit(client, sender, item, request.send_at)
             if isinstance(reply, str):
                 outcome.fail(item.recipient.email, reply)
             else:
@@ -95,7 +95,8 @@ class Injector:
             built.append(item)
         return built
 
-    async def _admit(self, client: Client, sender: Address, item: Built) -> NewMessage | str:
+    async def _admit(self, client: Client, sender: Address, item: Built,
+                     send_at: float | None = None) -> NewMessage | str:
         """Intake's checks of one recipient and its message, as in an SMTP transaction."""
         if isinstance(item.data, str) or item.address is None:
             return str(item.data)
@@ -104,7 +105,7 @@ class Injector:
         if refusal:
             return refusal
         envelope.recipients.append(str(item.address))
-        return await self.intake.prepare(client, envelope, item.data, PROTOCOL)
+        return await self.intake.prepare(client, envelope, item.data, PROTOCOL, send_at)
 
     async def _store(self, outcome: Outcome) -> None:
         if not outcome.stored:

@@ -70,9 +70,15 @@ class Unsubscriber:
     def token(self, account: str, campaign: str, recipient: str) -> str:
         return make_token(self.secret, account, campaign, recipient)
 
+    def url(self, token: str) -> str:
+        """The one-click URL of a token (the visible link in the body uses it too)."""
+        return unsubscribe_url(self.base_url, self.path, token)
+
     def fields(self, account: str, campaign: str, recipient: str) -> bytes:
-        token = self.token(account, campaign, recipient)
-        return header_fields(unsubscribe_url(self.base_url, self.path, token),
+        return self.token_fields(self.token(account, campaign, recipient))
+
+    def token_fields(self, token: str) -> bytes:
+        return header_fields(self.url(token),
                              unsubscribe_mailto(self.mailbox, self.domain, token))
 
     def apply(self, data: bytes, account: str, campaign: str, recipient: str) -> bytes:

@@ -36,6 +36,7 @@ from mta.policy.rates import Thresholds, campaign_rates
 from mta.policy.store import PolicyStore, account_key, campaign_key, month_key
 from mta.queue import jobs
 from mta.queue.jobs import Job, RemovedJob
+from mta.tracking.stats import account_engagement, engagement
 
 
 class PolicyError(ValueError):
@@ -130,9 +131,11 @@ def show_campaign(store: PolicyStore, txn: Any, account: str, campaign: str,
     if seen is None:
         seen = Counter(str(job.state()) for job in jobs.find_jobs(store.spool, txn, account,
                                                                   campaign))
-    return campaign_row(account, campaign,
-                        store.get_counters(txn, campaign_key(account, campaign)),
-                        store.get_campaign(txn, account, campaign), thresholds, seen)
+    row = campaign_row(account, campaign,
+                       store.get_counters(txn, campaign_key(account, campaign)),
+                       store.get_campaign(txn, account, campaign), thresholds, seen)
+    row["engagement"] = engagement(store.spool, txn, account, campaign, row["delivered"])
+    return row
 
 
 def pause_campaign(store: PolicyStore, txn: Any, account: str, campaign: str, by: str,
@@ -203,6 +206,7 @@ def account_row(store: PolicyStore, txn: Any, name: str, account_cfg: Any,
         "purge_after": state.purge_after or None,
         "month": month, "month_sent": store.get_counters(txn, month_key(name, month)).submitted,
         "monthly_cap": monthly_cap, "totals": totals.as_dict(),
+        "engagement": account_engagement(store.spool, txn, name, totals.delivered),
     }
 
 

@@ -34,6 +34,7 @@ from typing import IO, Any
 from mta.policy.model import DELETED, AccountState
 from mta.policy.store import PolicyStore, account_key, clean_name
 from mta.queue import jobs
+from mta.tracking.stats import purge_account as purge_engagement
 
 log = logging.getLogger("mta.policy.retention")
 
@@ -75,6 +76,7 @@ def purge_account_records(store: PolicyStore, txn: Any, account: str, now: float
                        + store.delete_prefix(txn, store.count, b"M" + name + b"\0")
                        + int(bool(txn.delete(account_key(account), db=store.count))))
     report.states = store.delete_prefix(txn, store.state, b"C" + name + b"\0")
+    report.counters += purge_engagement(store, txn, account)  # opens, clicks, who counted
     removed = jobs.remove(store.spool, txn, jobs.find_jobs(store.spool, txn, account))
     report.jobs = len(removed)
     report.recipients = sum(len(r.recipients) for r in removed)

@@ -26,6 +26,7 @@ from typing import Any
 
 from mta.policy.model import AccountState, CampaignState, Counters, Suppression
 from mta.queue.spool import Spool, pack, unpack
+from mta.tracking.stats import open_dbs as open_tracking_dbs
 
 COUNT_DB, STATE_DB, SUPP_DB, META_DB = "policy.count", "policy.state", "policy.supp", "policy.meta"
 JOURNAL_DB, FEEDBACK_DB = "policy.journal", "policy.feedback"
@@ -72,6 +73,7 @@ class PolicyStore:
         self.meta = spool.open_db(META_DB)
         self.feedback = spool.open_db(FEEDBACK_DB)
         self.journal = spool.open_db(JOURNAL_DB) if journal else None
+        open_tracking_dbs(spool)  # engagement counters shown with the campaign's
 
     def first_feedback(self, txn: Any, message_id: str, recipient: str, kind: str,
                        now: float) -> bool:

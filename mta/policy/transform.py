@@ -1,7 +1,9 @@
 """The contract's changes to every outgoing message, made before DKIM signing.
 
 The footer ("Email Marketing by ...", not for PRO accounts) and, for campaign mail,
-List-Unsubscribe with a signed one-click link (RFC 8058). The engine's own mail (DSNs,
+a visible unsubscribe link in the text and HTML parts (every plan, PRO included: in place
+of the customer's placeholder, else appended to the footer) and List-Unsubscribe with
+the same signed one-click link (RFC 8058). The engine's own mail (DSNs,
 pause notices) and mail with a null sender pass unchanged.
 """
 
@@ -12,8 +14,8 @@ from collections import Counter
 from typing import Any
 
 from mta.config import AccountConfig, PolicyConfig
-from mta.policy.footer import add_footer
-from mta.policy.headers import HeaderInjection, Unsubscriber
+from mta.policy.footer import UnsubscribeLink, add_footer
+from mta.policy.headers import HeaderInjection, Unsubscriber, set_list_unsubscribe
 from mta.queue.scheduler import Item
 
 log = logging.getLogger("mta.policy")
@@ -34,27 +36,33 @@ class PolicyTransform:
             return sender, data
         account, campaign = message.get("account", ""), message.get("campaign", "")
         config = self.accounts.get(account)
-        if config is not None and config.plan != "pro" and self.pc.footer_text:
-            data = self._with_footer(message, data)
+        branded = config is not None and config.plan != "pro" and bool(self.pc.footer_text)
+        fields, link = b"", None
         if campaign and len(recipients) == 1:  # campaign mail goes one recipient at a time
-            data = self._with_unsubscribe(item, data, account, campaign, recipients[0])
+            try:
+                token = self.unsubscriber.token(account, campaign, recipients[0])
+                fields = self.unsubscriber.token_fields(token)
+                link = UnsubscribeLink(self.unsubscriber.url(token),
+                                       self.pc.unsubscribe_placeholder,
+                                       self.pc.unsubscribe_label)
+            except HeaderInjection:
+                log.error("no unsubscribe link for %s: unsafe header value", message.get("id"))
+        if branded or link is not None:
+            data = self._with_footer(message, data, self.pc.footer_text if branded else "",
+                                     link)
+        if fields:
+            data = set_list_unsubscribe(data, fields)
+            self.counts["list_unsubscribe"] += 1
         return sender, data
 
-    def _with_footer(self, message: dict[str, Any], data: bytes) -> bytes:
+    def _with_footer(self, message: dict[str, Any], data: bytes, text: str,
+                     link: UnsubscribeLink | None) -> bytes:
         try:
-            out = add_footer(data, self.pc.footer_text, self.pc.footer_html)
+            out = add_footer(data, text, self.pc.footer_html if text else "", link)
         except Exception:
             log.exception("footer not added to %s", message.get("id"))
             return data
-        self.counts["footers"] += out is not data
+        changed = out is not data
+        self.counts["footers"] += changed and bool(text)
+        self.counts["unsubscribe_links"] += changed and link is not None
         return out
-
-    def _with_unsubscribe(self, item: Item, data: bytes, account: str, campaign: str,
-                          recipient: str) -> bytes:
-        try:
-            data = self.unsubscriber.apply(data, account, campaign, recipient)
-        except HeaderInjection:
-            log.error("no List-Unsubscribe for %s: unsafe header value", item.message.get("id"))
-            return data
-        self.counts["list_unsubscribe"] += 1
-        return data

@@ -70,6 +70,8 @@ class Job:
     first_ms: int = 0  # when it was queued
     error: str | None = None  # the last deferral's reply
     held: str = ""  # why it is held; empty: it is not
+    not_before_ms: int = 0  # scheduled sending: never due before this (0: no such time)
+    lane: str = ""  # "transactional" (mta.queue.lanes); "": bulk
 
     @classmethod
     def from_record(cls, job_id: bytes, record: dict[str, Any]) -> Job:
@@ -77,7 +79,7 @@ class Job:
             bytes(job_id), record["msg"], record["domain"], record.get("account", ""),
             record.get("campaign", ""), [Recipient.from_record(r) for r in record["rcpts"]],
             record["attempts"], record["next"], record["first"], record.get("error"),
-            record.get("held", ""))
+            record.get("held", ""), record.get("nb", 0), record.get("lane", ""))
 
     def to_record(self) -> dict[str, Any]:
         record = {
@@ -88,6 +90,10 @@ class Job:
         }
         if self.held:
             record["held"] = self.held
+        if self.not_before_ms:
+            record["nb"] = self.not_before_ms
+        if self.lane:
+            record["lane"] = self.lane
         return record
 
     def as_dict(self) -> dict[str, Any]:
@@ -109,9 +115,12 @@ class Job:
 
 
 def new_job(job_id: bytes, message_id: str, domain: str, account: str, campaign: str,
-            recipients: list[str], now_ms: int) -> Job:
+            recipients: list[str], now_ms: int, not_before_ms: int = 0, lane: str = "") -> Job:
+    """A job first due at `now_ms`, or at its send time `not_before_ms` if later."""
+    not_before_ms = not_before_ms if not_before_ms > now_ms else 0
     return Job(job_id, message_id, domain, account, campaign,
-               [Recipient(r) for r in recipients], 0, now_ms, now_ms)
+               [Recipient(r) for r in recipients], 0, max(now_ms, not_before_ms), now_ms,
+               not_before_ms=not_before_ms, lane=lane)
 
 
 @dataclass

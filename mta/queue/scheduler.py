@@ -4,8 +4,11 @@ Each worker process owns the destinations whose domain hash falls in its share
 (hash % workers == index), so no two processes ever deliver to one domain and
 per-destination limits hold without shared counters. The scheduler reads the
 `due` index; each due job is first offered to the hold check (a paused campaign's
-job is held, not sent), the others are marked `sending` and handed to `dispatch`
-(delivery). The results of an attempt are applied in one group-committed
+or an operator's suspended scope's job is held, not sent), to the bounce check (an
+operator's bounce rule: bounced with a DSN), to its campaign's delivery windows and
+to its account's and campaign's pace (outside a window or before its turn, the job is
+pushed to that time, no attempt counted); the others are marked `sending` and handed
+to `dispatch` (delivery). The results of an attempt are applied in one group-committed
 transaction: final recipients leave the job, deferred ones move to their next due
 time, a DSN joins the spool in the same transaction as the bounce that caused it.
 """
@@ -25,6 +28,7 @@ from mta.config import DeliveryConfig
 from mta.queue.commit import GroupCommitter
 from mta.queue.jobs import HoldResult, Job
 from mta.queue.outcome import AttemptOutcome, RcptResult, apply_attempt
+from mta.queue.schedule import Windows
 from mta.queue.spool import NewMessage, Spool, domain_hash
 
 log = logging.getLogger("mta.scheduler")
@@ -32,6 +36,8 @@ log = logging.getLogger("mta.scheduler")
 POLL_INTERVAL = 0.05  # finds mail another worker accepted for this worker's domains
 FULL_RESCAN_INTERVAL = 5.0
 RESCAN_MARGIN_MS = 2000
+PACE_SLACK = 0.02  # a paced message whose turn is this close goes now
+MAX_TURNS = 100_000  # reserved turns remembered; past ones are forgotten beyond this
 
 
 @dataclass
@@ -69,10 +75,35 @@ class HoldCheck(Protocol):
         """The hold was committed (or found stale or gone)."""
 
 
+class BounceCheck(Protocol):
+    """What decides that a due job is bounced (an operator's rule, mta.queue.rules)."""
+
+    def bounce_reason(self, item: Item) -> str | None:
+        """The bounce's reply text, or None (cheap: asked for every item)."""
+
+    def still_bounces(self, txn: Any, item: Item) -> bool:
+        """In the writer's transaction: the rule still applies."""
+
+
+class AccountPace(Protocol):
+    """Per-account rates (mta.throttle.account_pace.AccountPaces)."""
+
+    def __bool__(self) -> bool: ...
+
+    def paced(self, account: str, campaign: str) -> bool: ...
+
+    async def reserve(self, account: str, campaign: str) -> float:
+        """Seconds until the next message of `account` and `campaign` may go; the turn
+        is taken."""
+
+
 class Scheduler:
     def __init__(self, spool: Spool, committer: GroupCommitter, cfg: DeliveryConfig,
                  index: int, workers: int, on_outcome: Callable[[Item, AttemptOutcome], None],
-                 build_dsn: DsnBuilder, hold_check: HoldCheck | None = None) -> None:
+                 build_dsn: DsnBuilder, hold_check: HoldCheck | None = None,
+                 windows: Windows | None = None,
+                 bounce_check: BounceCheck | None = None,
+                 pace: AccountPace | None = None) -> None:
         self.spool = spool
         self.committer = committer
         self.cfg = cfg
@@ -80,6 +111,10 @@ class Scheduler:
         self.on_outcome = on_outcome
         self.build_dsn = build_dsn
         self.hold_check = hold_check
+        self.windows = windows or Windows([])
+        self.bounce_check = bounce_check  # an operator's bounce rule: its reason, or None
+        self.pace = pace  # per-account rates: each message waits for its turn
+        self._turns: dict[bytes, float] = {}  # job id -> its reserved turn (time.time())
         self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
         self._wakeup = asyncio.Event()
@@ -132,7 +167,8 @@ class Scheduler:
             self._wakeup.clear()
 
     def scan(self) -> int | None:
-        """Dispatch due jobs up to capacity; the next due time (ms) seen, if any."""
+        """Dispatch due jobs up to capacity, the transactional lane's first (bulk never
+        takes the last `transactional_slots`); the next due time (ms) seen, if any."""
         if self.paused:
             return None
         capacity = self.cfg.max_concurrent_deliveries - len(self.in_flight)
@@ -144,30 +180,42 @@ class Scheduler:
             start_ms, self._last_full_scan = 0, now
         else:
             start_ms = max(0, self._resume_ms - RESCAN_MARGIN_MS)
-        items = []
-        last_ms = now_ms
+        reserve = min(self.cfg.transactional_slots, self.cfg.max_concurrent_deliveries // 2)
         with self.spool.read() as txn:
             messages: dict[str, dict[str, Any]] = {}
-            for _, when, job_id in self.spool.due(txn, now_ms, struct.pack(">Q", start_ms),
-                                                  self._mine):
-                if job_id in self.in_flight:
-                    continue
-                job = self.spool.get_job(txn, job_id)
-                if job is None:
-                    continue
-                message = messages.get(job.msg) or self.spool.get_message(txn, job.msg)
-                if message is None:
-                    continue
-                messages[job.msg] = message
-                self.in_flight.add(job_id)
-                items.append(Item(job, message, now, self.spool.is_sending(txn, job_id)))
-                if len(items) >= capacity:
-                    last_ms = when
-                    break
-        self._resume_ms = last_ms
+            items, _ = self._collect(txn, now, b"", capacity, messages, transactional=True)
+            room = capacity - len(items) - reserve
+            if room > 0:  # else the bulk scan resumes where it was, next time
+                bulk, last_ms = self._collect(txn, now, struct.pack(">Q", start_ms), room,
+                                              messages)
+                items += bulk
+                self._resume_ms = last_ms or now_ms
         if items:
             self._background(self._start(items))
         return None if items else self._next_due_ms()
+
+    def _collect(self, txn: Any, now: float, start: bytes, capacity: int,
+                 messages: dict[str, dict[str, Any]], transactional: bool = False
+                 ) -> tuple[list[Item], int]:
+        """Due items of one lane, up to `capacity`, marked in flight; and the due time
+        where the scan stopped for lack of capacity (0: it did not)."""
+        items: list[Item] = []
+        for _, when, job_id in self.spool.due(txn, int(now * 1000), start, self._mine,
+                                              transactional):
+            if job_id in self.in_flight:
+                continue
+            job = self.spool.get_job(txn, job_id)
+            if job is None:
+                continue
+            message = messages.get(job.msg) or self.spool.get_message(txn, job.msg)
+            if message is None:
+                continue
+            messages[job.msg] = message
+            self.in_flight.add(job_id)
+            items.append(Item(job, message, now, self.spool.is_sending(txn, job_id)))
+            if len(items) >= capacity:
+                return items, when
+        return items, 0
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -177,7 +225,10 @@ class Scheduler:
     async def _start(self, items: list[Item]) -> None:
         """Hold what the hold check holds; mark the rest as being sent (so that a crash
         mid-send is known), then hand them to delivery."""
-        to_send = [item for item in items if not self.take_held(item)]
+        to_send = [item for item in items if not self.take_held(item)
+                   and not self.take_bounced(item) and not self.outside_window(item)]
+        if self.pace:
+            to_send = [item for item in to_send if not await self.take_paced(item)]
         if not to_send:
             return
         try:
@@ -200,6 +251,52 @@ class Scheduler:
         if reason is None:
             return False
         self._background(self.hold(item, reason))
+        return True
+
+    def take_bounced(self, item: Item) -> bool:
+        """True when an operator's bounce rule matches the item: its waiting recipients
+        are bounced (a DSN, Bounce events) in the background, as a refusal would be."""
+        check = self.bounce_check
+        reason = check.bounce_reason(item) if check is not None else None
+        if check is None or reason is None:
+            return False
+        results = [RcptResult(rcpt, 550, reason, "5.7.0") for rcpt in item.job.waiting()]
+        self._background(self.complete(  # unless the rule was lifted meanwhile
+            item, results, only_if=lambda txn: check.still_bounces(txn, item)))
+        return True
+
+    async def take_paced(self, item: Item) -> bool:
+        """True when the item's account is over its pace: its turn is reserved and the
+        job put back, due at that turn (no attempt counted); picked up then, it goes."""
+        assert self.pace is not None
+        account, campaign = item.job.account, item.job.campaign
+        message = item.message
+        if (not self.pace.paced(account, campaign) or message.get("dsn_for")
+                or message.get("notice")):
+            return False
+        now = time.time()
+        turn = self._turns.pop(item.job_id, None)
+        if turn is not None and turn <= now + PACE_SLACK:
+            return False
+        wait = await self.pace.reserve(account, campaign)
+        if wait <= PACE_SLACK:
+            return False
+        if len(self._turns) > MAX_TURNS:  # turns of jobs held or removed meanwhile
+            self._turns = {k: t for k, t in self._turns.items() if t > now}
+        self._turns[item.job_id] = now + wait
+        self._background(self.postpone(item, wait))
+        return True
+
+    def outside_window(self, item: Item) -> bool:
+        """True when the item's campaign is outside its delivery windows: the job is
+        pushed (in the background, no attempt counted) to the next window start."""
+        if not self.windows:
+            return False
+        job = item.job
+        start = self.windows.next_open(job.account, job.campaign, time.time())
+        if start is None:
+            return False
+        self._background(self.postpone(item, start - time.time()))
         return True
 
     async def hold(self, item: Item, reason: str) -> HoldResult:
@@ -247,11 +344,15 @@ class Scheduler:
     # --- outcomes ----------------------------------------------------------
 
     async def complete(self, item: Item, results: list[RcptResult],
-                       retry_after: float | None = None) -> AttemptOutcome | None:
-        """Record an attempt's results durably, then release the job."""
+                       retry_after: float | None = None,
+                       only_if: Callable[[Any], bool] | None = None) -> AttemptOutcome | None:
+        """Record an attempt's results durably, then release the job. With `only_if`,
+        only when it holds in the writer's transaction (else the job stays as it was)."""
         now_ms = int(time.time() * 1000)
 
         def record(txn: Any) -> AttemptOutcome | None:
+            if only_if is not None and not only_if(txn):
+                return None
             return self._record(txn, item, results, now_ms, retry_after)
 
         try:
@@ -275,7 +376,7 @@ class Scheduler:
             return None  # removed or held by an operator meanwhile
         old_next = job.next_ms
         outcome = apply_attempt(
-            job, results, now_ms, int(item.message["received"] * 1000), self.cfg.max_age,
+            job, results, now_ms, _queued_ms(item.message), self.cfg.max_age,
             (self.cfg.retry_initial, self.cfg.retry_max, self.cfg.retry_jitter), retry_after)
         if outcome.bounced:
             self._store_dsn(txn, item, outcome.bounced, expired=False)
@@ -293,3 +394,9 @@ class Scheduler:
         dsn = self.build_dsn(item.message, failed, expired)
         if dsn is not None:
             self.spool.put_message(txn, dsn)
+
+
+def _queued_ms(message: dict[str, Any]) -> int:
+    """When a message's time in the queue starts (for [delivery] max_age): its send time
+    when it has one, else its arrival."""
+    return int(max(message["received"], message.get("send_at", 0.0)) * 1000)

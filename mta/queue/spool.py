@@ -8,10 +8,14 @@ Layout (named databases in one environment):
 - ``due``  ``be64(next attempt ms) + be16(domain hash) + job id`` -> b"": what is
   due next; the domain hash lets each worker process take its own share of the
   destinations without reading values.
+- ``due_t`` the same for the jobs of the transactional lane (mta.queue.lanes): read first.
 - ``dom``  ``domain + NUL + job id`` -> b"": the jobs of each destination domain.
+  A scheduled message's jobs are first due at its send time (`NewMessage.send_at`).
 - ``held`` job id -> reason: jobs kept out of delivery (paused campaign, review).
 - ``sending`` job id -> b"": an attempt is under way; found after a crash, it means
   the remote may already have the message (the next delivery is a possible duplicate).
+- ``rules`` ``action:scope:value`` -> an operator's suspension or bounce (mta.queue.rules).
+- ``rates`` ``account/campaign`` -> a campaign's sending rate (messages/s; mta.queue.rules).
 - ``sent`` message id -> [account, campaign, recipients]: kept after delivery, so that
   a late bounce or complaint naming the message is attributed to its campaign.
 
@@ -36,7 +40,8 @@ import msgpack
 
 from mta.queue.jobs import Job, new_job
 
-DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "sending", "meta")
+DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "sending", "meta", "rules", "rates",
+            "due_t")
 _DUE = struct.Struct(">QH")
 
 
@@ -93,6 +98,8 @@ class NewMessage:
     id: str = field(default_factory=new_message_id)
     received: float = field(default_factory=time.time)
     hold: str = ""  # non-empty: keep every job out of delivery with this reason
+    send_at: float = 0.0  # scheduled sending (Unix seconds): not attempted before; 0: now
+    lane: str = ""  # "transactional" (mta.queue.lanes); "": bulk
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,6 +219,10 @@ class Spool:
             "msgid": m.message_id_header, "size": len(m.data), "data": m.data,
             "jobs": len(by_domain), **m.extra,
         }
+        if m.send_at > m.received:
+            record["send_at"] = m.send_at
+        if m.lane:
+            record["lane"] = m.lane
         if not txn.put(mid, pack(record), db=self.dbs["msg"], overwrite=False):
             raise ValueError(f"message {m.id} already in the spool")
         if m.account or m.campaign:
@@ -219,7 +230,7 @@ class Spool:
         now_ms = int(m.received * 1000)
         for n, (domain, rcpts) in enumerate(by_domain.items()):
             job = new_job(b"%s.%d" % (mid, n), m.id, domain, m.account, m.campaign, rcpts,
-                          now_ms)
+                          now_ms, int(m.send_at * 1000), m.lane)
             self.put_job(txn, job, hold=m.hold)
 
     # Job state changes: called only by mta.queue (the scheduler and mta.queue.jobs).
@@ -232,7 +243,11 @@ class Spool:
         if hold:
             txn.put(job.id, hold.encode(), db=self.dbs["held"])
         else:
-            txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self.dbs["due"])
+            txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self._due_db(job))
+
+    def _due_db(self, job: Job) -> Any:
+        """The due index of the job's lane."""
+        return self.dbs["due_t"] if job.lane else self.dbs["due"]
 
     def _write(self, txn: Any, job: Job) -> None:
         txn.put(job.id, pack(job.to_record()), db=self.dbs["job"])
@@ -248,14 +263,14 @@ class Spool:
     def save_attempt(self, txn: Any, job: Job, old_next_ms: int) -> None:
         """Write a job after an attempt (or a postponement): due at job.next_ms."""
         txn.delete(job.id, db=self.dbs["sending"])
-        txn.delete(due_key(old_next_ms, job.domain, job.id), db=self.dbs["due"])
+        txn.delete(due_key(old_next_ms, job.domain, job.id), db=self._due_db(job))
         self._write(txn, job)
-        txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self.dbs["due"])
+        txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self._due_db(job))
 
     def remove_job(self, txn: Any, job: Job) -> bool:
         """Delete a finished job; deletes its message when it was the last. True if so."""
         job_id = job.id
-        txn.delete(due_key(job.next_ms, job.domain, job_id), db=self.dbs["due"])
+        txn.delete(due_key(job.next_ms, job.domain, job_id), db=self._due_db(job))
         txn.delete(dom_key(job.domain, job_id), db=self.dbs["dom"])
         txn.delete(job_id, db=self.dbs["held"])
         txn.delete(job_id, db=self.dbs["sending"])
@@ -271,20 +286,20 @@ class Spool:
     def hold_job(self, txn: Any, job: Job, reason: str) -> None:
         """Take a job out of delivery (a paused campaign, a review). An attempt that was
         under way is over: the job is not a possible duplicate when it is released."""
-        txn.delete(due_key(job.next_ms, job.domain, job.id), db=self.dbs["due"])
+        txn.delete(due_key(job.next_ms, job.domain, job.id), db=self._due_db(job))
         txn.delete(job.id, db=self.dbs["sending"])
         job.held = reason
         self._write(txn, job)
         txn.put(job.id, reason.encode(), db=self.dbs["held"])
 
     def release_job(self, txn: Any, job: Job, when_ms: int) -> None:
-        """Put a held job back in delivery, due at when_ms."""
+        """Put a held job back in delivery, due at when_ms (or at its send time, if later)."""
         txn.delete(job.id, db=self.dbs["held"])
         txn.delete(job.id, db=self.dbs["sending"])
         job.held = ""
-        job.next_ms = when_ms
+        job.next_ms = max(when_ms, job.not_before_ms)
         self._write(txn, job)
-        txn.put(due_key(when_ms, job.domain, job.id), b"", db=self.dbs["due"])
+        txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self._due_db(job))
 
     # --- reads ------------------------------------------------------------
 
@@ -310,9 +325,14 @@ class Spool:
         return SentOrigin(account, campaign, rest[0] if rest else [])
 
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
-            accept: Callable[[int], bool] | None = None) -> Iterator[tuple[bytes, int, bytes]]:
-        """(due key, due ms, job id) for jobs due at or before now_ms, from `start` on."""
-        cursor = txn.cursor(db=self.dbs["due"])
+            accept: Callable[[int], bool] | None = None, transactional: bool = False
+            ) -> Iterator[tuple[bytes, int, bytes]]:
+        """(due key, due ms, job id) for jobs due at or before now_ms, from `start` on (of
+        the transactional lane's index, or the bulk one's)."""
+        db = self.dbs["due_t" if transactional else "due"]
+        if db is None:
+            return
+        cursor = txn.cursor(db=db)
         if not cursor.set_range(start):
             return
         for key in cursor.iternext(keys=True, values=False):
@@ -323,8 +343,13 @@ class Spool:
                 yield key, when, job_id
 
     def next_due_ms(self, txn: Any) -> int | None:
-        cursor = txn.cursor(db=self.dbs["due"])
-        return split_due_key(cursor.key())[0] if cursor.first() else None
+        found = []
+        for name in ("due_t", "due"):
+            if self.dbs.get(name) is not None:
+                cursor = txn.cursor(db=self.dbs[name])
+                if cursor.first():
+                    found.append(split_due_key(cursor.key())[0])
+        return min(found, default=None)
 
     def jobs(self, txn: Any, prefix: bytes = b"") -> Iterator[Job]:
         """Every job (whose id starts with `prefix`)."""

@@ -26,6 +26,9 @@ from typing import Any, Protocol
 from mta.address import Address, address_domains, normalize_domain
 from mta.config import Config, parse_hostport
 from mta.queue.commit import GroupCommitter
+from mta.queue.drain import TRACE_FIELD, DrainTrace, parse_trace
+from mta.queue.lanes import BULK, LANES, choose_lane
+from mta.queue.schedule import parse_send_at
 from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
 from mta.smtp.auth import PasswordChecker
 from mta.smtp.auth_limit import AuthLimit
@@ -125,6 +128,37 @@ def read_campaign(headers: bytes, header: str) -> tuple[str, str | None]:
         return "", (f"550 5.6.0 {shown(header, ascii_only=True)}: "
                     f"{shown(problem, ascii_only=True)}")
     return name, None
+
+
+def read_send_at(headers: bytes, header: str) -> tuple[float, str | None]:
+    """The send time a header block names (Unix seconds; 0.0 for none), or the refusal
+    of a message whose field is unfit: several of them, or neither RFC 3339 nor Unix
+    seconds (`mta.queue.schedule.parse_send_at`)."""
+    values = raw_field_values(headers, header.encode())
+    if not values:
+        return 0.0, None
+    name = shown(header, ascii_only=True)
+    if len(values) > 1:
+        return 0.0, f"550 5.6.0 {name}: appears {len(values)} times; give one send time"
+    when = parse_send_at(values[0].decode("ascii", "replace"))
+    if when is None:
+        return 0.0, (f"550 5.6.0 {name}: not a date-time (RFC 3339, like "
+                     "2026-12-06T09:00:00+01:00) nor Unix seconds")
+    return when, None
+
+
+def without_field(content: bytes, name: str) -> bytes:
+    """`content` without any header field `name` (its folds too); the body untouched."""
+    end = content.find(b"\r\n\r\n")
+    head, body = (content, b"") if end < 0 else (content[: end + 2], content[end + 2:])
+    pattern = _strip_field_re(name.encode())
+    return pattern.sub(b"", head) + body
+
+
+@functools.cache
+def _strip_field_re(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"(?is)(?:\A|(?<=\r\n))" + re.escape(name)
+                      + rb"[ \t]*:.*?(?:\r\n(?![ \t])|\Z)")
 
 
 def unquoted(local: str) -> str:
@@ -408,33 +442,88 @@ class Intake:
         return await self.store([prepared]) or f"250 2.0.0 Ok: queued as {prepared.id}"
 
     async def prepare(self, client: Client, envelope: Envelope, content: bytes,
-                      protocol: str = "") -> NewMessage | str:
-        """The checks on a message's content (its campaign field, its From: domains, the
-        policy's admission) and, when they pass, the record to store: the content under
-        our Received header. A string is the refusal to answer instead. `protocol` names
-        the way the message came in the Received header (default: the SMTP session's)."""
+                      protocol: str = "", send_at: float | None = None) -> NewMessage | str:
+        """The checks on a message's content (its campaign field, its send time, its From:
+        domains, the policy's admission) and, when they pass, the record to store: the
+        content under our Received header, without its send-time field. A string is the
+        refusal to answer instead. `protocol` names the way the message came in the
+        Received header (default: the SMTP session's); `send_at` (Unix seconds, the
+        injection API's field) replaces the send time of the header."""
         headers = header_block(content)
         campaign, refusal = read_campaign(headers, self.cfg.smtp.campaign_header)
         if refusal:
             return refusal
+        header_send_at, refusal = read_send_at(headers, self.cfg.smtp.send_at_header)
+        if refusal:
+            return refusal
+        if header_send_at:  # the field is for the engine only: never sent on
+            content = without_field(content, self.cfg.smtp.send_at_header)
+        drained = self._drained(client, headers)  # mail handed over by a drained node
+        if raw_field_values(headers, TRACE_FIELD.encode()):
+            content = without_field(content, TRACE_FIELD)
+        if drained is not None:
+            campaign = drained.campaign
+        lane, refusal = self._lane(headers)
+        if refusal:
+            return refusal
+        if lane is not None:  # the field was there: for the engine only, never sent on
+            content = without_field(content, self.cfg.smtp.lane_header)
         if self._sender_rules_apply(client):  # the From: domain picks the DKIM key
             for domain in sorted(from_domains(headers)):
                 if not self.sender_domain_allowed(client, domain):
                     return f"550 5.7.1 From: domain {domain[:100]} is not allowed for this account"
-        account = self.account_of(client) or ""
+        account = drained.account if drained is not None else self.account_of(client) or ""
         message = NewMessage(
             sender=envelope.sender or "", data=b"", account=account, campaign=campaign,
             recipients=list(dict.fromkeys(map(self._routed, envelope.recipients))),
             client=client.ip,
             message_id_header=header_value(headers, b"Message-ID")[:500],
-            id=new_message_id(),
+            id=new_message_id(), send_at=header_send_at if send_at is None else send_at,
+            lane=self._account_lane(account, lane or ""),
         )
+        if drained is not None:  # its history goes on here
+            message.received = drained.received or message.received
+            message.send_at = drained.send_at or message.send_at
+            message.lane = drained.lane
+            message.extra = {"drained_from": drained.node, "attempts_before": drained.attempts}
         if self.policy is not None:
             refusal = await self.policy.admit(message)  # check_message + cluster limits
             if refusal:
                 return refusal
         message.data = self._received_header(client, message.id, envelope, protocol) + content
         return message
+
+    def _drained(self, client: Client, headers: bytes) -> DrainTrace | None:
+        """The drain trace of a message another node of ours handed over (honoured from
+        a trusted client only: anyone else could claim an account with it)."""
+        if not client.trusted:
+            return None
+        values = raw_field_values(headers, TRACE_FIELD.encode())
+        if len(values) != 1:
+            return None
+        return parse_trace(values[0].decode("utf-8", "replace"))
+
+    def _lane(self, headers: bytes) -> tuple[str | None, str | None]:
+        """The lane field's value (None: no field), or the refusal of an unfit one."""
+        header = self.cfg.smtp.lane_header
+        values = raw_field_values(headers, header.encode())
+        if not values:
+            return None, None
+        name = shown(header, ascii_only=True)
+        if len(values) > 1:
+            return None, f"550 5.6.0 {name}: appears {len(values)} times; give one lane"
+        asked = values[0].decode("ascii", "replace").strip().lower()
+        if choose_lane(asked, BULK, []) is None:
+            return None, f"550 5.6.0 {name}: not a lane ({' or '.join(LANES)})"
+        return asked, None
+
+    def _account_lane(self, account: str, asked: str) -> str:
+        """The lane of the account's message ("" for bulk): the one it asked for when the
+        account may use it, else the account's own."""
+        cfg = self.cfg.account(account) if account else None
+        default, allowed = (cfg.lane, cfg.lanes) if cfg is not None else (BULK, [])
+        lane = choose_lane(asked, default, allowed) or default
+        return "" if lane == BULK else lane
 
     async def store(self, messages: list[NewMessage]) -> str | None:
         """Commit `messages` to the spool in one transaction (one fsync), then announce
@@ -454,11 +543,16 @@ class Intake:
             log.exception("could not store message %s", _ids(messages))
             return "451 4.3.0 Could not store the message, try again later"
         for message in messages:
-            self.emit({
+            event = {
                 "type": "Reception", "id": message.id, "account": message.account,
                 "campaign": message.campaign, "sender": message.sender,
                 "recipients": len(message.recipients), "size": len(message.data),
-            })
+            }
+            if message.send_at > message.received:
+                event["send_at"] = message.send_at
+            if message.lane:
+                event["lane"] = message.lane
+            self.emit(event)
             if self.on_stored is not None:
                 self.on_stored(message)
         return None

@@ -39,3 +39,10 @@ class Gcra:
         if delay == 0.0:
             self.take(now, quantity)
         return delay
+
+    def reserve(self, now: float, quantity: int = 1) -> float:
+        """Take `quantity` events now whatever the wait, and return the wait: the seconds
+        until the reserved turn (0.0: now). Callers served in turn, none refused."""
+        delay = self.wait(now, quantity)
+        self.take(now, quantity)
+        return delay

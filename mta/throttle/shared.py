@@ -32,6 +32,10 @@ class SharedBudget(Protocol):
     def shed(self, dest: Destination) -> bool:
         """True: an idle connection to `dest` should close (other nodes are waiting)."""
 
+    async def pace(self, scope: str, rate: float, burst: int) -> float | None:
+        """A turn taken (reserved) at the pace `scope` shares across nodes (an account's
+        rate): the seconds until it (0.0: now); None: no shared pace, pace locally."""
+
 
 class LocalBudget:
     """One node: the throttle's own limits are the whole budget."""
@@ -50,3 +54,6 @@ class LocalBudget:
 
     def shed(self, dest: Destination) -> bool:
         return False
+
+    async def pace(self, scope: str, rate: float, burst: int) -> float | None:
+        return None

@@ -185,14 +185,63 @@ function stateCell(c) {
   return cell;
 }
 
+// Opens or clicks of a campaign: people's unique count and rate, then every request
+// (machines' prefetches and scanners included) in the cell's title.
+function engagementCell(e, kind) {
+  if (!e) return el("td", "-");
+  const rate = kind === "opens" ? e.open_rate : e.click_rate;
+  const cell = el("td", `${fmtInt(e[`unique_${kind}`])} · ${fmtPct(rate)}`);
+  cell.title = `all ${kind}: ${fmtInt(e[`${kind}_total`])} (human ${fmtInt(e[`${kind}_human`])}, ` +
+    `machine ${fmtInt(e[`${kind}_machine`])})`;
+  return cell;
+}
+
+// The campaign page: what the campaign did, from /api/v1/campaigns/ACCOUNT/CAMPAIGN.
+async function showCampaign(c) {
+  const path = `/api/v1/campaigns/${encodeURIComponent(c.account)}/${encodeURIComponent(c.campaign)}`;
+  const row = await api(path);
+  const e = row.engagement || {};
+  $("campaign-title").textContent = `Campaign ${row.campaign} (account ${row.account})`;
+  const figures = [
+    ["sent", row.sent, null], ["delivered", row.delivered, null],
+    ["deferred (in the queue)", row.deferred, null],
+    ["hard bounces", row.hard_bounces, row.rates.hard_bounce],
+    ["soft bounces", row.soft_bounces, null], ["complaints", row.complaints, row.rates.complaint],
+    ["unsubscribes", row.unsubscribes, row.rates.unsubscribe],
+    ["unique opens (people)", e.unique_opens, e.open_rate],
+    ["opens: human / machine", `${fmtInt(e.opens_human)} / ${fmtInt(e.opens_machine)}`, null],
+    ["unique clicks (people)", e.unique_clicks, e.click_rate],
+    ["clicks: human / machine", `${fmtInt(e.clicks_human)} / ${fmtInt(e.clicks_machine)}`, null],
+    ["clicks of unique opens", null, e.click_to_open],
+  ];
+  fillTable("campaign-figures", figures, ([label, count, rate]) => {
+    const tr = el("tr");
+    tr.append(el("td", label), el("td", typeof count === "string" ? count : fmtInt(count)),
+      el("td", rate == null ? "" : fmtPct(rate)));
+    return tr;
+  });
+  fillTable("campaign-links", e.top_links || [], (link) => {
+    const tr = el("tr");
+    tr.append(el("td", link.url), el("td", fmtInt(link.clicks_human)), el("td", fmtInt(link.clicks_machine)));
+    return tr;
+  });
+  $("campaign-page").hidden = false;
+}
+
 function drawCampaigns(data) {
   const t = data.thresholds;
   fillTable("campaigns", data.campaigns, (c) => {
     const row = el("tr");
     row.dataset.campaign = campaignKey(c);
-    row.append(el("td", c.account), el("td", c.campaign), stateCell(c), el("td", fmtInt(c.delivered)),
+    const name = el("td");
+    const open = el("button", c.campaign, "link");
+    open.type = "button";
+    open.addEventListener("click", () => showCampaign(c).catch((e) => setStatus(e.message, true)));
+    name.append(open);
+    row.append(el("td", c.account), name, stateCell(c), el("td", fmtInt(c.delivered)),
       rateBar(c.rates.hard_bounce, t.hard_bounce, c), rateBar(c.rates.complaint, t.complaint, c),
-      rateBar(c.rates.unsubscribe, t.unsubscribe, c), el("td", fmtInt(c.queued)), el("td", fmtInt(c.held)));
+      rateBar(c.rates.unsubscribe, t.unsubscribe, c), el("td", fmtInt(c.queued)), el("td", fmtInt(c.held)),
+      engagementCell(c.engagement, "opens"), engagementCell(c.engagement, "clicks"));
     return row;
   });
   const paused = data.campaigns.filter((c) => c.paused);
@@ -298,6 +347,7 @@ async function refresh() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  $("campaign-close").addEventListener("click", () => { $("campaign-page").hidden = true; });
   $("login").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY, $("token").value.trim());

@@ -1,7 +1,8 @@
 """`python -m bench run|list`: the load-testing toolkit's command line.
 
     python -m bench run [--scenario NAME] [--count N] [--target HOST:PORT]
-                        [--compare postfix] [--dkim]
+                        [--compare postfix|postfix-default|exim|haraka|all]
+                        [--rounds N] [--dns-ttl SECONDS] [--dkim]
     python -m bench soak [--duration 600] [--rate 300] [--window 60]
     python -m bench chaos [--duration 3600] [--kill-every 60] [--fault-every 20]
     python -m bench list

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ class EngineProcess:
     """`mta serve` in a directory of its own, with a config written from a dict."""
 
     def __init__(self, workdir: Path, config: dict[str, Any], workers: int | None = None,
-                 stderr: Any = None, env: dict[str, str] | None = None) -> None:
+                 stderr: Any = None, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.preexec = preexec  # run in the engine's process before exec (a cgroup join)
         self.config = config
         self.config_path = self.workdir / "mta.toml"
         self.workers = workers
@@ -55,7 +58,8 @@ class EngineProcess:
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **self.env)
         log = self.stderr or open(self.workdir / "engine.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=self.preexec)  # noqa: PLW1509
         wait_for_port(self.host, self.port, START_TIMEOUT, self.proc, name="engine")
         return self
 

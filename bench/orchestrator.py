@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from bench.monitor import Monitor, Progress
 from bench.report import RunResult
 from bench.results import Drain, add_throttled, build_result, drained, throttled_expected
 from bench.rig.assembly import Rig
+from bench.rig.dns import DEFAULT_TTL
 from bench.scenarios import DOMAIN_SUFFIX, Scenario, Traffic, destinations
 from bench.targets import Target, make_dkim_key, make_target
 
@@ -44,6 +46,10 @@ class Options:
     auth: str = ""  # USER:PASSWORD for a --target HOST:PORT
     tls: bool = False  # STARTTLS at the sinks, certificates from a local CA the engine trusts
     sink_processes: bool = False  # asyncio sinks in processes of their own
+    dns_ttl: int = DEFAULT_TTL  # the rig's MX and A answers (0: a lookup per message)
+    # Run once the sinks have everything, the target still up: its lines join the notes
+    # (`bench run --webhook`: wait until the webhook receiver has every event).
+    after_drain: Callable[[Target], list[str]] | None = None
 
 
 def run_once(kind: str, opts: Options) -> RunResult:
@@ -57,7 +63,7 @@ def run_once(kind: str, opts: Options) -> RunResult:
         tls = local_ca(workdir) if opts.tls else None
         rig = stack.enter_context(Rig(opts.scenario, dest, opts.sink_port, opts.dns_port,
                                       tls_cert=tls.cert_file if tls else "",
-                                      processes=opts.sink_processes))
+                                      processes=opts.sink_processes, dns_ttl=opts.dns_ttl))
         dkim = make_dkim_key(workdir, opts.scenario.messages.sender_domain) if opts.dkim else None
         if dkim is not None:
             rig.publish_dkim(dkim.domain, dkim.selector, dkim.record)
@@ -125,8 +131,11 @@ async def drive(target: Target, rig: Rig, traffic: Traffic, tracker: ArrivalTrac
     run = build_result(target, scenario.name, opts.dkim, result, accepts, tracker, monitor,
                        started)
     add_throttled(run, rig, throttled_expected(accepts, tracker.plan), started, drain)
+    run.notes += target.notes
     if drain.why:
         run.notes.append(drain.why)
+    if opts.after_drain is not None:
+        run.notes += await asyncio.to_thread(opts.after_drain, target)
     return run
 
 

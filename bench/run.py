@@ -4,8 +4,9 @@ The rig, all on loopback: a DNS server (bench.rig.dns) serving the scenario's te
 domains, sink MX servers on 127.0.0.x sharing one port (Postfix's smtp-sink by
 default, our asyncio sink where per-recipient refusals are needed, a throttling MX
 where the scenario has one), the MTA under test (our engine as `mta serve` on a
-temporary spool, Postfix as a relay instance, or any HOST:PORT), and the load
-generator (bench.load). Every message carries an X-Bench-Index header; the load
+temporary spool, a peer as a relay instance -- Postfix tuned for throughput or on its
+defaults, Exim 4.96, Haraka 3.3, configured in bench/peers/ -- or any HOST:PORT), and
+the load generator (bench.load). Every message carries an X-Bench-Index header; the load
 generator records when each was accepted, the sinks when each arrived, and the two
 are matched for the accept-to-delivered latency.
 
@@ -16,7 +17,11 @@ Where the parts are:
     bench/run.py            this command: its arguments, the runs, the report
     bench/orchestrator.py   one run: rig, target, load, drain, result, teardown
     bench/rig/assembly.py   the rig of a scenario: DNS and the sink MX servers
-    bench/targets.py        the MTA under test: engine, Postfix, HOST:PORT
+    bench/targets.py        the MTA under test: engine, a peer, HOST:PORT
+    bench/peer_compare.py   --compare: the order of the runs, the medians and ratios
+    bench/cgroup.py         CPU of a target's whole process tree (cgroup v2)
+    bench/rig/exim.py, haraka.py, peer_install.py   the peers, fetched on first use
+    bench/peers/            the peers' configurations, a comment per setting
     bench/accepts.py        the load's side: which message each 250 was for
     bench/arrivals.py       the sinks' side: which message arrived when
     bench/monitor.py        a sample every 0.1 s and the live progress line
@@ -37,9 +42,12 @@ from pathlib import Path
 from bench.engine_proc import PROJECT_ROOT
 from bench.interrupts import stop_on_signals
 from bench.orchestrator import Options, run_once
+from bench.peer_compare import compare_kinds, format_medians, interleaved
 from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
+from bench.rig.dns import DEFAULT_TTL
 from bench.scenarios import Scenario, load_scenario
-from bench.targets import check_target
+from bench.sources import sources_comparison, with_sources
+from bench.targets import PEERS, check_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, help="target msg/s overall (0: as fast as possible)")
     parser.add_argument("--sessions", type=int, help="concurrent SMTP sessions")
     parser.add_argument("--target", default="engine",
-                        help="engine (default), postfix, or HOST:PORT of any MTA")
-    parser.add_argument("--compare", choices=["postfix"], help="also run Postfix, print ratios")
+                        help="engine (default), postfix (tuned), postfix-default, exim, "
+                             "haraka, or HOST:PORT of any MTA")
+    parser.add_argument("--compare", choices=[*PEERS, "all"],
+                        help="also run this peer (configs in bench/peers/: postfix tuned for "
+                             "throughput, postfix-default, exim 4.96, haraka 3.3; all: each "
+                             "in turn), --rounds interleaved; prints medians and ratios")
+    parser.add_argument("--dns-ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
+                        help="TTL of the rig's MX and A answers (default %(default)s; 0: a "
+                             "lookup for every message). The peers route by table: no DNS")
     parser.add_argument("--dkim", action="store_true", help="sign with RSA-2048 (OpenDKIM for Postfix)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--sink-port", type=int, default=0, help="port of every sink (0: free)")
@@ -64,13 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "then STARTTLS at every sink (certificates from a local CA, "
                              "verified); prints the TLS / plain ratio")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="with --tls: this many plain/TLS pairs, alternating (the median "
-                             "ratio is less at the mercy of other load on the machine)")
+                        help="with --tls: this many plain/TLS pairs, alternating; with "
+                             "--compare: this many rounds of every target, interleaved (the "
+                             "medians are less at the mercy of other load on the machine)")
     parser.add_argument("--html", action="store_true",
                         help="messages with a text part and an HTML part holding links")
     parser.add_argument("--tracking", choices=["on", "off", "compare"],
                         help="the engine's open and click tracking; compare: off then on, "
                              "--rounds pairs, and the ratio of their end-to-end rates")
+    parser.add_argument("--sources", type=int, default=0, metavar="N",
+                        help="the engine with a pool of N loopback sources (mta.egress) next "
+                             "to the engine with one source: --rounds pairs, alternating, "
+                             "and the ratio of their end-to-end rates (bench/sources.py)")
+    parser.add_argument("--webhook", action="store_true",
+                        help="run the engine without, then with a loopback webhook receiver "
+                             "(every event checked by id; e2e ratio; bench/webhook_bench.py)")
     parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
                         help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
                              "when offered); the engine target authenticates per account")
@@ -110,12 +133,13 @@ def targets_of(args: argparse.Namespace) -> list[str]:
             raise SystemExit("--tls runs the engine twice (plain, then TLS): no --target, "
                              "no --compare")
         return ["engine", "engine+tls"] * max(1, args.rounds)
-    kinds = [args.target]
-    if args.compare and args.compare not in kinds:
-        kinds.append(args.compare)
+    kinds = compare_kinds(args.target, args.compare)
     for kind in kinds:
         check_target(kind)
-    return kinds
+    if args.dkim and {"exim", "haraka"} & set(kinds):
+        raise SystemExit("--dkim: only the engine and Postfix (OpenDKIM) sign in the bench; "
+                         "no exim or haraka")
+    return interleaved(kinds, args.rounds) if args.compare else kinds
 
 
 def tls_comparison(results: list[RunResult]) -> str:
@@ -131,11 +155,24 @@ def tls_comparison(results: list[RunResult]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     stop_on_signals()
+    if args.dns_ttl < 0:
+        raise SystemExit("--dns-ttl must be 0 or more seconds")
     scenario = scenario_from(args)
     if args.tls:  # smtp-sink has no STARTTLS: both runs on our sinks, the same terms
         scenario.sinks = replace(scenario.sinks, kind="asyncio")
     opts = Options(scenario, args.workers, args.dkim, args.sink_port, args.dns_port, args.keep,
-                   not args.quiet, args.auth)
+                   not args.quiet, args.auth, dns_ttl=args.dns_ttl)
+    if args.webhook:
+        if args.target != "engine" or args.compare or args.tls or args.tracking:
+            raise SystemExit("--webhook runs the engine twice: no --target, --compare, --tls "
+                             "or --tracking")
+        from bench.webhook_bench import webhook_compare
+
+        try:
+            return webhook_compare(args, scenario, opts)
+        except KeyboardInterrupt:
+            print("\ninterrupted: everything started has been stopped", file=sys.stderr)
+            return 130
     results: list[RunResult] = []
     runs: list[tuple[str, bool | None]] = [(kind, None) for kind in targets_of(args)]
     if args.tracking == "compare":
@@ -145,21 +182,33 @@ def main(args: argparse.Namespace) -> int:
         runs = [("engine", False), ("engine", True)] * max(1, args.rounds)
     elif args.tracking:
         runs = [(kind, args.tracking == "on") for kind, _ in runs]
+    if args.sources:
+        if args.target != "engine" or args.compare or args.tls or args.tracking:
+            raise SystemExit("--sources runs the engine twice: no --target, --compare, --tls "
+                             "or --tracking")
+        runs = [("engine", None)] * 2 * max(1, args.rounds)
     try:
         for kind, tracking in runs:
             tls = kind == "engine+tls"
             run_opts = replace(opts, tls=tls, sink_processes=args.tls)
             if tracking is not None:
                 run_opts = replace(run_opts, scenario=with_tracking(scenario, tracking))
+            if args.sources:  # single source, then the pool, alternating
+                run_opts = replace(run_opts, scenario=with_sources(
+                    scenario, args.sources if len(results) % 2 else 0))
             results.append(run_once("engine" if tls else kind, run_opts))
             print(format_report(results[-1]), flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: everything started has been stopped", file=sys.stderr)
         return 130
-    if args.tracking == "compare":
+    if args.sources:
+        print(sources_comparison(results, args.sources))
+    elif args.tracking == "compare":
         print(tracking_comparison(results))
     elif args.tls:
         print(tls_comparison(results))
+    elif len(results) > 2 or (args.compare and args.rounds > 1):
+        print(format_medians(results))
     elif len(results) > 1:
         print(format_comparison(results[0], results[1]))
     print(save_outputs(results, Path(args.out)))

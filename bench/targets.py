@@ -1,8 +1,13 @@
-"""The MTA under test: our engine, Postfix, or any MTA at HOST:PORT on loopback.
+"""The MTA under test: our engine, a peer (Postfix tuned or default, Exim, Haraka), or
+any MTA at HOST:PORT on loopback.
 
 A target starts (and stops) its server, relaying the scenario's test domains to the
 rig's sinks, and tells how a load logs in, how deep its queue is and which processes
-are its own (for CPU and memory).
+are its own (for CPU and memory: a cgroup v2 of its own where possible, see
+bench/cgroup.py; `notes` says how CPU was measured).
+
+The peers are configured for throughput as their documentation recommends, fsync kept;
+their configurations are in bench/peers/ with a comment per setting.
 """
 
 from __future__ import annotations
@@ -17,17 +22,22 @@ from typing import Any, Protocol
 
 import tomli_w
 
+from bench.cgroup import CpuMeter
 from bench.engine_proc import PROJECT_ROOT, EngineProcess
 from bench.load import Logins
 from bench.net import free_port
 from bench.procstat import ProcessTree
 from bench.rig.assembly import Rig
-from bench.rig.postfix import OpenDkim, PostfixRelay
+from bench.rig.exim import EximRelay
+from bench.rig.haraka import HarakaRelay
+from bench.rig.postfix import OpenDkim, PostfixRelay, tuned_settings
 from bench.scenarios import Scenario, Traffic, account_name
 from mta.queue.spool import Spool
 from mta.smtp.auth import hash_password
 
 DKIM_SELECTOR = "bench"
+PEERS = ("postfix", "postfix-default", "exim", "haraka")  # --target / --compare names
+ROUTED_BY_TABLE = "routed to the sinks by a table, no DNS lookups (--dns-ttl does not apply)"
 
 
 class Target(Protocol):
@@ -35,6 +45,7 @@ class Target(Protocol):
     host: str
     port: int
     processes: ProcessTree | None
+    notes: list[str]  # for the report: how CPU was measured, what was left out
 
     def start(self) -> Any: ...
 
@@ -100,8 +111,10 @@ class EngineTarget:
             shaping = workdir / "shaping.toml"
             shaping.write_text(tomli_w.dumps(scenario.shaping))
             self.config["throttle"] = {"shaping_file": str(shaping)}
-        self.engine = EngineProcess(workdir, self.config, workers)
-        self.processes: ProcessTree | None = ProcessTree(self._roots)
+        self.cpu = CpuMeter(self.label, ProcessTree(self._roots))
+        self.processes: ProcessTree | None = self.cpu.tree
+        self.notes = [self.cpu.note]
+        self.engine = EngineProcess(workdir, self.config, workers, preexec=self.cpu.preexec)
         self._spool: Spool | None = None
 
     def _base_config(self, rig: Rig, dkim: DkimKey | None) -> dict[str, Any]:
@@ -146,22 +159,29 @@ class EngineTarget:
             self._spool.close()
             self._spool = None
         self.engine.stop()
+        self.cpu.close()
 
 
 class PostfixTarget:
-    """Postfix as a relay to the rig (transport maps), with OpenDKIM when signing."""
+    """Postfix as a relay to the rig (transport maps), with OpenDKIM when signing:
+    tuned for throughput (bench/peers/postfix-tuned.cf, label "postfix") or on its
+    default settings ("postfix-default")."""
 
-    label = "postfix"
-
-    def __init__(self, workdir: Path, scenario: Scenario, rig: Rig, dkim: DkimKey | None) -> None:
+    def __init__(self, workdir: Path, scenario: Scenario, rig: Rig, dkim: DkimKey | None,
+                 tuned: bool = True) -> None:
+        self.label = "postfix" if tuned else "postfix-default"
         self.host = "127.0.0.1"
+        self.cpu = CpuMeter(self.label, ProcessTree(self._roots))
+        self.processes: ProcessTree | None = self.cpu.tree
+        self.notes = [self.cpu.note, ROUTED_BY_TABLE]
         self.dkim = None if dkim is None else OpenDkim(workdir / "opendkim", dkim.domain,
-                                                       dkim.selector, dkim.path)
+                                                       dkim.selector, dkim.path,
+                                                       preexec=self.cpu.preexec)
+        extra = {**(tuned_settings() if tuned else {}), **scenario.postfix}
         self.relay = PostfixRelay(workdir / "postfix", rig.dest.routes, rig.sink_port,
                                   milter=self.dkim.socket if self.dkim else "",
-                                  extra=scenario.postfix)
+                                  extra=extra, preexec=self.cpu.preexec)
         self.port = self.relay.port
-        self.processes: ProcessTree | None = ProcessTree(self._roots)
 
     def _roots(self) -> list[int]:
         roots = [self.relay.master_pid()]
@@ -185,6 +205,44 @@ class PostfixTarget:
         self.relay.stop()
         if self.dkim is not None:
             self.dkim.stop()
+        self.cpu.close()
+
+
+class PeerTarget:
+    """Exim or Haraka as a relay to the rig (a routing table: no DNS), fetched on first
+    use (bench/rig/peer_install.py). No DKIM: --dkim compares with Postfix only."""
+
+    def __init__(self, kind: str, workdir: Path, rig: Rig, dkim: DkimKey | None) -> None:
+        if dkim is not None:
+            raise SystemExit(f"--dkim: {kind} has no DKIM signing set up in the bench "
+                             "(compare with --compare postfix, OpenDKIM)")
+        self.label = kind
+        self.host = "127.0.0.1"
+        self.cpu = CpuMeter(kind, ProcessTree(self._roots))
+        self.processes: ProcessTree | None = self.cpu.tree
+        self.notes = [self.cpu.note, ROUTED_BY_TABLE]
+        relay = EximRelay if kind == "exim" else HarakaRelay
+        self.relay: EximRelay | HarakaRelay = relay(workdir / kind, rig.dest.routes,
+                                                    rig.sink_port, preexec=self.cpu.preexec)
+        self.port = self.relay.port
+
+    def _roots(self) -> list[int]:
+        proc = self.relay.proc
+        return [proc.pid] if proc is not None and proc.poll() is None else []
+
+    def start(self) -> PeerTarget:
+        self.relay.start()
+        return self
+
+    def queue_depth(self) -> int | None:
+        return self.relay.queue_depth()
+
+    def logins(self, traffic: Traffic) -> Logins | None:
+        return None  # a relay for its own network: no SASL
+
+    def stop(self) -> None:
+        self.relay.stop()
+        self.cpu.close()
 
 
 class ExternalTarget:
@@ -193,6 +251,7 @@ class ExternalTarget:
     processes: ProcessTree | None = None
 
     def __init__(self, hostport: str, auth: str = "") -> None:
+        self.notes: list[str] = []
         host, _, port = hostport.rpartition(":")
         self.host, self.port = host.strip("[]") or "127.0.0.1", int(port)
         self.label = hostport
@@ -216,24 +275,27 @@ class ExternalTarget:
 
 def make_target(kind: str, workdir: Path, rig: Rig, scenario: Scenario, workers: int,
                 dkim: DkimKey | None, auth: str = "", tls_ca_file: str = "") -> Target:
-    """`kind` is "engine", "postfix" or HOST:PORT (see `check_target`)."""
+    """`kind` is "engine", one of PEERS or HOST:PORT (see `check_target`)."""
     if kind == "engine":
         return EngineTarget(workdir, scenario, rig, workers, dkim, tls_ca_file)
-    if kind == "postfix":
-        return PostfixTarget(workdir, scenario, rig, dkim)
+    if kind in ("postfix", "postfix-default"):
+        return PostfixTarget(workdir, scenario, rig, dkim, tuned=kind == "postfix")
+    if kind in ("exim", "haraka"):
+        return PeerTarget(kind, workdir, rig, dkim)
     return ExternalTarget(kind, auth)
 
 
 def check_target(kind: str) -> None:
-    """engine, postfix, or HOST:PORT on loopback: the rig's DNS and sinks listen on
-    127.0.0.x only, so an MTA anywhere else could not deliver to them (and the bench sends
-    no load off this host). SystemExit with the reason if not."""
-    if kind in ("engine", "postfix"):
+    """engine, a peer (PEERS), or HOST:PORT on loopback: the rig's DNS and sinks listen
+    on 127.0.0.x only, so an MTA anywhere else could not deliver to them (and the bench
+    sends no load off this host). SystemExit with the reason if not."""
+    if kind == "engine" or kind in PEERS:
         return
     host, _, port = kind.rpartition(":")
     host = host.strip("[]")
     if not port.isdigit() or not host:
-        raise SystemExit(f"--target must be engine, postfix or HOST:PORT, not {kind!r}")
+        raise SystemExit(f"--target must be engine, {', '.join(PEERS)} or HOST:PORT, "
+                         f"not {kind!r}")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

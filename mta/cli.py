@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "mta.commands.account",
     "mta.commands.tls",
     "mta.commands.node",
+    "mta.commands.webhook",
+    "mta.commands.egress",
 ]
 
 

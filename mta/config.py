@@ -16,12 +16,14 @@ import ipaddress
 import os
 import re
 import socket
+import string
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -341,6 +343,8 @@ class AccountConfig:
     max_rate: str = ""  # "500/m": its mail is paced out at this rate (accepted, never refused)
     lane: str = "bulk"  # the lane of its mail: bulk | transactional
     lanes: list[str] = field(default_factory=list)  # lanes its mail may choose by lane_header
+    pool: str = ""  # its egress pool; empty: [egress] default_pool (trial: trial_pool)
+    pools: list[str] = field(default_factory=list)  # pools its campaign_pool_header may pick
 
 
 @dataclass
@@ -353,6 +357,108 @@ class WindowConfig:
     days: list[str] = field(default_factory=list)  # "mon", "mon-fri"; empty: every day
     hours: str = "00:00-24:00"  # HH:MM-HH:MM, local time in `timezone`
     timezone: str = "UTC"  # a zoneinfo name
+
+
+@dataclass
+class EgressSourceConfig:
+    """A sending identity (mta.egress): outgoing connections bind `address` and say EHLO
+    `ehlo_name`, always together."""
+
+    name: str
+    address: str  # IPv4 or IPv6 address of this machine
+    ehlo_name: str
+    warmup_start: str = ""  # "YYYY-MM-DD": warming from that day (mta.egress.warmup)
+    warmup_schedule: list[int] = field(default_factory=list)  # empty: [egress.warmup] schedule
+
+
+@dataclass
+class EgressWarmupConfig:
+    """Warm-up of new sources (mta.egress.warmup): a daily cap per provider that rises one
+    step per day while the source's signals there stay healthy."""
+
+    schedule: list[int] = field(default_factory=lambda: [
+        50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 0])  # per day; 0: unlimited
+    timezone: str = "UTC"  # a zoneinfo name: days roll over at its midnight
+    max_hard_bounce_rate: float = 0.02  # of the day's attempts
+    max_complaint_rate: float = 0.001  # of the day's deliveries
+    max_deferral_rate: float = 0.05  # reputation and "slow down" deferrals, of attempts
+    min_sample: int = 50  # fewer attempts (and fewer than the cap): the step holds
+    on_bad_health: str = "hold"  # "hold" or "step_back"
+
+
+@dataclass
+class EgressPoolMember:
+    source: str  # an [[egress.sources]] name
+    weight: int = 1  # its share of the pool's mail (smooth weighted round robin)
+
+
+@dataclass
+class EgressPoolConfig:
+    name: str
+    sources: list[EgressPoolMember] = field(default_factory=list)
+
+
+@dataclass
+class EgressConfig:
+    """Source addresses and pools (mta.egress); no sources: [delivery] source_address
+    and helo_name, as one implicit source."""
+
+    sources: list[EgressSourceConfig] = field(default_factory=list)
+    pools: list[EgressPoolConfig] = field(default_factory=list)
+    default_pool: str = ""  # accounts without a pool; required once pools exist
+    trial_pool: str = ""  # trial accounts without a pool of their own; empty: default_pool
+    campaign_pool_header: str = "X-MTA-Pool"  # a pool of the account's `pools`; removed
+    down_interval: float = 60.0  # seconds a source that failed to bind stays down
+    warmup: EgressWarmupConfig = field(default_factory=EgressWarmupConfig)
+
+
+@dataclass
+class WebhookConfig:
+    """An HTTP endpoint the event outbox feeds (mta.outbox.webhook): batches of events as
+    a JSON array in one POST, signed with `secret` (header X-MTA-Signature)."""
+
+    name: str
+    url: str  # http:// or https:// (https trusts the system's CA store, plus ca_file)
+    secret: str = field(repr=False)  # the HMAC-SHA256 key; required; never shown
+    events: list[str] = field(default_factory=list)  # event types sent; empty: all
+    accounts: list[str] = field(default_factory=list)  # accounts whose events are sent; empty: all
+    batch_size: int = 100  # events per POST at most
+    batch_wait: float = 1.0  # seconds to wait for a batch to fill
+    timeout: float = 10.0  # seconds for one POST (connect + answer)
+    max_age: float = 86400.0  # seconds an event is retried before it goes to the dead letters
+    ca_file: str = path_setting("")  # extra CA certificates (PEM) trusted for https
+
+
+@dataclass
+class OutboxConfig:
+    """The event outbox behind [[webhooks]] and [[amqp]] (mta.outbox): retries and alerts."""
+
+    retry_initial: float = 1.0  # seconds before the first retry of a failed batch
+    retry_max: float = 300.0  # longest wait between retries (doubling, with jitter)
+    alert_depth: int = 100_000  # events waiting in the outbox past which the operator is told
+    alert_age: float = 3600.0  # seconds the oldest waiting event may wait before that
+
+
+@dataclass
+class AmqpConfig:
+    """An AMQP 0-9-1 exchange (RabbitMQ) the event outbox feeds (mta.outbox.amqp): one
+    persistent JSON message per event, message_id = the event's id, and an event leaves
+    the outbox only once the broker confirmed it (publisher confirms)."""
+
+    name: str
+    url: str = field(repr=False)  # amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://; never shown
+    exchange: str = "mta.events"  # "": the default exchange (routing_key then names a queue)
+    exchange_type: str = "topic"  # direct | fanout | topic | headers
+    declare_exchange: bool = True  # declare it (durable) on connect; false: it must exist
+    routing_key: str = "mta.{type}"  # placeholders {type} and {account}
+    mandatory: bool = True  # an event no queue is bound for is a failure (retried), not dropped
+    events: list[str] = field(default_factory=list)  # event types sent; empty: all
+    accounts: list[str] = field(default_factory=list)  # accounts whose events are sent; empty: all
+    batch_size: int = 100  # events published together, then confirmed together
+    batch_wait: float = 1.0  # seconds to wait for a batch to fill
+    timeout: float = 10.0  # seconds for a connection, and for the confirms of one batch
+    max_age: float = 86400.0  # seconds an event is retried before it goes to the dead letters
+    ca_file: str = path_setting("")  # amqps: extra CA certificates (PEM) trusted for the broker
 
 
 @dataclass
@@ -373,6 +479,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     accounts: list[AccountConfig] = field(default_factory=list)
     windows: list[WindowConfig] = field(default_factory=list)
+    egress: EgressConfig = field(default_factory=EgressConfig)
+    amqp: list[AmqpConfig] = field(default_factory=list)
+    webhooks: list[WebhookConfig] = field(default_factory=list)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
 
     def account(self, name: str) -> AccountConfig | None:
         return next((a for a in self.accounts if a.name == name), None)
@@ -529,6 +639,7 @@ def _check_domain_list(value: list[str]) -> None:
         _check_domain_name(item)
 
 
+@_validator("egress", "campaign_pool_header")
 @_validator("smtp", "campaign_header")
 @_validator("smtp", "send_at_header")
 @_validator("smtp", "lane_header")
@@ -682,6 +793,289 @@ def _check_plan(value: str) -> None:
         raise ValueError(f"must be trial, standard or pro, got {value!r}")
 
 
+def _check_egress_sources(value: list[EgressSourceConfig]) -> None:
+    names: set[str] = set()
+    addresses: set[str] = set()
+    for source in value:
+        if source.name == "async":  # inbound events' "source"
+            raise ValueError("'async' is reserved; give the source another name")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", source.name):
+            raise ValueError(f"{source.name!r} is not a source name (letters, digits, . _ -)")
+        try:
+            address = str(ipaddress.ip_address(source.address))
+        except ValueError:
+            raise ValueError(f"{source.name}: address {source.address!r} is not an IP "
+                             "address") from None
+        _check_domain_name(source.ehlo_name)
+        if source.name in names:
+            raise ValueError(f"source {source.name!r} is defined twice")
+        if address in addresses:
+            raise ValueError(f"{source.name}: address {address} is another source's "
+                             "(one address, one EHLO name)")
+        names.add(source.name)
+        addresses.add(address)
+
+
+def _check_egress_pools(value: list[EgressPoolConfig]) -> None:
+    names: set[str] = set()
+    for pool in value:
+        if pool.name in names:
+            raise ValueError(f"pool {pool.name!r} is defined twice")
+        names.add(pool.name)
+        if not pool.sources:
+            raise ValueError(f"pool {pool.name!r} has no sources")
+        members = [m.source for m in pool.sources]
+        if len(set(members)) != len(members):
+            raise ValueError(f"pool {pool.name!r} lists a source twice")
+        for member in pool.sources:
+            if member.weight <= 0:
+                raise ValueError(f"pool {pool.name!r}: weight of {member.source!r} must be "
+                                 f"above 0, got {member.weight}")
+
+
+@_validator("egress", "schedule")
+def _check_default_warmup_schedule(value: list[int]) -> None:
+    if not value:
+        raise ValueError("needs at least one step")
+    _check_warmup_schedule(value)
+
+
+@_validator("egress", "warmup_schedule")
+def _check_warmup_schedule(value: list[int]) -> None:
+    if any(n < 0 for n in value):
+        raise ValueError("messages per day must be 0 (unlimited) or more")
+    if 0 in value[:-1]:
+        raise ValueError("0 (unlimited) may only be the last step")
+
+
+@_validator("egress", "warmup_start")
+def _check_warmup_start(value: str) -> None:
+    import datetime
+
+    if value:
+        try:
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date YYYY-MM-DD") from None
+
+
+@_validator("egress", "timezone")
+def _check_warmup_timezone(value: str) -> None:
+    from mta.queue.schedule import zone
+    zone(value)
+
+
+@_validator("egress", "max_hard_bounce_rate")
+@_validator("egress", "max_complaint_rate")
+@_validator("egress", "max_deferral_rate")
+def _check_rate_fraction(value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a fraction between 0 and 1, got {value}")
+
+
+@_validator("egress", "min_sample")
+def _check_min_sample(value: int) -> None:
+    if value < 1:
+        raise ValueError("must be at least 1")
+
+
+@_validator("egress", "on_bad_health")
+def _check_on_bad_health(value: str) -> None:
+    if value not in ("hold", "step_back"):
+        raise ValueError(f"must be hold or step_back, got {value!r}")
+
+
+@_validator("egress", "down_interval")
+def _check_down_interval(value: float) -> None:
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+
+
+def check_egress(cfg: Config) -> None:
+    """The references between [egress] and [[accounts]]: every pool named exists, every
+    source a pool lists exists; ConfigError with one line otherwise."""
+    eg = cfg.egress
+    try:
+        _check_egress_sources(eg.sources)
+        _check_egress_pools(eg.pools)
+    except ValueError as exc:
+        raise ConfigError(f"[egress] {exc}") from None
+    sources = {s.name for s in eg.sources}
+    pools = {p.name for p in eg.pools}
+    for pool in eg.pools:
+        for member in pool.sources:
+            if member.source not in sources:
+                raise ConfigError(f"[egress] pool {pool.name!r}: unknown source "
+                                  f"{member.source!r}")
+    if sources and not pools:
+        raise ConfigError("[egress] sources are defined but no [[egress.pools]] uses them")
+    if pools and not eg.default_pool:
+        raise ConfigError("[egress] default_pool must name a pool once pools are defined")
+    for key in ("default_pool", "trial_pool"):
+        name = getattr(eg, key)
+        if name and name not in pools:
+            raise ConfigError(f"[egress] {key}: unknown pool {name!r}")
+    for account in cfg.accounts:
+        for name in [account.pool, *account.pools]:
+            if name and name not in pools:
+                raise ConfigError(f"[[accounts]] {account.name}: unknown pool {name!r}")
+
+
+_AMQP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_AMQP_EXCHANGE = re.compile(r"[A-Za-z0-9_.:-]{0,127}")  # RabbitMQ's rule for names
+AMQP_ROUTING_FIELDS = ("type", "account")
+
+
+@_validator("amqp", "name")
+def _check_amqp_name(value: str) -> None:
+    if not _AMQP_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a name (letters, digits, . _ -; up to 64)")
+
+
+@_validator("amqp", "url")
+def _check_amqp_url(value: str) -> None:
+    """Never shows the value: it may hold a password."""
+    usage = "must be amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://... (value not shown)"
+    if not re.fullmatch(r"amqps?://[\x21-\x7e]+", value):
+        raise ValueError(usage)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(usage) from None
+    if not parts.hostname:
+        raise ValueError(usage)
+
+
+@_validator("amqp", "exchange")
+def _check_amqp_exchange(value: str) -> None:
+    if not _AMQP_EXCHANGE.fullmatch(value):
+        raise ValueError(f"{value!r} is not an exchange name (letters, digits, - _ . :)")
+
+
+@_validator("amqp", "exchange_type")
+def _check_amqp_exchange_type(value: str) -> None:
+    if value not in ("direct", "fanout", "topic", "headers"):
+        raise ValueError(f"must be direct, fanout, topic or headers, got {value!r}")
+
+
+@_validator("amqp", "routing_key")
+def _check_amqp_routing_key(value: str) -> None:
+    try:
+        parsed = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a template: {exc}") from None
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (name not in AMQP_ROUTING_FIELDS or spec or conversion):
+            raise ValueError(f"{value!r}: only {{type}} and {{account}} may be used")
+        if not literal.isascii():
+            raise ValueError(f"{value!r} must be ASCII")
+    if len(value) > 200:
+        raise ValueError("must be at most 200 characters (a routing key is at most 255)")
+
+
+@_validator("amqp", "events")
+def _check_amqp_events(value: list[str]) -> None:
+    for item in value:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", item):
+            raise ValueError(f"{item!r} is not an event type (Delivery, Bounce, ...)")
+
+
+@_validator("amqp", "batch_size")
+def _check_amqp_batch_size(value: int) -> None:
+    if not 1 <= value <= 10_000:
+        raise ValueError(f"must be within 1-10000, got {value}")
+
+
+@_validator("amqp", "timeout")
+@_validator("amqp", "max_age")
+def _check_amqp_seconds(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value}")
+
+
+@_validator("amqp", "batch_wait")
+def _check_amqp_batch_wait(value: float) -> None:
+    if not 0 <= value <= 60:
+        raise ValueError(f"must be within 0-60 seconds, got {value}")
+
+
+@_validator("webhooks", "name")
+def _check_webhook_name(value: str) -> None:
+    if not _AMQP_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a name (letters, digits, . _ -; at most 64)")
+
+
+@_validator("webhooks", "url")
+def _check_webhook_url(value: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if (parts.scheme not in ("http", "https") or not parts.hostname
+            or not re.fullmatch(r"[\x21-\x7e]+", value) or any(c in value for c in "<>\"'\\")):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+
+
+@_validator("webhooks", "secret")
+def _check_webhook_secret(value: str) -> None:
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters (value not shown)")
+
+
+@_validator("webhooks", "events")
+def _check_webhook_events(value: list[str]) -> None:
+    _check_amqp_events(value)
+
+
+@_validator("webhooks", "batch_size")
+def _check_webhook_batch_size(value: int) -> None:
+    _check_amqp_batch_size(value)
+
+
+@_validator("webhooks", "timeout")
+@_validator("webhooks", "max_age")
+@_validator("outbox", "retry_initial")
+@_validator("outbox", "retry_max")
+@_validator("outbox", "alert_age")
+def _check_outbox_seconds(value: float) -> None:
+    _check_amqp_seconds(value)
+
+
+@_validator("webhooks", "batch_wait")
+def _check_webhook_batch_wait(value: float) -> None:
+    _check_amqp_batch_wait(value)
+
+
+@_validator("outbox", "alert_depth")
+def _check_alert_depth(value: int) -> None:
+    if value < 1:
+        raise ValueError("must be at least 1")
+
+
+def check_webhooks(cfg: Config) -> None:
+    """Each sink name once across [[webhooks]] and [[amqp]] (the outbox keeps a cursor per
+    name)."""
+    seen = {sink.name for sink in cfg.amqp}
+    for hook in cfg.webhooks:
+        if hook.name in seen:
+            raise ConfigError(f"[[webhooks]] {hook.name!r} is defined twice (names are shared "
+                              "with [[amqp]])")
+        seen.add(hook.name)
+
+
+def check_amqp(sinks: list[AmqpConfig]) -> None:
+    """Each [[amqp]] name once (the outbox keeps a cursor per name); the default exchange
+    ("") cannot be declared."""
+    seen: set[str] = set()
+    for sink in sinks:
+        if sink.name in seen:
+            raise ConfigError(f"[[amqp]] {sink.name!r} is defined twice")
+        seen.add(sink.name)
+        if not sink.exchange and sink.declare_exchange:
+            raise ConfigError(f"[[amqp]] {sink.name}: the default exchange (exchange = \"\") "
+                              "cannot be declared: set declare_exchange = false")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
@@ -792,5 +1186,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError(f"unknown section [{key}]")
         kwargs[key] = _coerce(value, hints[key], f"[{key}]")
     cfg = Config(**kwargs)
+    check_egress(cfg)
+    check_amqp(cfg.amqp)
+    check_webhooks(cfg)
     resolve_paths(cfg, p.parent.absolute())
     return cfg

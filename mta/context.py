@@ -28,6 +28,7 @@ class WorkerContext:
     committer: GroupCommitter
     events: EventLog
     closers: list[Closer] = field(default_factory=list)  # run in reverse order at stop
+    outbox: Any = None  # mta.outbox.wiring.OutboxRecorder when a sink is configured
 
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("worker", self.index)

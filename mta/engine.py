@@ -31,9 +31,11 @@ from typing import Any
 import uvloop
 
 from mta.cluster import check_cluster, connect_cluster
+from mta.cluster.engagement import EngagementSync
 from mta.cluster.link import RedisLink
 from mta.cluster.policy import PolicySync
 from mta.cluster.throttle import ClusterThrottle
+from mta.cluster.warmup import RedisRampStore
 from mta.config import Config, ConfigError, StartupError, check_bindable, parse_hostport
 from mta.context import WorkerContext
 from mta.delivery.deliverer import Deliverer, Transform
@@ -48,15 +50,19 @@ from mta.delivery.service import (
     make_dsn_builder,
     make_resolver,
     make_throttle,
+    record_outcome_events,
 )
 from mta.delivery.tls.worker import check_tls_config, start_tls
 from mta.dkim.signer import DkimSigner
+from mta.egress.service import check_sources_bindable, start_egress
+from mta.egress.warmup_gate import make_source_gate
 from mta.events import EventLog
 from mta.http import check_http, start_operators
 from mta.http.guard_operations import GuardOperations
 from mta.inject.server import check_inject, start_inject
 from mta.listen_lock import claim_address
 from mta.metrics import LiveParts
+from mta.outbox.wiring import start_outbox
 from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
 from mta.queue.rules import RateCache, RuleCheck, RuleExpiry
@@ -103,6 +109,7 @@ def check_startup(cfg: Config) -> socket.socket:
     check_inject(cfg)
     check_policy(cfg)
     check_cluster(cfg)
+    check_sources_bindable(cfg)  # every [[egress.sources]] address is this machine's
     check_bindable("[smtp] listen", cfg.smtp.listen)  # no other program listens there
     return claim
 
@@ -125,17 +132,20 @@ class Worker:
 
     async def run(self) -> None:
         ctx = self.open_context()
+        ctx.outbox = start_outbox(ctx)  # events for webhooks and AMQP, when configured
         link = await connect_cluster(ctx)  # Redis shared by several nodes, when configured
         guard = await start_guard(ctx, link)  # the sending contract, when enabled
         delivery = await start_delivery(ctx, guard, link) if self.cfg.delivery.enabled else None
         intake = Intake(self.cfg, ctx.spool, ctx.committer, policy=guard, emit=ctx.emit,
-                        on_stored=delivery.scheduler.notify_stored if delivery else None)
+                        on_stored=delivery.scheduler.notify_stored if delivery else None,
+                        record_events=ctx.outbox.record if ctx.outbox else None)
         ctx.on_close(intake.close)
         await start_inject(ctx, intake)  # the HTTP injection API: the same intake, per worker
         live = LiveParts(delivery.deliverer if delivery else None,
                          delivery.scheduler if delivery else None,
                          delivery.signer if delivery else None, guard, link)
-        await start_operators(ctx, GuardOperations(guard) if guard else None, live)
+        await start_operators(ctx, GuardOperations(guard) if guard else None, live,
+                              await share_engagement(ctx, link))
         server = await self.listen(intake)
         await self.stopping.wait()
         in_flight = len(delivery.scheduler.in_flight) if delivery else 0
@@ -181,7 +191,8 @@ async def start_guard(ctx: WorkerContext, link: RedisLink | None) -> PolicyGuard
     cfg = ctx.cfg
     if not cfg.policy.enabled:
         return None
-    guard = PolicyGuard(cfg, ctx.spool, ctx.committer, emit=ctx.emit)
+    guard = PolicyGuard(cfg, ctx.spool, ctx.committer, emit=ctx.emit,
+                        record_events=ctx.outbox.record if ctx.outbox else None)
     await guard.start(daily_purge=ctx.index == 0)
     ctx.listen(guard.on_event)
     ctx.on_close(guard.close)
@@ -191,6 +202,19 @@ async def start_guard(ctx: WorkerContext, link: RedisLink | None) -> PolicyGuard
         await sync.start()
         ctx.on_close(sync.close)  # closed before the guard's final flush
     return guard
+
+
+async def share_engagement(ctx: WorkerContext, link: RedisLink | None
+                           ) -> EngagementSync | None:
+    """Several nodes: the opens and clicks this node serves (worker 0, with the HTTP
+    listener) are added to the cluster's counters in Redis, the admin views show those."""
+    if link is None or ctx.index != 0 or not ctx.cfg.http.enabled:
+        return None
+    sync = EngagementSync(link, ctx.spool, ctx.committer.submit)
+    await sync.start()
+    ctx.listen(sync.on_event)  # a purged account leaves Redis too
+    ctx.on_close(sync.close)  # closed after the tracker's last batch (closers run reversed)
+    return sync
 
 
 def account_paces(ctx: WorkerContext, budget: SharedBudget) -> AccountPaces:
@@ -225,7 +249,8 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                           on_outcome=emit_outcomes(ctx, local_domains),
                           build_dsn=make_dsn_builder(cfg),
                           hold_check=rules, windows=windows_of(cfg),
-                          bounce_check=rules, pace=account_paces(ctx, budget))
+                          bounce_check=rules, pace=account_paces(ctx, budget),
+                          record_events=record_outcome_events(ctx, local_domains))
     if ctx.index == 0:  # one worker lifts expired rules
         expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
         expiry.start()
@@ -234,7 +259,7 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
     signer = DkimSigner.from_config(cfg.dkim)  # without keys: counts what goes out unsigned
     transforms: list[Transform] = [
         *([guard.transform] if guard and guard.transform else []),  # footer, List-Unsubscribe
-        TrackingTransform(cfg, tracking_secret(cfg.tracking, ctx.spool)),  # links, pixel
+        TrackingTransform(cfg, tracking_secret(cfg, ctx.spool)),  # links, pixel
         *([verp_transform(cfg, verp_key)] if cfg.bounce.verp else []),  # the return path
         *([line_wrap_transform(cfg.delivery.line_length_limit)]
           if cfg.delivery.line_length_limit else []),
@@ -245,8 +270,11 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
     resolver = make_resolver(cfg)
     tls = start_tls(ctx, resolver.lookup,  # TLS modes, MTA-STS, DANE, TLS reports
                     on_stored=lambda _: scheduler.wake())
+    ramps = RedisRampStore(link) if link is not None else None  # warm-up caps of the cluster
+    egress = start_egress(ctx, rules, make_source_gate(ctx, ramps))  # sources and pools
     deliverer = Deliverer(cfg, resolver, throttle, budget,
-                          scheduler, transforms, local_domains, inbound, tls=tls.policies)
+                          scheduler, transforms, local_domains, inbound, tls=tls.policies,
+                          egress=egress)
     scheduler.start(dispatch=deliverer.dispatch)
     keep_throttle_snapshots(ctx, throttle)
 

@@ -39,6 +39,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from mta.context import WorkerContext
+from mta.egress.counters import outcome_of as egress_outcome
 from mta.throughput import Ring, history, remove_rings, ring_for_process
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
                    3600.0, 14_400.0, 86_400.0, 432_000.0)
+PACE_BUCKETS = (0.0, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0)
 OUTCOMES = {"Delivery": "delivered", "TransientFailure": "deferred", "Bounce": "bounced",
             "Expiration": "expired"}
 FEEDBACK_KINDS = frozenset({"hard", "soft", "unknown"})
@@ -214,6 +216,19 @@ class EngineMetrics:
         self.tls_sessions = Counter("mta_tls_sessions", "Outbound SMTP sessions by the TLS "
                                     "policy that applied and the result", ["policy", "result"],
                                     registry=r)
+        self.egress = Counter("mta_egress_messages", "Recipient outcomes (delivered, deferred, "
+                              "bounced, complained) by egress source and provider",
+                              ["source", "provider", "outcome"], registry=r)
+        self.egress_up = Gauge("mta_egress_source_up", "1 while an egress source is up, 0 "
+                               "while a worker has it down", ["source"],
+                               multiprocess_mode="livemin", registry=r)
+        self.account_wait = Gauge("mta_account_queue_wait_seconds",
+                                  "Seconds until the last turn handed out at an account's pace "
+                                  "([[accounts]] max_rate): its queue's wait", ["account"],
+                                  multiprocess_mode="livemax", registry=r)
+        self.account_waits = Histogram("mta_account_pace_wait_seconds",
+                                       "Wait of each message for its turn at its account's "
+                                       "pace", ["account"], buckets=PACE_BUCKETS, registry=r)
         self._seen: dict[str, float] = {}
         self._providers_open: set[str] = set()
         self.throughput: Ring | None = None  # its throughput ring (start_metrics)
@@ -245,6 +260,16 @@ class EngineMetrics:
         feedback = feedback_kind(event)
         if feedback is not None:
             self.feedback.labels(feedback).inc()
+        self._egress(event)
+
+    def _egress(self, event: dict[str, Any]) -> None:
+        """Per egress source and provider (mta.egress): outcomes; up or down."""
+        found = egress_outcome(event)
+        if found is not None:
+            self.egress.labels(*found).inc()
+        elif event.get("type") in ("SourceUp", "SourceDown"):
+            self.egress_up.labels(str(event.get("source", ""))).set(
+                1 if event["type"] == "SourceUp" else 0)
 
     def _outcome(self, outcome: str, event: dict[str, Any]) -> None:
         provider = self.providers.of([str(event.get("mx") or "")], str(event.get("domain", "")))
@@ -265,6 +290,8 @@ class EngineMetrics:
                                   self.tls_sessions.labels(policy, result))
         if live.scheduler is not None:
             self.in_flight.set(len(live.scheduler.in_flight))
+            if live.scheduler.pace is not None:
+                self.sample_paces(live.scheduler.pace)
         if live.signer is not None:
             self._advance("signed", live.signer.signed, self.dkim.labels("signed"))
             self._advance("unsigned", live.signer.unsigned, self.dkim.labels("unsigned"))
@@ -276,6 +303,13 @@ class EngineMetrics:
         if live.link is not None:
             self.cluster_up.labels(str(ctx.index)).set(1 if live.link.up else 0)
             self._advance("cluster_outages", live.link.outages, self.cluster_outages)
+
+    def sample_paces(self, paces: Any) -> None:
+        """Accounts' queue waits (mta.throttle.account_pace.AccountPaces)."""
+        for account, wait in paces.take_observed():
+            self.account_waits.labels(account).observe(wait)
+        for account, wait in paces.queue_wait().items():
+            self.account_wait.labels(account).set(wait)
 
     def set_connections(self, by_provider: dict[str, int]) -> None:
         for provider in self._providers_open - by_provider.keys():
@@ -367,6 +401,17 @@ def throughput_history(local: Ring | None, now: float) -> dict[str, Any]:
     """Every worker's throughput rings added up (mta.throughput), or `local` alone."""
     directory = os.environ.get(MULTIPROC_ENV) if multiprocess_enabled() else None
     return history(directory, local, now)
+
+
+def account_waits(local: CollectorRegistry | None) -> dict[str, float]:
+    """Per paced account, its queue's wait in seconds (the largest of the workers')."""
+    waits: dict[str, float] = {}
+    for family in collect_families(local):
+        if family.name == "mta_account_queue_wait_seconds":
+            for sample in family.samples:
+                account = sample.labels.get("account", "")
+                waits[account] = max(waits.get(account, 0.0), round(sample.value, 3))
+    return waits
 
 
 def outcome_totals(local: CollectorRegistry | None) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from urllib.parse import urlsplit, urlunsplit
 
 MAX_NAME = 128  # characters; a longer name is refused, never truncated (two would become one)
 
@@ -68,3 +69,13 @@ def shown(text: str, limit: int | None = None, ascii_only: bool = False) -> str:
             out.append(char)
     escaped = "".join(out).replace("=?", "=\\?")
     return escaped if limit is None else escaped[:limit]
+
+
+def without_password(url: str) -> str:
+    """A URL as logs and status may show it: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -141,3 +141,57 @@ def test_campaign_rate_through_the_api(tmp_path, dns_server, asyncio_sink_factor
     assert 1.5 <= times[-1] - times[0] < 10  # 10 messages at 5/s: about 1.8 s
     actions = [r.get("action") for r in read_audit(tmp_path / "audit.jsonl")]
     assert "campaign.rate" in actions
+
+
+def test_the_account_queue_wait_is_visible(tmp_path, dns_server, asyncio_sink_factory) -> None:
+    """The wait of a paced account: its gauge and histogram in /metrics, `queue_wait` in
+    the account's API row (and `mta account show`), the dashboard's account_waits."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.engine import wait_until
+    from tests.helpers.http import TOKEN, call, start_http_engine
+
+    sink = asyncio_sink_factory(host="127.0.0.2", record=True)
+    dns_server.add_mx("wait.test", [(10, "mx.wait.test")])
+    dns_server.add_a("mx.wait.test", "127.0.0.2")
+    engine = start_http_engine(
+        tmp_path, dns={"nameservers": [dns_server.address], "timeout": 5.0},
+        delivery={"enabled": True, "port": sink.port, "allow_loopback_mx": True},
+        smtp={"trusted_account": "shop"},
+        accounts=[{"name": "shop", "max_rate": "2/s"}])
+    try:
+        with smtplib.SMTP(engine.host, engine.port) as client:
+            for n in range(20):  # 10 s of mail at 2/s
+                client.sendmail("s@shop.test", [f"u{n}@wait.test"],
+                                f"From: s@shop.test\r\nSubject: {n}\r\n\r\nx\r\n")
+
+        def row() -> dict:
+            return call(engine.url + "/api/v1/accounts/shop")[1]
+
+        assert wait_until(lambda: row().get("queue_wait", 0) > 2.0, timeout=30), row()
+        [listed] = [r for r in call(engine.url + "/api/v1/accounts")[1] if r["name"] == "shop"]
+        assert listed["queue_wait"] > 0
+        dashboard = call(engine.url + "/api/v1/dashboard")[1]
+        assert dashboard["account_waits"].get("shop", 0) > 0
+        text = call(engine.url + "/metrics", token=None)[1]
+        gauge = [line for line in text.splitlines()
+                 if line.startswith('mta_account_queue_wait_seconds{account="shop"}')]
+        assert gauge and float(gauge[0].split()[-1]) > 0, gauge
+        count = [line for line in text.splitlines()
+                 if line.startswith('mta_account_pace_wait_seconds_count{account="shop"}')]
+        assert count and float(count[0].split()[-1]) >= 5, count
+        root = Path(__file__).resolve().parents[1]
+        shown = subprocess.run(
+            [sys.executable, "-m", "mta", "account", "show", "shop", "--url", engine.url,
+             "--token", TOKEN, "--json"], capture_output=True, text=True, cwd=root, timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(root)))
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["queue_wait"] >= 0
+        assert sink.wait_for(messages=20, timeout=60)
+        assert wait_until(lambda: row().get("queue_wait") == 0.0, timeout=30), row()
+    finally:
+        engine.stop()

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from mta.cluster import DOWN, RedisLink, check_cluster
-from mta.cluster.link import without_password
 from mta.config import ClusterConfig, Config, ConfigError
+from mta.text import without_password
 
 
 def test_registers_goes_down_and_comes_back(redis_server) -> None:

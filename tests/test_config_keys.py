@@ -65,6 +65,13 @@ MTA_SECTIONS: dict[str, Section] = {
     "tracking": Section(config.TrackingConfig, ("tracking",)),
     "accounts": Section(config.AccountConfig, ("accounts",)),
     "windows": Section(config.WindowConfig, ("windows",)),
+    "amqp": Section(config.AmqpConfig, ("amqp",)),
+    "webhooks": Section(config.WebhookConfig, ("webhooks",)),
+    "outbox": Section(config.OutboxConfig, ("outbox",)),
+    "egress": Section(config.EgressConfig, ("egress",)),
+    "egress.sources": Section(config.EgressSourceConfig, ("sources",)),
+    "egress.pools": Section(config.EgressPoolConfig, ("pools",)),
+    "egress.warmup": Section(config.EgressWarmupConfig, ("warmup",)),
 }
 
 SHAPING_SECTIONS: dict[str, Section] = {
@@ -92,6 +99,8 @@ def toml_keys(text: str) -> Iterator[tuple[str, str]]:
                     yield from ((table, k) for k in item)
                 else:
                     yield table, key
+                if isinstance(item, dict) and f"{table}.{key}" in MTA_SECTIONS:
+                    yield from ((f"{table}.{key}", k) for k in item)  # [egress.warmup]
     yield from commented_examples(text)
 
 

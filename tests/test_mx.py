@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import dns.name
+import dns.rdatatype
 import pytest
 
 from bench.rig.dns import DnsServer
@@ -20,6 +22,7 @@ from mta.delivery.mx import (
     Host,
     MxResolver,
     Route,
+    RouteCache,
     RouteError,
     address_literal,
     choose_route,
@@ -28,6 +31,7 @@ from mta.delivery.mx import (
     is_null_mx,
     limit_addresses,
     order_mx,
+    reshuffle_equal,
 )
 
 NONE: frozenset[str] = frozenset()
@@ -408,3 +412,101 @@ class TestLoopRoutes:
         dns_server.add_a("me.d.test", "192.0.2.25")
         resolver = make_resolver(dns_server, own_addresses={"192.0.2.25"})
         assert ok(route(resolver, "d.test")).addresses == ["192.0.2.1"]
+
+
+class TestKeptRoutes:
+    """Routes kept for their answers' TTL, looked up again near their end (issue 21)."""
+
+    def serve(self, server: DnsServer, ttl: int) -> None:
+        server.add_mx("d.test", [(10, "mx.d.test")], ttl=ttl)
+        server.add_a("mx.d.test", "192.0.2.1", ttl=ttl)
+
+    def test_route_is_kept_for_its_ttl(self, dns_server: DnsServer) -> None:
+        self.serve(dns_server, 300)
+        resolver = make_resolver(dns_server)
+
+        async def twice() -> tuple[Route | RouteError, Route | RouteError, int]:
+            first = await resolver.route("d.test")
+            asked = dns_server.query_count
+            return first, await resolver.route("D.test."), asked
+
+        first, second, asked = asyncio.run(twice())
+        assert ok(first).addresses == ok(second).addresses == ["192.0.2.1"]
+        assert dns_server.query_count == asked  # the second one asked nothing
+        assert len(resolver.routes) == 1
+
+    def test_ttl_zero_is_looked_up_every_time(self, dns_server: DnsServer) -> None:
+        self.serve(dns_server, 0)
+        resolver = make_resolver(dns_server)
+        for _ in range(3):
+            assert ok(route(resolver, "d.test")).addresses == ["192.0.2.1"]
+        assert dns_server.count("d.test", "MX") == 3
+        assert len(resolver.routes) == 0
+
+    def test_route_with_a_failed_host_lookup_is_not_kept(self, dns_server: DnsServer) -> None:
+        dns_server.add_mx("d.test", [(10, "bad.d.test"), (20, "good.d.test")])
+        dns_server.add_a("bad.d.test", "192.0.2.1")
+        dns_server.add_a("good.d.test", "192.0.2.2")
+        dns_server.fail("bad.d.test", "servfail")
+        resolver = make_resolver(dns_server)
+        assert ok(route(resolver, "d.test")).addresses == ["192.0.2.2"]
+        dns_server.fail("bad.d.test", None)
+        assert ok(route(resolver, "d.test")).addresses == ["192.0.2.1", "192.0.2.2"]
+
+    def test_route_near_its_end_is_prefetched_past_the_cache(self, dns_server: DnsServer
+                                                              ) -> None:
+        self.serve(dns_server, 300)
+        resolver = make_resolver(dns_server)
+
+        async def run() -> tuple[Route | RouteError, float]:
+            first = ok(await resolver.route("d.test"))
+            now = time.time()  # pretend it was resolved 290 s ago: 10 s of 300 left
+            resolver.routes.put("d.test", first, now - 290, now + 10)
+            kept = await resolver.route("d.test")  # at once, from what is kept
+            deadline = time.monotonic() + 10
+            while resolver._inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            entry = resolver.routes.get("d.test", time.time())
+            assert entry is not None
+            return kept, entry.expires - time.time()
+
+        kept, life = asyncio.run(run())
+        assert ok(kept).addresses == ["192.0.2.1"]
+        assert dns_server.count("d.test", "MX") == 2  # asked again despite the answer cache
+        assert life > 250  # the kept route now rests on the new answers
+        assert resolver.prefetches == 1
+
+    def test_equal_preference_hosts_are_drawn_again_at_each_use(self) -> None:
+        hosts = (Host("a", ("192.0.2.1",), 10), Host("b", ("192.0.2.2",), 10),
+                 Host("z", ("192.0.2.9",), 20))
+        kept = Route("d.test", hosts)
+        rng = random.Random(3)
+        firsts = Counter(reshuffle_equal(kept, rng).hosts[0].name for _ in range(200))
+        assert set(firsts) == {"a", "b"}
+        assert all(reshuffle_equal(kept, rng).hosts[-1].name == "z" for _ in range(20))
+        single = Route("d.test", hosts[:1])
+        assert reshuffle_equal(single, rng) is single
+
+    def test_route_cache_is_bounded_and_drops_short_lives(self) -> None:
+        cache = RouteCache(2)
+        kept = Route("d.test", (Host("a", ("192.0.2.1",), 10),))
+        cache.put("a.test", kept, 100.0, 400.0)
+        cache.put("b.test", kept, 100.0, 100.5)  # TTL under a second: not kept
+        cache.put("c.test", kept, 100.0, 400.0)
+        cache.put("d.test", kept, 100.0, 400.0)  # the oldest goes
+        assert cache.get("a.test", 101.0) is None and cache.get("b.test", 101.0) is None
+        assert cache.get("c.test", 101.0) is not None
+        assert cache.get("c.test", 400.0) is None  # expired
+
+    def test_identical_queries_in_flight_share_one(self, dns_server: DnsServer) -> None:
+        dns_server.add_a("mx.shared.test", "192.0.2.7", ttl=0)
+        resolver = make_resolver(dns_server)
+        name = dns.name.from_text("mx.shared.test")
+
+        async def many() -> list[Any]:
+            return await asyncio.gather(*(resolver.lookup(name, dns.rdatatype.A)
+                                          for _ in range(10)))
+
+        found = asyncio.run(many())
+        assert all([r.address for r in f.records] == ["192.0.2.7"] for f in found)
+        assert dns_server.count("mx.shared.test", "A") == 1

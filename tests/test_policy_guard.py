@@ -464,7 +464,10 @@ async def test_deleted_account_is_purged_after_its_retention(tmp_path: Path) -> 
         env.deliveries(2, campaign="other")
         await g.flush()
         kept = env.store(["x@dest.test"], account="tiny", due_in=3600)
-        env.store(["y@dest.test"], due_in=3600)
+        gone = env.store(["y@dest.test"], due_in=3600)
+        with g.store.spool.env.begin(write=True) as txn:  # feedback counted about both
+            for message in (kept, gone):
+                assert g.store.first_feedback(txn, message.id, "r@dest.test", "hard", 0.0)
         await g.committer.submit(lambda txn: operations.delete_account(
             g.store, txn, "shop", "test", time.time(), 0.0))
         g.refresh()
@@ -480,6 +483,12 @@ async def test_deleted_account_is_purged_after_its_retention(tmp_path: Path) -> 
         assert log.read_text().splitlines()[1] == "not json"
         assert "shop" not in rotated.read_text() and "tiny" in rotated.read_text()
         assert env.items(kept.id)  # another account's mail stays
+        assert report.sent_records == 1  # who its mail went to, and feedback about it
+        with g.store.spool.env.begin(write=True) as txn:
+            assert g.store.spool.sent_origin(txn, gone.id) is None
+            assert g.store.spool.sent_origin(txn, kept.id) is not None
+            assert g.store.first_feedback(txn, gone.id, "r@dest.test", "hard", 0.0)
+            assert not g.store.first_feedback(txn, kept.id, "r@dest.test", "hard", 0.0)
         assert await g.purge_due(settle=0.0) == []  # once only
         assert g.check_mail("shop", Address("a", "shop.test")) is not None
 

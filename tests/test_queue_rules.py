@@ -19,6 +19,7 @@ import tomli_w
 
 from mta.audit import read_audit
 from mta.queue.rules import (
+    REFRESH_SECONDS,
     RuleCheck,
     RuleError,
     RuleExpiry,
@@ -268,3 +269,127 @@ def test_cli_offline_suspend_rules_resume(tmp_path: Path) -> None:
     assert again.returncode != 0 and "no suspend rule" in again.stderr
     audit = [r.get("action") for r in read_audit(tmp_path / "audit.jsonl")]
     assert "queue.suspend" in audit and "queue.resume.suspend" in audit
+
+
+# --- provider and source scopes (known at dispatch) --------------------------------------
+
+def test_provider_and_source_rules_match_at_dispatch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", map_size=64 * 1024**2)
+    now = time.time()
+    _store(spool, NewMessage("s@shop.test", ["a@x.test"], b"m", account="shop",
+                             send_at=now + 3600))
+    by_provider = new_rule("suspend", "provider", " BigMail ", duration=60, now=now)
+    assert by_provider.value == "bigmail" and by_provider.hold_reason == (
+        "suspend:provider:bigmail")
+    [done] = spool.apply([lambda txn: add_rule(spool, txn, by_provider, now)])
+    assert done == {"held": 0, "when_due": True}  # the provider is known once routed
+    assert not _jobs(spool)["a@x.test"].held
+    bounce = new_rule("bounce", "source", "ip-1", duration=60, now=now, reason="listed")
+    [done] = spool.apply([lambda txn: add_rule(spool, txn, bounce, now)])
+    assert done == {"due": 0, "when_due": True}
+    assert _jobs(spool)["a@x.test"].next_ms > int(now * 1000) + 1000  # not made due
+    suspend_source = new_rule("suspend", "source", "IP-2", duration=60, now=now)
+    spool.apply([lambda txn: add_rule(spool, txn, suspend_source, now)])
+
+    check = RuleCheck(spool, clock=lambda: now)
+    job = _jobs(spool)["a@x.test"]
+    item = Item(job, {"account": "shop"}, now)
+    assert check.hold_reason(item) is None and check.bounce_reason(item) is None
+    item.provider = "BigMail"  # routed: delivery knows the provider now
+    assert check.hold_reason(item) == "suspend:provider:bigmail"
+    with spool.read() as txn:
+        assert check.still_holds(txn, job, "suspend:provider:bigmail")
+    item.provider, item.source = "other", "ip-1"
+    assert check.bounce_reason(item) == "bounced by an operator (source ip-1): listed"
+    with spool.read() as txn:
+        assert check.still_bounces(txn, item)
+    assert check.source_rule("ip-1") == bounce
+    assert check.source_rule("Ip-2") == suspend_source
+    assert check.source_rule("ip-3") is None
+    both = new_rule("suspend", "source", "ip-1", duration=60, now=now)
+    spool.apply([lambda txn: add_rule(spool, txn, both, now)])
+    check.refresh()
+    assert check.source_rule("ip-1") == bounce  # a bounce rule wins over a suspension
+    spool.close()
+
+
+PROVIDER_SHAPING = """
+[default]
+max_connections = 5
+
+[provider.bigmail]
+mx_suffixes = ["mx.rules.test"]
+"""
+
+
+def test_provider_suspend_holds_at_dispatch_resume_releases_bounce(
+        tmp_path, dns_server, routed) -> None:
+    dns_server.add_mx("other.test", [(10, "mx.elsewhere.test")])
+    dns_server.add_a("mx.elsewhere.test", "127.0.0.2")
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text(PROVIDER_SHAPING)
+    engine = start_http_engine(
+        tmp_path / "engine", dns={"nameservers": [dns_server.address], "timeout": 5.0},
+        delivery={"enabled": True, "port": routed.port, "allow_loopback_mx": True,
+                  "retry_initial": 1.0, "retry_max": 1.0, "retry_jitter": 0.0},
+        throttle={"shaping_file": str(shaping)})
+    api = engine.url + "/api/v1/queue/"
+    try:
+        status, done, _ = call(api + "suspend", "POST", body={
+            "scope": "provider", "value": "bigmail", "duration": "1h", "reason": "outage"})
+        assert status == 200 and done["when_due"], done
+        time.sleep(2 * REFRESH_SECONDS)  # workers see a new rule within REFRESH_SECONDS
+        _send(engine, "a@held.test")  # both domains' MX is the provider's
+        _send(engine, "b@free.test")
+        _send(engine, "c@other.test")  # another MX: not the provider's
+        assert routed.wait_for(messages=1, timeout=15)
+        assert wait_until(lambda: len(call(engine.url + "/api/v1/held")[1]) == 2, timeout=15)
+        held = call(engine.url + "/api/v1/held")[1]
+        assert {h["reason"] for h in held} == {"suspend:provider:bigmail"}
+        assert [m.rcpt_tos for m in routed.received] == [("c@other.test",)]
+        status, done, _ = call(api + "resume", "POST", body={"scope": "provider",
+                                                            "value": "bigmail"})
+        assert status == 200 and done["released"] == 2, done
+        assert routed.wait_for(messages=3, timeout=15)
+        status, done, _ = call(api + "bounce", "POST", body={
+            "scope": "provider", "value": "bigmail", "duration": "1h", "reason": "closed"})
+        assert status == 200, done
+        time.sleep(2 * REFRESH_SECONDS)
+        _send(engine, "d@held.test")
+        assert wait_until(lambda: len(events(tmp_path / "engine", "Bounce")) == 1, timeout=15)
+        [bounced] = events(tmp_path / "engine", "Bounce")
+        assert bounced["recipient"] == "d@held.test" and "closed" in bounced["reply"]
+        rules = call(api + "rules")[1]["rules"]
+        assert [(r["action"], r["scope"], r["value"]) for r in rules] == [
+            ("bounce", "provider", "bigmail")]
+    finally:
+        engine.stop()
+    assert len(routed.received) == 3
+    # held at dispatch after being marked as sending: not a possible duplicate once sent
+    assert not [e for e in events(tmp_path / "engine", "Delivery")
+                if e.get("possible_duplicate")]
+    actions = [(r["action"], r["object"]) for r in read_audit(tmp_path / "engine" / "audit.jsonl")
+               if r.get("action")]
+    assert ("queue.suspend", "provider:bigmail") in actions
+    assert ("queue.bounce", "provider:bigmail") in actions
+
+
+def test_cli_source_and_provider_scopes(tmp_path: Path) -> None:
+    config = engine_config(tmp_path)
+    path = tmp_path / "mta.toml"
+    path.write_text(tomli_w.dumps(config))
+    Spool(tmp_path / "spool", map_size=64 * 1024**2).close()
+    conf = ("--config", str(path), "--offline")
+    done = _cli("queue", "suspend", "--source", "ip-1", "--duration", "1h", *conf, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["when_due"] is True
+    assert _cli("queue", "bounce", "--provider", "BigMail", "--duration", "5m",
+                "--reason", "closed", *conf).returncode == 0
+    rules = json.loads(_cli("queue", "rules", *conf, "--json").stdout)
+    assert [(r["action"], r["scope"], r["value"]) for r in rules] == [
+        ("bounce", "provider", "bigmail"), ("suspend", "source", "ip-1")]
+    assert _cli("queue", "resume", "--source", "ip-1", *conf).returncode == 0
+    assert _cli("queue", "resume", "--provider", "bigmail", "--bounce", *conf).returncode == 0
+    audit = [(r.get("action"), r.get("object")) for r in read_audit(tmp_path / "audit.jsonl")]
+    assert ("queue.suspend", "source:ip-1") in audit
+    assert ("queue.resume.bounce", "provider:bigmail") in audit

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable
 
 from bench.net import free_port
-from bench.rig.dns import DnsServer
+from bench.rig.dns import DEFAULT_TTL, DnsServer
 from bench.rig.sinks import (
     AsyncioSink,
     AsyncioSinkProcess,
@@ -36,8 +36,10 @@ class Rig:
     """DNS for the scenario's domains and the sinks they point at, on one shared port."""
 
     def __init__(self, scenario: Scenario, dest: Destinations, sink_port: int = 0,
-                 dns_port: int = 0, tls_cert: str = "", processes: bool = False) -> None:
+                 dns_port: int = 0, tls_cert: str = "", processes: bool = False,
+                 dns_ttl: int = DEFAULT_TTL) -> None:
         self.scenario = scenario
+        self.dns_ttl = dns_ttl  # of the MX and A answers: 0 makes every message a lookup
         self.tls_cert = tls_cert  # PEM key and chain: the asyncio sinks offer STARTTLS
         self.processes = processes  # asyncio sinks in processes of their own
         self.dest = dest
@@ -51,9 +53,9 @@ class Rig:
         self.dns.start()
         for domain, address in self.dest.routes.items():
             mx = f"mx-{address.replace('.', '-')}.{DOMAIN_SUFFIX}"
-            self.dns.add_mx(domain, [(10, mx)], ttl=3600)
+            self.dns.add_mx(domain, [(10, mx)], ttl=self.dns_ttl)
             if not self.dns.store.records.get(mx):
-                self.dns.add_a(mx, address, ttl=3600)
+                self.dns.add_a(mx, address, ttl=self.dns_ttl)
         hosts = list(self.scenario.sinks.hosts)
         throttle = self.scenario.throttle
         self.sink_port = self.sink_port or free_port(
@@ -98,7 +100,7 @@ class Rig:
     def describe(self) -> str:
         hosts = ", ".join(self.scenario.sinks.hosts)
         text = (f"rig: DNS on {self.dns.address} ({len(self.dest.domains)} domains "
-                f"*.{DOMAIN_SUFFIX}), {self.scenario.sinks.kind} MX on {hosts} port "
+                f"*.{DOMAIN_SUFFIX}, TTL {self.dns_ttl} s), {self.scenario.sinks.kind} MX on {hosts} port "
                 f"{self.sink_port}" + (" with STARTTLS" if self.tls_cert else "")
                 + (" (sink processes)" if self.processes else ""))
         if self.throttle is not None:

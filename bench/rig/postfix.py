@@ -23,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,28 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+
+TUNED = Path(__file__).resolve().parents[1] / "peers" / "postfix-tuned.cf"
+
+
+def read_settings(text: str) -> dict[str, str]:
+    """`name = value` lines of a main.cf fragment; '#' comments and blank lines skipped."""
+    settings: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"line {number}: not `name = value`: {line!r}")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def tuned_settings() -> dict[str, str]:
+    """The throughput settings of bench/peers/postfix-tuned.cf (`--compare postfix`)."""
+    return read_settings(TUNED.read_text())
 
 
 def main_cf(root: Path, milter: str = "", extra: Mapping[str, str] | None = None) -> str:
@@ -127,8 +149,10 @@ class PostfixRelay:
 
     def __init__(self, workdir: Path, routes: Mapping[str, str], sink_port: int, *,
                  host: str = "127.0.0.1", port: int = 0, milter: str = "",
-                 extra: Mapping[str, str] | None = None) -> None:
+                 extra: Mapping[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.root = Path(workdir)
+        self.preexec = preexec  # run in `postfix start` before exec (a cgroup join)
         self.routes = dict(routes)
         self.sink_port = sink_port
         self.host = host
@@ -156,10 +180,11 @@ class PostfixRelay:
         (self.config_dir / "master.cf").write_text(master_cf(self.host, self.port))
         (self.config_dir / "transport").write_text(transport_table(self.routes, self.sink_port))
 
-    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _postfix(self, *args: str, check: bool = True,
+                 preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([POSTFIX, "-c", str(self.config_dir), *args], check=check,
                               capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, preexec_fn=preexec)  # noqa: PLW1509
 
     def start(self) -> PostfixRelay:
         if not Path(POSTFIX).exists():
@@ -167,7 +192,7 @@ class PostfixRelay:
         self.write_config()
         self._postfix("set-permissions", check=False)
         try:
-            self._postfix("start")
+            self._postfix("start", preexec=self.preexec)  # the master and all it starts
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"postfix start failed: {exc.stderr.strip()}") from None
         self.started = True
@@ -245,8 +270,9 @@ class OpenDkim:
     """The OpenDKIM milter signing for `domain` with `key_file` (`opendkim -x conf -f`)."""
 
     def __init__(self, workdir: Path, domain: str, selector: str, key_file: Path,
-                 port: int = 0) -> None:
+                 port: int = 0, preexec: Callable[[], None] | None = None) -> None:
         self.root = Path(workdir)
+        self.preexec = preexec  # run in opendkim's process before exec (a cgroup join)
         self.domain, self.selector = domain, selector
         self.key_file = Path(key_file)
         self.port = port or free_port()
@@ -276,7 +302,8 @@ class OpenDkim:
         conf = self.write_config()
         log = open(self.root / "opendkim.log", "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen([OPENDKIM, "-x", str(conf), "-f"], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=self.preexec)  # noqa: PLW1509
         log.close()
         wait_for_port("127.0.0.1", self.port, START_TIMEOUT, self.proc)
         return self

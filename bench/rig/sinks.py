@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from bench.net import free_port, hostport, port_is_free
+from bench.rig.loop_thread import START_TIMEOUT, LoopThread, new_event_loop
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SINK_COMMANDS = frozenset(
@@ -51,7 +52,6 @@ SMTP_SINK_COMMANDS = frozenset(
 )
 CAPTURE_SEPARATOR = "\001\002RIG-SINK-MESSAGE\002\001\n"
 _COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) (?:msg|mesg)=(\d+)")
-START_TIMEOUT = 10.0
 POLL = 0.01
 
 
@@ -429,6 +429,7 @@ class SinkSession:
         self._mail_from: str | None = None
         self._rcpts: list[str] = []
         self._queued = 0
+        self.helo = ""  # the client's EHLO (or HELO) name
 
     def start(self) -> list[SinkEvent]:
         greeting = self.faults.greeting or f"220 {self.hostname} ESMTP sink"
@@ -485,8 +486,9 @@ class SinkSession:
         else:
             events.extend(handler(argument))
 
-    def _ehlo(self, _: str) -> list[SinkEvent]:
+    def _ehlo(self, argument: str) -> list[SinkEvent]:
         self._reset()
+        self.helo = argument.strip()
         lines = [self.hostname, "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
                  f"SIZE {self.max_message_size}"]
         if self.tls_available and not self.tls_active:
@@ -494,8 +496,9 @@ class SinkSession:
         text = "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}"
         return [Reply(text)]
 
-    def _helo(self, _: str) -> list[SinkEvent]:
+    def _helo(self, argument: str) -> list[SinkEvent]:
         self._reset()
+        self.helo = argument.strip()
         return [Reply(f"250 {self.hostname}")]
 
     def _mail(self, argument: str) -> list[SinkEvent]:
@@ -610,6 +613,7 @@ class ReceivedMessage:
     session: int  # 1 for the sink's first connection, 2 for the next...
     tls: bool
     accepted: bool  # the final dot got a 2xx
+    helo: str = ""  # the name the client gave in its EHLO (or HELO)
 
 
 class _SinkProtocol(asyncio.Protocol):
@@ -763,8 +767,7 @@ class AsyncioSink(_CountingSink):
         self.counts = [0, 0, 0]
         self._server: asyncio.Server | None = None
         self._connections: set[_SinkProtocol] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread(f"asyncio-sink-{host}")
 
     def _bump(self, index: int) -> int:
         self.counts[index] += 1
@@ -782,7 +785,7 @@ class AsyncioSink(_CountingSink):
         self.received.append(ReceivedMessage(
             message.mail_from, message.rcpt_tos, message.data, time.time(), protocol.peer,
             protocol.number, protocol.session.tls_active,
-            message.accepted and not self.faults.drop_after_dot,
+            message.accepted and not self.faults.drop_after_dot, protocol.session.helo,
         ))
 
     def reset(self) -> None:
@@ -821,44 +824,12 @@ class AsyncioSink(_CountingSink):
 
     def start(self) -> AsyncioSink:
         """Serve from a background thread with its own event loop."""
-        if self._thread is not None:
-            return self
-        self._loop = _new_event_loop()
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self.start_async())
-            except BaseException as exc:
-                failure.append(exc)
-                self._loop.close()
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self.stop_async())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=serve, name=f"asyncio-sink-{self.host}",
-                                        daemon=True)
-        self._thread.start()
-        started.wait(START_TIMEOUT)
-        if failure:
-            self._thread = None
-            self._loop = None
-            raise failure[0]
+        if not self._thread.running:
+            self._thread.start(self.start_async, self.stop_async)
         return self
 
     def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._thread = None
-        self._loop = None
+        self._thread.stop()
 
     def wait_for(self, *, messages: int = 0, sessions: int = 0, timeout: float = 10.0) -> bool:
         """From another thread: wait until these many messages and sessions are counted."""
@@ -870,14 +841,6 @@ class AsyncioSink(_CountingSink):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 # --- our asyncio sink in its own process -------------------------------------------
@@ -967,7 +930,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        hostname=args.hostname, record=bool(args.arrivals),
                        keep_received=1_000_000 if args.arrivals else 0,
                        tls=server_context(args.tls_cert, args.tls_key) if args.tls_cert else None)
-    loop = _new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

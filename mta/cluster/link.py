@@ -24,12 +24,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from mta.config import ClusterConfig
+from mta.text import without_password
 
 log = logging.getLogger("mta.cluster")
 
@@ -64,16 +64,6 @@ async def stop_task(task: asyncio.Task[Any] | None) -> None:
         await asyncio.wait([task], timeout=0.2)
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s ended with %r", task.get_name(), task.exception())
-
-
-def without_password(url: str) -> str:
-    """The Redis URL as logs may show it: any password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class RedisLink:

@@ -140,6 +140,8 @@ def show_account(row: Row) -> None:
     if row["purge_after"]:
         print(f"{'purge after':17} {when(row['purge_after'])}")
     print(f"{'suppressed':17} {row['suppressed']} addresses")
+    if "queue_wait" in row:  # from a running engine: the wait at the account's pace
+        print(f"{'queue wait':17} {row['queue_wait']} s")
     print(f"{'totals':17} " + ", ".join(f"{k} {v}" for k, v in row["totals"].items()))
     e = row.get("engagement")
     if e:

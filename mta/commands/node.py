@@ -1,6 +1,7 @@
 """`mta node drain --to HOST:PORT`: hand this node's queued mail to another node
 (mta.queue.drain). Works on the spool directly, the engine running or not; run it
-again after an interruption: it resumes where it was."""
+again after an interruption: it resumes where it was. Held mail is drained too and keeps
+its hold there (with an operator's suspension, the rule goes along)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import smtplib
 from mta.commands.common import add_config_arg, config_from, fail, print_json
 from mta.config import parse_hostport
 from mta.policy.offline import OfflineSession
-from mta.queue.drain import Drain, smtp_sender
+from mta.queue.drain import Drain, DrainDeferred, smtp_sender
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +34,16 @@ def run_drain(args: argparse.Namespace) -> int:
     try:
         with OfflineSession(cfg, write=True) as s:
             s.audit("node.drain", args.to)
+            drain = Drain(s.spool, send, cfg.engine.hostname)
             try:
-                report = Drain(s.spool, send, cfg.engine.hostname).run()
-            except (smtplib.SMTPException, OSError) as exc:
-                s.emit({"type": "NodeDrain", "to": args.to, "result": f"stopped: {exc}"})
-                return fail(f"drain to {args.to} stopped: {exc}; run it again to resume")
+                report = drain.run()
+            except (smtplib.SMTPException, OSError, DrainDeferred) as exc:
+                done = drain.report
+                s.emit({"type": "NodeDrain", "to": args.to, "result": f"stopped: {exc}",
+                        "messages": done.sent, "recipients": done.recipients})
+                return fail(f"drain to {args.to} stopped after {done.sent} messages "
+                            f"({done.recipients} recipients): {exc}; the rest is kept here: "
+                            f"run it again to resume")
             s.emit({"type": "NodeDrain", "to": args.to, "result": "done",
                     "messages": report.sent, "refused": len(report.refused)})
     except FileNotFoundError as exc:
@@ -45,10 +51,11 @@ def run_drain(args: argparse.Namespace) -> int:
     finally:
         close()
     result = {"to": args.to, "messages": report.sent, "recipients": report.recipients,
-              "refused": report.refused}
+              "held": report.held, "refused": report.refused, "kept": report.kept}
     if args.json:
         print_json(result)
     else:
-        print(f"drained {report.sent} messages ({report.recipients} recipients) to {args.to}"
-              + (f"; {len(report.refused)} refused there, kept here" if report.refused else ""))
+        print(f"drained {report.sent} messages ({report.recipients} recipients, "
+              f"{report.held} of them held: they keep their hold there) to {args.to}"
+              + (f"; {report.kept} recipients refused there, kept here" if report.kept else ""))
     return 1 if report.refused else 0

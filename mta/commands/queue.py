@@ -2,7 +2,8 @@
 of a stopped one (read directly); see mta/commands/remote.py for which is used.
 
 `mta queue suspend|bounce|resume|rules`: operators' rules by scope (--domain, --account,
---campaign [ACCOUNT/]NAME) with a --duration or --expires and a --reason
+--campaign [ACCOUNT/]NAME, --provider, --source; the last two apply when each message is
+dispatched) with a --duration or --expires and a --reason
 (mta.queue.rules); through the API, or written to the spool directly (audited and
 evented either way)."""
 
@@ -121,6 +122,11 @@ def show_message(info: dict[str, Any]) -> None:
 
 # --- rules: suspend, bounce, resume by scope ---------------------------------------------------
 
+SCOPE_HELP = {"campaign": " ([ACCOUNT/]NAME)",
+              "provider": " (the shaping file's [provider.NAME]; matched at dispatch)",
+              "source": " (an egress source; matched when it is chosen)"}
+
+
 def register_rules(qsub: argparse._SubParsersAction) -> None:
     rules = qsub.add_parser("rules", help="active suspensions and bounces, with their expiry")
     suspend = qsub.add_parser("suspend", help="hold queued and new mail of a scope until "
@@ -131,8 +137,7 @@ def register_rules(qsub: argparse._SubParsersAction) -> None:
     for q in (suspend, bounce, resume):
         scope = q.add_mutually_exclusive_group(required=True)
         for name in SCOPES:
-            scope.add_argument(f"--{name}", help=f"the {name}" + (
-                " ([ACCOUNT/]NAME)" if name == "campaign" else ""))
+            scope.add_argument(f"--{name}", help=f"the {name}" + SCOPE_HELP.get(name, ""))
     for q in (suspend, bounce):
         when = q.add_mutually_exclusive_group(required=True)
         when.add_argument("--duration", help="how long: 90s, 15m, 2h, 1d")
@@ -155,7 +160,7 @@ def scope_of(args: argparse.Namespace) -> tuple[str, str]:
         value = getattr(args, name, None)
         if value is not None:
             return name, value
-    raise CommandError("give --domain, --account or --campaign")
+    raise CommandError("give --domain, --account, --campaign, --provider or --source")
 
 
 def rule_from(args: argparse.Namespace, by: str) -> Any:

@@ -91,8 +91,10 @@ def _status_cells(row: dict[str, Any], now: float) -> list[Any]:
              **{f"account {k}": v for k, v in row["accounts_suspended"].items()}}
     if holds:
         state += "; " + ", ".join(f"{k} for {format_duration(v - now)}" for k, v in holds.items())
+    source = row.get("source")  # an egress source's own limits (mta.egress)
     return [
-        row["destination"], row["kind"], row["worker"], state,
+        row["destination"] + (f" from {source}" if source else ""), row["kind"], row["worker"],
+        state,
         f"{format_rate(row['rate'])} / {format_rate(row['rate_ceiling'])}",
         f"{row['connections']} / {row['max_connections']} / {row['max_connections_ceiling']}",
         row["reason"] or "-",

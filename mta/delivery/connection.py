@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import ssl
 from collections import deque
@@ -37,6 +38,8 @@ from mta.delivery.tls.service import handshake_context
 from mta.queue.outcome import RcptResult, enhanced_status
 
 QUIT_TIMEOUT = 5.0  # at most this long for the reply to QUIT when closing
+# Errors binding the source address: that address is not (or no longer) this machine's.
+LOCAL_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class SessionChecker(Protocol):
 
     context: ssl.SSLContext
 
-    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo) -> Verdict: ...
+    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo,
+              sending_ip: str = "") -> Verdict: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class ConnectFailure:
     enhanced: str
     tls: dict[str, Any] | None = None  # the session's TLS fields, for the events
     policy: bool = False  # refused by the TLS policy (not a sign of an unreachable host)
+    local: bool = False  # the local (source) address could not be used: not the host's fault
 
 
 class _Lost(Exception):
@@ -295,7 +300,9 @@ async def _open(target: Target, settings: ConnectSettings) -> Connection | Conne
                                          local_addr=local)
     except (OSError, TimeoutError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
-        return ConnectFailure(target, 0, f"cannot connect to {where}: {why}", "4.4.1")
+        local_fault = bool(local) and getattr(exc, "errno", None) in LOCAL_ERRNOS
+        return ConnectFailure(target, 0, f"cannot connect to {where}: {why}", "4.4.1",
+                              local=local_fault)
     try:
         return await _session(protocol, target, settings)
     except _Refused as exc:
@@ -315,7 +322,8 @@ class _Unchecked:
 
     context = handshake_context()
 
-    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo) -> Verdict:
+    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo,
+              sending_ip: str = "") -> Verdict:
         return judge(policy, host, peer, None, _now())
 
 
@@ -360,7 +368,7 @@ async def _session(protocol: SmtpProtocol, target: Target, settings: ConnectSett
         else:  # TLS was tried: no plain text on this host now
             peer = PeerInfo(True, handshake_error=f"STARTTLS refused by {target.host}: {reply}",
                             starttls_refused=True)
-    verdict = checker.check(policy, target.host, target.address, peer)
+    verdict = checker.check(policy, target.host, target.address, peer, settings.source_address)
     if not verdict.allow:
         raise _Refused(0, verdict.reason, verdict.status, verdict.fields(), policy=True)
     if peer.tls:

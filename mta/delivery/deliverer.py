@@ -41,6 +41,8 @@ from mta.delivery.connection import (
 from mta.delivery.mx import Route, RouteError
 from mta.delivery.tls.policy import refusal
 from mta.delivery.tls.service import TlsPolicies
+from mta.egress.chooser import Egress, Verdict
+from mta.egress.pools import Source
 from mta.queue.lanes import LaneQueue
 from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item, Scheduler
@@ -79,6 +81,7 @@ class Pool:
     idle: int = 0
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     pacing: int = 0  # connections waiting for their turn at the destination's pace
+    source: Source | None = None  # the egress source its connections bind (None: [delivery])
     paced_at: float = -PACE_MEMORY  # when one last had to wait (monotonic)
 
     def pace_bound(self) -> bool:
@@ -95,7 +98,7 @@ class Deliverer:
     def __init__(self, cfg: Config, resolver: Resolver, throttle: Throttle,
                  budget: SharedBudget, scheduler: Scheduler, transforms: list[Transform],
                  local_domains: set[str], local_handler: LocalHandler,
-                 tls: TlsPolicies | None = None) -> None:
+                 tls: TlsPolicies | None = None, egress: Egress | None = None) -> None:
         self.cfg = cfg
         self.resolver = resolver
         self.throttle = throttle
@@ -106,6 +109,7 @@ class Deliverer:
         self.local_handler = local_handler  # mail for the engine's own domains
         self.local_domains = local_domains
         self.tls = tls  # None: STARTTLS when offered, nothing checked (tools, tests)
+        self.egress = egress  # sources and pools (mta.egress); None or empty: [delivery]
         budget.subscribe(self.wake_idle)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
@@ -158,13 +162,57 @@ class Deliverer:
                 return
             tls = TlsRoute(plan, self.tls.checker)
         dest = self.destination(item.domain, hosts)
-        key = (dest.name, tls.plan.key if tls else "", *(t.address for t in targets))
+        if dest.provider is not None:  # an operator's rule by provider applies from here
+            item.provider = dest.provider
+            if self.scheduler.take_held(item) or self.scheduler.take_bounced(item):
+                return
+        source: Source | None = None
+        if self.egress:
+            source = await self._source(item, dest)
+            if source is None:
+                return
+            dest = dest.from_source(source.name)
+            targets = [t for t in targets if (":" in t.address) == source.family_v6]
+            if not targets:
+                await self._complete(item, [RcptResult(
+                    r, 0, f"no address of {item.domain} reachable from source {source.name} "
+                    f"({source.address})", "4.4.4") for r in item.job.waiting()])
+                return
+        key = (source.name if source else "", dest.name, tls.plan.key if tls else "",
+               *(t.address for t in targets))
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(key, targets, dest, tls,
-                                          LaneQueue(self.cfg.delivery.bulk_min_share))
+                                          LaneQueue(self.cfg.delivery.bulk_min_share),
+                                          source=source)
         pool.queue.append(item)
         self._kick(pool)
+
+    async def _source(self, item: Item, dest: Destination) -> Source | None:
+        """The egress source of `item` (mta.egress.chooser); None when it was held,
+        bounced or postponed instead (no source may carry it now)."""
+        assert self.egress is not None
+        item.egress_provider = dest.provider or dest.name
+        choice = await self.egress.choose(self.egress.pool_of(item.message),
+                                          item.egress_provider)
+        if choice.source is not None:
+            item.source = choice.source.name
+        if choice.verdict is Verdict.HELD and self.scheduler.take_held(item):
+            return None
+        if choice.verdict is Verdict.BOUNCED and self.scheduler.take_bounced(item):
+            return None
+        if choice.verdict is Verdict.WAIT or choice.source is None:
+            log.debug("%s waits %.0f s: %s", item.job_id.decode(), choice.wait, choice.reason)
+            self._postpone([item], choice.wait)
+            return None
+        return choice.source
+
+    def _source_settings(self, pool: Pool) -> ConnectSettings:
+        """The connection settings of the pool's source: its address and EHLO name."""
+        if pool.source is None:
+            return self._settings
+        return ConnectSettings(**{**self._settings.__dict__, "helo": pool.source.ehlo_name,
+                                  "source_address": pool.source.address})
 
     async def _refuse(self, item: Item, plan: Any, exclusion: Any) -> None:
         """The TLS plan leaves no MX host to use: defer, and say why."""
@@ -273,10 +321,16 @@ class Deliverer:
         """A new connection for the pool, or None (the item was requeued or failed)."""
         if not await self._connection_slot(pool, item):
             return None
-        settings = self._settings
+        settings = self._source_settings(pool)
         if pool.tls is not None:
             settings = ConnectSettings(**{**settings.__dict__, "tls": pool.tls})
         conn, failures = await connect(self._healthy_first(pool.targets), settings)
+        if self.egress is not None and pool.source is not None:
+            if conn is None and failures and all(f.local for f in failures):
+                await self._source_failed(pool, item, failures[-1].text)
+                return None
+            if conn is not None:
+                self.egress.connected(pool.source.name)
         now = time.monotonic()
         if len(self._failed_hosts) > 10_000:
             self._failed_hosts = {a: t for a, t in self._failed_hosts.items() if t > now}
@@ -305,6 +359,19 @@ class Deliverer:
         name = pool.dest.name
         self.open_connections[name] = self.open_connections.get(name, 0) + 1
         return conn
+
+    async def _source_failed(self, pool: Pool, item: Item, reason: str) -> None:
+        """The pool's source address cannot be used (gone from this machine): the source
+        is down for a while; this item and the pool's queue choose a source again."""
+        assert self.egress is not None and pool.source is not None
+        self.egress.failed(pool.source.name, reason)
+        self.throttle.connection_closed(pool.dest)
+        await self._release_lease(pool)
+        items = [item, *pool.queue]
+        pool.queue.clear()
+        for each in items:
+            each.source = ""
+            self.dispatch(each)
 
     def _healthy_first(self, targets: list[Target]) -> list[Target]:
         """Addresses that failed lately go last (a stable sort keeps MX preference)."""

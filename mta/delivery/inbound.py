@@ -24,6 +24,7 @@ from mta.bounce.provenance import parse_networks, provenance
 from mta.bounce.verp import decode_return_path, make_return_path
 from mta.config import Config
 from mta.delivery.deliverer import Transform
+from mta.egress.counters import name_sources
 from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item
 from mta.queue.spool import SentOrigin, Spool
@@ -130,19 +131,22 @@ class InboundHandler:
     def events(self, rcpt: str, result: BounceResult, client: str = "") -> list[dict[str, Any]]:
         if result.kind == "autoreply":  # nothing is counted for it
             return [self._event("AutoReply", result, result.recipient or "", "", "", "")]
-        origin = self._origin(self._claimed_id(rcpt, result))
+        claimed = self._claimed_id(rcpt, result)
+        origin = self._origin(claimed)
         proof = provenance(result, rcpt, self.secret, client, self.sources,
                            origin.recipients if origin else None)
         if proof is None or not proof.recipients:
             return [unverified_event(rcpt, result, client)]
-        origin = self._origin(proof.message_id) if proof.message_id else None
+        if proof.message_id != claimed:  # proved by another path than the claim: its record
+            origin = self._origin(proof.message_id)
         account, campaign = (origin.account, origin.campaign) if origin else ("", "")
         event_type = EVENT_BY_KIND[result.kind]
         if result.kind == "complaint" and (result.feedback_type or "").lower() == "opt-out":
             event_type = "Unsubscribe"
-        return [self._event(event_type, result, recipient, proof.message_id, account,
-                            campaign or result.campaign or "", str(proof.proof))
-                for recipient in proof.recipients]
+        events = [self._event(event_type, result, recipient, proof.message_id, account,
+                              campaign or result.campaign or "", str(proof.proof))
+                  for recipient in proof.recipients]
+        return name_sources(events, origin.sources if origin else {})
 
     @staticmethod
     def _event(event_type: str, result: BounceResult, recipient: str, message_id: str,

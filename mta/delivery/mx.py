@@ -13,13 +13,21 @@ enhanced status code:
 The decisions (ordering, null MX, the loop check, address selection) are plain
 functions below; the resolver class does the DNS I/O around them. Answers are cached
 for their TTL by dnspython's LRU cache, negative ones too (SOA minimum, capped by
-`DnsConfig.negative_ttl_max`).
+`DnsConfig.negative_ttl_max`). A route made only of answers (no DNS failure on the way)
+is kept too, until the first of those answers expires (`RouteCache`): a delivery to a
+known destination costs no lookup work at all, and the order among MX hosts of equal
+preference is drawn again at each use. A route used in the last tenth of its life is
+looked up again in the background, past the answer cache (`prefetch`), so that the
+destinations in use never wait for their lookup when their answers expire. Identical
+queries in flight at once share one (`MxResolver.lookup`), as routes of one domain do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,6 +44,8 @@ import dns.resolver
 
 from mta.config import DnsConfig, parse_hostport
 
+log = logging.getLogger("mta.delivery.mx")
+
 NULL_MX = "5.1.10"
 NO_SUCH_DOMAIN = "5.1.2"
 BAD_SYNTAX = "5.1.3"
@@ -46,6 +56,8 @@ DNS_TEMPFAIL = "4.4.3"
 MAX_MX_HOSTS = 20  # MX hosts whose addresses are looked up, at most
 EDNS_PAYLOAD = 1232
 MAX_ATTEMPT_TIMEOUT = 2.0  # one query's wait; the config timeout bounds the whole lookup
+PREFETCH_SHARE = 0.1  # a route used in this last share of its life is looked up again
+MIN_ROUTE_LIFE = 1.0  # a route whose answers expire sooner than this is not kept
 
 
 # --- results ----------------------------------------------------------------
@@ -206,6 +218,58 @@ def choose_route(
     return Route(domain, tuple(limit_addresses(kept, max_addresses)), implicit=implicit)
 
 
+def reshuffle_equal(route: Route, rng: random.Random) -> Route:
+    """The route with its hosts of equal preference in a new random order (as `order_mx`
+    draws them for each lookup), the preference order kept."""
+    hosts = route.hosts
+    if len({host.preference for host in hosts}) == len(hosts):
+        return route
+    shuffled = sorted(hosts, key=lambda host: (host.preference, rng.random()))
+    return Route(route.domain, tuple(shuffled), route.implicit, route.secure)
+
+
+@dataclass(frozen=True)
+class KeptRoute:
+    route: Route
+    resolved: float  # when its lookup ended (time.time())
+    expires: float  # when the first answer it rests on expires
+
+    def refresh_due(self, now: float) -> bool:
+        """In the last `PREFETCH_SHARE` of its life: time to look it up again."""
+        return now >= self.expires - PREFETCH_SHARE * (self.expires - self.resolved)
+
+
+class RouteCache:
+    """Routes by domain, each until the first DNS answer it rests on expires; at most
+    `max_size` (the expired ones go first, then the oldest)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max(1, max_size)
+        self._routes: dict[str, KeptRoute] = {}
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def get(self, domain: str, now: float) -> KeptRoute | None:
+        kept = self._routes.get(domain)
+        if kept is not None and now >= kept.expires:
+            del self._routes[domain]
+            return None
+        return kept
+
+    def put(self, domain: str, route: Route, now: float, expires: float) -> None:
+        """Keep `route` until `expires`; not at all when that is too close (TTL 0)."""
+        if expires - now < MIN_ROUTE_LIFE:
+            self._routes.pop(domain, None)
+            return
+        if domain not in self._routes and len(self._routes) >= self.max_size:
+            self._routes = {d: k for d, k in self._routes.items() if k.expires > now}
+            while len(self._routes) >= self.max_size:
+                del self._routes[next(iter(self._routes))]
+        self._routes.pop(domain, None)  # re-inserted: the newest
+        self._routes[domain] = KeptRoute(route, now, expires)
+
+
 # --- DNS I/O ------------------------------------------------------------------
 
 Outcome = Literal["answer", "nodata", "nxdomain", "tempfail"]
@@ -219,6 +283,7 @@ class Lookup:
     records: tuple[Any, ...] = ()
     detail: str = ""
     secure: bool = False  # every answer on the way had the AD flag (DNSSEC-validated)
+    expires: float = 0.0  # when the first answer on the way expires (time.time()); 0: unknown
 
 
 class NegativeCappedCache(dns.resolver.LRUCache):
@@ -280,50 +345,77 @@ class MxResolver:
         self.own_addresses = frozenset(str(ipaddress.ip_address(a)) for a in own_addresses)
         self.rng = rng or random.Random()
         self.resolver = resolver or build_resolver(dns_config)
+        self._fresh = uncached(self.resolver)  # prefetching: past the answer cache
+        self.routes = RouteCache(dns_config.cache_size)
         self._inflight: dict[str, asyncio.Future[Route | RouteError]] = {}
+        self._queries: dict[tuple[dns.name.Name, int, bool], asyncio.Future[Any]] = {}
+        self.prefetches = 0
 
     async def route(self, domain: str) -> Route | RouteError:
-        """Where to deliver mail for `domain`; concurrent calls for one domain share a lookup."""
+        """Where to deliver mail for `domain`: a kept route at once (looked up again in
+        the background near its end), else a lookup; concurrent calls share one."""
         key = normalize_domain(domain)
+        kept = self.routes.get(key, time.time())
+        if kept is None:
+            return await asyncio.shield(self._start(key, fresh=False))
+        if kept.refresh_due(time.time()) and key not in self._inflight:
+            self.prefetches += 1
+            self._start(key, fresh=True).add_done_callback(_log_failure)
+        return reshuffle_equal(kept.route, self.rng)
+
+    def _start(self, key: str, fresh: bool) -> asyncio.Future[Route | RouteError]:
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._route(key))
+            pending = asyncio.ensure_future(self._route_and_keep(key, fresh))
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(pending)
+        return pending
 
-    async def _route(self, domain: str) -> Route | RouteError:
+    async def _route_and_keep(self, domain: str, fresh: bool) -> Route | RouteError:
+        result, expires = await self._route(domain, fresh)
+        if isinstance(result, Route):
+            self.routes.put(domain, result, time.time(), expires)
+        return result
+
+    async def _route(self, domain: str, fresh: bool = False
+                     ) -> tuple[Route | RouteError, float]:
+        """The route or why there is none, and when the answers it rests on expire (0:
+        not to be kept: a literal, or a DNS failure on the way)."""
         try:
             literal = address_literal(domain)
         except ValueError:
-            return permanent(domain, BAD_SYNTAX, f"{domain} is not a valid address literal")
+            return permanent(domain, BAD_SYNTAX, f"{domain} is not a valid address literal"), 0.0
         if literal is not None:
-            return self._choose(domain, [Host(domain, (literal,))], implicit=True)
+            return self._choose(domain, [Host(domain, (literal,))], implicit=True), 0.0
         try:
             name = dns.name.from_text(domain)
         except (dns.exception.DNSException, UnicodeError):
-            return permanent(domain, BAD_SYNTAX, f"{domain!r} is not a valid domain name")
-        mx = await self.lookup(name, dns.rdatatype.MX)
+            return permanent(domain, BAD_SYNTAX, f"{domain!r} is not a valid domain name"), 0.0
+        mx = await self.lookup(name, dns.rdatatype.MX, fresh)
         if mx.outcome == "tempfail":
-            return temporary(domain, f"temporary DNS failure looking up MX for {domain}: {mx.detail}")
+            return temporary(domain, f"temporary DNS failure looking up MX for {domain}: "
+                                     f"{mx.detail}"), 0.0
         if mx.outcome == "nxdomain":
-            return permanent(domain, NO_SUCH_DOMAIN, f"domain {domain} does not exist (NXDOMAIN)")
+            return permanent(domain, NO_SUCH_DOMAIN,
+                             f"domain {domain} does not exist (NXDOMAIN)"), 0.0
         if mx.outcome == "nodata":
-            host, failed = await self._resolve_host(name, 0)
+            host, failed, expires = await self._resolve_host(name, 0, fresh)
             return self._choose(domain, [host], implicit=True, had_tempfail=failed,
-                                secure=mx.secure)
+                                secure=mx.secure), min(mx.expires, expires)
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in mx.records]
         if is_null_mx(records):
-            return permanent(domain, NULL_MX, f"{domain} does not accept mail (null MX)")
+            return permanent(domain, NULL_MX, f"{domain} does not accept mail (null MX)"), 0.0
         ordered = order_mx(records, self.rng)[:MAX_MX_HOSTS]
         if not ordered:
-            return permanent(domain, NULL_MX, f"{domain} does not accept mail (null MX)")
+            return permanent(domain, NULL_MX, f"{domain} does not accept mail (null MX)"), 0.0
         resolved = await asyncio.gather(
-            *(self._resolve_host(dns.name.from_text(host), pref) for pref, host in ordered)
+            *(self._resolve_host(dns.name.from_text(host), pref, fresh) for pref, host in ordered)
         )
-        hosts = [host for host, _ in resolved]
-        return self._choose(domain, hosts, implicit=False, had_tempfail=any(f for _, f in resolved),
-                            secure=mx.secure)
+        hosts = [host for host, _, _ in resolved]
+        expires = min([mx.expires, *(e for _, _, e in resolved)])
+        return self._choose(domain, hosts, implicit=False,
+                            had_tempfail=any(f for _, f, _ in resolved),
+                            secure=mx.secure), expires
 
     def _choose(
         self, domain: str, hosts: list[Host], *, implicit: bool, had_tempfail: bool = False,
@@ -342,21 +434,49 @@ class MxResolver:
             route = Route(route.domain, route.hosts, route.implicit, secure=True)
         return route
 
-    async def _resolve_host(self, name: dns.name.Name, preference: int) -> tuple[Host, bool]:
-        """The host's IPv4 then IPv6 addresses, and whether a lookup failed temporarily."""
+    async def _resolve_host(self, name: dns.name.Name, preference: int, fresh: bool = False
+                            ) -> tuple[Host, bool, float]:
+        """The host's IPv4 then IPv6 addresses, whether a lookup failed temporarily, and
+        when the first of the two answers expires."""
         v4, v6 = await asyncio.gather(
-            self.lookup(name, dns.rdatatype.A), self.lookup(name, dns.rdatatype.AAAA)
+            self.lookup(name, dns.rdatatype.A, fresh), self.lookup(name, dns.rdatatype.AAAA, fresh)
         )
         addresses = tuple(r.address for r in v4.records + v6.records)
         failed = "tempfail" in (v4.outcome, v6.outcome)
-        return Host(name.to_text(omit_final_dot=True), addresses, preference), failed
+        host = Host(name.to_text(omit_final_dot=True), addresses, preference)
+        return host, failed, min(v4.expires, v6.expires)
 
-    async def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> Lookup:
-        """Records of `rdtype` at `name`, following at most `max_cname_depth` CNAMEs."""
-        return await follow_cnames(self._query, name, rdtype, self.config.max_cname_depth)
+    async def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
+                     fresh: bool = False) -> Lookup:
+        """Records of `rdtype` at `name`, following at most `max_cname_depth` CNAMEs
+        (`fresh`: asked of the nameservers, whatever the answer cache holds)."""
+        return await follow_cnames(lambda n, t: self._query(n, t, fresh), name, rdtype,
+                                   self.config.max_cname_depth)
 
-    async def _query(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> Any:
-        return await self.resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False)
+    async def _query(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
+                     fresh: bool = False) -> Any:
+        """One query; the same query already in flight is shared, not sent again."""
+        key = (name, int(rdtype), fresh)
+        pending = self._queries.get(key)
+        if pending is None:
+            resolver = self._fresh if fresh else self.resolver
+            pending = asyncio.ensure_future(
+                resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False))
+            self._queries[key] = pending
+            pending.add_done_callback(lambda _: self._queries.pop(key, None))
+        return await asyncio.shield(pending)
+
+
+def uncached(resolver: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
+    """The same resolver (nameservers, timeouts, EDNS, flags) without an answer cache."""
+    fresh = copy.copy(resolver)
+    fresh.cache = None
+    return fresh
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("prefetching a route failed", exc_info=task.exception())
 
 
 async def follow_cnames(
@@ -372,6 +492,7 @@ async def follow_cnames(
     """
     hops = 0
     secure = True
+    expires = float("inf")
     for _ in range(max_depth + 1):
         try:
             answer = await query(name, rdtype)
@@ -384,9 +505,10 @@ async def follow_cnames(
             return Lookup("tempfail", detail=f"CNAME chain longer than {max_depth} at {name}")
         response = getattr(answer, "response", None)
         secure = secure and response is not None and bool(response.flags & dns.flags.AD)
+        expires = min(expires, getattr(answer, "expiration", 0.0))
         if answer.rrset is not None:
-            return Lookup("answer", tuple(answer.rrset), secure=secure)
+            return Lookup("answer", tuple(answer.rrset), secure=secure, expires=expires)
         if answer.canonical_name == name:
-            return Lookup("nodata", secure=secure)
+            return Lookup("nodata", secure=secure, expires=expires)
         name = answer.canonical_name
     return Lookup("tempfail", detail=f"CNAME chain longer than {max_depth} at {name}")

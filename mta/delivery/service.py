@@ -64,6 +64,10 @@ def outcome_events(item: Item, outcome: AttemptOutcome, local: bool = False
         base["dsn"] = True
     if item.message.get("notice"):
         base["notice"] = True
+    if item.source:  # the egress source (mta.egress) that carried it, and its provider
+        base["source"] = item.source
+        base["provider"] = item.provider
+        base["egress_provider"] = item.egress_provider  # the warm-up caps' key (mta.egress)
     events = []
     for attr, kind in EVENT_TYPES:
         for r in getattr(outcome, attr):
@@ -125,10 +129,26 @@ def make_throttle(ctx: WorkerContext, shared: bool) -> Throttle:
 def emit_outcomes(ctx: WorkerContext, local_domains: set[str]
                   ) -> Callable[[Item, AttemptOutcome], None]:
     def emit(item: Item, outcome: AttemptOutcome) -> None:
-        for event in outcome_events(item, outcome, item.domain in local_domains):
+        events = outcome.events or outcome_events(item, outcome, item.domain in local_domains)
+        for event in events:
             ctx.emit(event)
 
     return emit
+
+
+def record_outcome_events(ctx: WorkerContext, local_domains: set[str]
+                          ) -> Callable[[Any, Item, AttemptOutcome], None] | None:
+    """With an event outbox (mta.outbox.wiring): an outcome's events are built and appended
+    to it inside the outcome's write transaction (`emit_outcomes` then logs the same ones)."""
+    outbox = ctx.outbox
+    if outbox is None:
+        return None
+
+    def record(txn: Any, item: Item, outcome: AttemptOutcome) -> None:
+        outcome.events = outcome_events(item, outcome, item.domain in local_domains)
+        outbox.record(txn, outcome.events)
+
+    return record
 
 
 def keep_throttle_snapshots(ctx: WorkerContext, throttle: Throttle,

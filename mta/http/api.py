@@ -18,8 +18,10 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from mta.audit import AuditLog, action_record
+from mta.egress.status import egress_report
 from mta.http.operations import NotFound, PolicyOperations, PolicyUnavailable
-from mta.metrics import outcome_totals, throughput_history
+from mta.metrics import account_waits, outcome_totals, throughput_history
+from mta.outbox import status as outbox_status
 from mta.queue.rules import (
     Rule,
     add_rule,
@@ -134,8 +136,10 @@ class AdminApi:
     def __init__(self, cfg: Any, spool: Spool, policy: PolicyOperations,
                  audit: AuditLog | None = None, metrics_registry: Any = None,
                  throughput: Ring | None = None, submit: Callable[[Any], Any] | None = None,
-                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[dict[str, Any]], None] | None = None,
+                 outbox: Any = None) -> None:
         self.cfg = cfg
+        self.outbox = outbox  # mta.outbox.wiring.OutboxRecorder (its dispatcher: live state)
         self.submit = submit  # worker 0's group committer, for the queue rules
         self.emit = emit or (lambda event: None)
         self.throughput = throughput  # this worker's ring (the others' are read from files)
@@ -163,6 +167,10 @@ class AdminApi:
     async def throttle(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(load_throttle_rows, self.spool)
 
+    async def egress(self) -> dict[str, Any]:
+        """Sources and pools with their per-provider counts (mta.egress.status)."""
+        return await asyncio.to_thread(egress_report, self.cfg, self.spool)
+
     async def campaigns(self) -> dict[str, Any]:
         return {"thresholds": self.policy.thresholds(), "campaigns": await self.policy.campaigns()}
 
@@ -181,7 +189,24 @@ class AdminApi:
             "throttle": throttle_summary(throttle),
             "thresholds": self.policy.thresholds(),
             "campaigns": campaigns,
+            "account_waits": self.account_waits(),
+            "egress": (await self.egress())["sources"] if self.cfg.egress.sources else [],
+            "webhooks": await self.webhooks() if outbox_status.configured(self.cfg) else None,
         }
+
+    def account_waits(self) -> dict[str, float]:
+        """Per paced account, its queue's wait (seconds; mta.throttle.account_pace)."""
+        return account_waits(self.metrics_registry)
+
+    def with_wait(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A paced account's row with its queue's wait (seconds, 0.0: not waiting); the
+        row of an account without a pace as it is."""
+        name = row.get("name", "")
+        waits = self.account_waits()
+        account = self.cfg.account(name)
+        if name not in waits and not (account is not None and account.max_rate):
+            return row
+        return row | {"queue_wait": waits.get(name, 0.0)}
 
     # --- queue rules: suspend or bounce by scope, with an expiry (mta.queue.rules) ----------
 
@@ -219,6 +244,29 @@ class AdminApi:
                    "max_rate": max_rate})
         return {"account": account, "campaign": campaign, "max_rate": max_rate,
                 "per_second": per_second}
+
+    # --- the event outbox: webhooks and AMQP sinks (mta.outbox.status) ----------------------
+
+    async def webhooks(self) -> dict[str, Any]:
+        dispatcher = getattr(self.outbox, "dispatcher", None)
+        live = dispatcher.status if dispatcher is not None else None
+        now = time.time()
+        rows = await asyncio.to_thread(outbox_status.sink_rows, self.spool, self.cfg, now, live)
+        outbox = await asyncio.to_thread(outbox_status.summary, self.spool, self.cfg, now)
+        return {"outbox": outbox, "sinks": rows}
+
+    async def webhook_dead(self, name: str, limit: int) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(outbox_status.dead_rows, self.spool, self.cfg, name,
+                                       limit)
+
+    async def webhook_replay(self, name: str) -> dict[str, Any]:
+        if self.submit is None:
+            raise PolicyUnavailable("this worker cannot write the spool")
+        replayed = await self.submit(outbox_status.replay_op(self.spool, self.cfg, name))
+        dispatcher = getattr(self.outbox, "dispatcher", None)
+        if dispatcher is not None:
+            dispatcher.wake()
+        return {"sink": name, "replayed": replayed}
 
     # --- actions ---------------------------------------------------------------------------
 
@@ -261,6 +309,7 @@ class ScrapeCollector:
         yield from queue_families(self.admin.queue_sampler.value)
         yield from storage_families(storage_figures(self.admin.spool))
         yield from throttle_families(self.admin.throttle_sampler.value or [])
+        yield from outbox_status.families(self.admin.spool, self.admin.cfg, time.time())
         paused = GaugeMetricFamily("mta_campaigns_paused", "Campaigns paused now")
         paused.add_metric([], sum(1 for c in self.admin.campaign_sampler.value or []
                                   if c.get("paused")))

@@ -34,6 +34,8 @@ from mta.http.api import AdminApi
 from mta.http.auth import FailureLimiter, TokenChecker
 from mta.http.operations import InvalidToken, NotFound, PolicyUnavailable
 from mta.metrics import render
+from mta.outbox import status as outbox_status
+from mta.outbox.status import UnknownSink
 from mta.queue.rules import new_rule, parse_duration
 from mta.queue.schedule import parse_send_at
 
@@ -197,6 +199,10 @@ async def get_throttle(request: web.Request) -> web.Response:
     return as_json({"rows": await state(request).admin.throttle()})
 
 
+async def get_egress(request: web.Request) -> web.Response:
+    return as_json(await state(request).admin.egress())
+
+
 async def get_suppression(request: web.Request) -> web.Response:
     account = request.match_info["account"]
     rows = await state(request).admin.policy.suppressions(account, limit_arg(request, 1000))
@@ -208,15 +214,40 @@ async def get_held(request: web.Request) -> web.Response:
 
 
 async def get_accounts(request: web.Request) -> web.Response:
-    return as_json(await state(request).admin.policy.accounts())
+    admin = state(request).admin
+    return as_json([admin.with_wait(row) for row in await admin.policy.accounts()])
 
 
 async def get_account(request: web.Request) -> web.Response:
-    return as_json(await state(request).admin.policy.account(request.match_info["name"]))
+    admin = state(request).admin
+    return as_json(admin.with_wait(await admin.policy.account(request.match_info["name"])))
 
 
 async def get_dashboard(request: web.Request) -> web.Response:
     return as_json(await state(request).admin.dashboard())
+
+
+async def get_webhooks(request: web.Request) -> web.Response:
+    return as_json(await state(request).admin.webhooks())
+
+
+async def get_webhook_dead(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        rows = await state(request).admin.webhook_dead(name, limit_arg(request, 1000))
+    except UnknownSink as exc:
+        raise NotFound(str(exc)) from None
+    return as_json({"sink": name, "dead": rows})
+
+
+async def webhook_replay(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    admin = state(request).admin
+    try:
+        outbox_status.require_sink(admin.cfg, name)
+    except UnknownSink as exc:
+        raise NotFound(str(exc)) from None
+    return await act(request, "webhook.replay", name, lambda: admin.webhook_replay(name))
 
 
 # --- actions -----------------------------------------------------------------------------
@@ -415,12 +446,16 @@ def add_routes(app: web.Application, cfg: Any) -> None:
     r.add_post(f"{API}/campaigns/{{account}}/{{campaign}}/{{action:pause|resume|drop}}",
                campaign_action)
     r.add_get(f"{API}/throttle", get_throttle)
+    r.add_get(f"{API}/egress", get_egress)
     r.add_get(f"{API}/suppression/{{account}}", get_suppression)
     r.add_post(f"{API}/suppression/{{account}}", add_suppression)
     r.add_delete(f"{API}/suppression/{{account}}/{{address}}", remove_suppression)
     r.add_get(f"{API}/held", get_held)
     r.add_post(f"{API}/held/{{job}}/{{action:release|reject}}", held_action)
     r.add_get(f"{API}/accounts", get_accounts)
+    r.add_get(f"{API}/webhooks", get_webhooks)
+    r.add_get(f"{API}/webhooks/{{name}}/dead", get_webhook_dead)
+    r.add_post(f"{API}/webhooks/{{name}}/replay", webhook_replay)
     r.add_get(f"{API}/accounts/{{name}}", get_account)
     r.add_post(f"{API}/accounts/{{name}}/{{action:suspend|resume}}", account_action)
 

@@ -64,6 +64,25 @@ class GuardOperations:
         self.guard.refresh()
         return result
 
+    async def _write_emitting(self, fn: Callable[[Any], T],
+                              events_of: Callable[[T], list[dict[str, Any]]]) -> T:
+        """`fn`, and the events of its result built in the same transaction (recorded there
+        in the event outbox when one is kept, mta.outbox.wiring), emitted once committed."""
+        built: list[dict[str, Any]] = []
+        record = self.guard.record_events
+
+        def run(txn: Any) -> T:
+            result = fn(txn)
+            built[:] = events_of(result)
+            if record is not None:
+                record(txn, built)
+            return result
+
+        result = await self._write(run)
+        for event in built:
+            self.guard.emit(event)
+        return result
+
     def thresholds(self) -> dict[str, float]:
         t = self.guard.thresholds
         return {"hard_bounce": t.hard_bounce_rate / 100, "complaint": t.complaint_rate / 100,
@@ -116,22 +135,21 @@ class GuardOperations:
 
     async def pause_campaign(self, account: str, campaign: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        result = await self._write(lambda txn: operations.pause_campaign(
-            self.store, txn, account, campaign, BY, reason, now))
-        self.guard.emit({"type": "CampaignPaused", "account": account, "campaign": campaign,
-                         "rule": "operator", "reason": reason, "by": BY,
-                         "held": result["held"]})
+        await self._write_emitting(lambda txn: operations.pause_campaign(
+            self.store, txn, account, campaign, BY, reason, now), lambda result: [
+            {"type": "CampaignPaused", "account": account, "campaign": campaign,
+             "rule": "operator", "reason": reason, "by": BY, "held": result["held"]}])
         return await self.campaign(account, campaign)
 
     async def resume_campaign(self, account: str, campaign: str, no_guard: str = ""
                               ) -> dict[str, Any]:
         now = self.guard.clock()
         totals = await self._judged_totals(account, campaign)
-        result = await self._write(lambda txn: operations.resume_campaign(
-            self.store, txn, account, campaign, BY, now, no_guard, totals))
-        self.guard.emit({"type": "CampaignResumed", "account": account, "campaign": campaign,
-                         "by": BY, "released": result["released"], "guard": result["guard"],
-                         **({"no_guard": no_guard} if no_guard else {})})
+        await self._write_emitting(lambda txn: operations.resume_campaign(
+            self.store, txn, account, campaign, BY, now, no_guard, totals), lambda result: [
+            {"type": "CampaignResumed", "account": account, "campaign": campaign, "by": BY,
+             "released": result["released"], "guard": result["guard"],
+             **({"no_guard": no_guard} if no_guard else {})}])
         return await self.campaign(account, campaign)
 
     async def _judged_totals(self, account: str, campaign: str) -> Counters | None:
@@ -144,12 +162,11 @@ class GuardOperations:
 
     async def drop_campaign(self, account: str, campaign: str) -> dict[str, Any]:
         now = self.guard.clock()
-        removed = await self._write(lambda txn: operations.drop_campaign(
-            self.store, txn, account, campaign, BY, now))
-        for event in operations.removed_events(removed, "Dropped", "dropped by an operator"):
-            self.guard.emit(event)
-        self.guard.emit({"type": "CampaignDropped", "account": account, "campaign": campaign,
-                         "by": BY, "jobs": len(removed)})
+        removed = await self._write_emitting(lambda txn: operations.drop_campaign(
+            self.store, txn, account, campaign, BY, now), lambda removed: [
+            *operations.removed_events(removed, "Dropped", "dropped by an operator"),
+            {"type": "CampaignDropped", "account": account, "campaign": campaign, "by": BY,
+             "jobs": len(removed)}])
         return await self._read(lambda txn: operations.show_campaign(
             self.store, txn, account, campaign, self.guard.thresholds)) | {
             "dropped": len(removed)}
@@ -175,18 +192,17 @@ class GuardOperations:
     @_port_errors
     async def suspend_account(self, name: str, reason: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(self._account_op(name, lambda txn: operations.suspend_account(
-            self.store, txn, name, BY, reason, now)))
-        self.guard.emit({"type": "AccountSuspended", "account": name, "by": BY,
-                         "reason": reason})
+        await self._write_emitting(self._account_op(name, lambda txn: operations.suspend_account(
+            self.store, txn, name, BY, reason, now)), lambda _: [
+            {"type": "AccountSuspended", "account": name, "by": BY, "reason": reason}])
         return await self.account(name)
 
     @_port_errors
     async def resume_account(self, name: str) -> dict[str, Any]:
         now = self.guard.clock()
-        await self._write(self._account_op(name, lambda txn: operations.resume_account(
-            self.store, txn, name, BY, now)))
-        self.guard.emit({"type": "AccountResumed", "account": name, "by": BY})
+        await self._write_emitting(self._account_op(name, lambda txn: operations.resume_account(
+            self.store, txn, name, BY, now)), lambda _: [
+            {"type": "AccountResumed", "account": name, "by": BY}])
         return await self.account(name)
 
     @_port_errors
@@ -226,17 +242,16 @@ class GuardOperations:
     @_port_errors
     async def release_held(self, job_id: str) -> dict[str, Any]:
         now = self.guard.clock()
-        count = await self._write(lambda txn: operations.release_held(
-            self.store, txn, job_id, now, reason=None))
-        self.guard.emit({"type": "HeldReleased", "job": job_id, "by": BY, "jobs": count})
+        await self._write_emitting(lambda txn: operations.release_held(
+            self.store, txn, job_id, now, reason=None), lambda count: [
+            {"type": "HeldReleased", "job": job_id, "by": BY, "jobs": count}])
         return {"job": job_id, "released": True}
 
     @_port_errors
     async def reject_held(self, job_id: str) -> dict[str, Any]:
-        removed = await self._write(lambda txn: operations.reject_held(
-            self.store, txn, job_id, reason=None))
-        for event in operations.removed_events(removed, "Rejected", "rejected by an operator"):
-            self.guard.emit(event)
+        await self._write_emitting(lambda txn: operations.reject_held(
+            self.store, txn, job_id, reason=None), lambda removed: operations.removed_events(
+            removed, "Rejected", "rejected by an operator"))
         return {"job": job_id, "rejected": True}
 
     @_port_errors

@@ -23,9 +23,11 @@ from mta.context import WorkerContext
 from mta.http.api import AdminApi
 from mta.http.app import HttpState, build_app
 from mta.http.auth import FailureLimiter, TokenChecker
+from mta.http.engagement_view import EngagementView
 from mta.http.operations import PolicyOperations, SpoolOperations
 from mta.metrics import EngineMetrics, LiveParts, start_metrics
 from mta.tracking.hits import Tracker, tracking_secret
+from mta.tracking.shared import SharedEngagement
 
 log = logging.getLogger("mta.http")
 
@@ -38,17 +40,22 @@ def check_http(cfg: Config) -> None:
 
 
 async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditLog | None,
-                     metrics: EngineMetrics | None) -> AdminApi | None:
-    """Serve /metrics, the admin API, the dashboard and unsubscribe from this worker."""
+                     metrics: EngineMetrics | None,
+                     engagement: SharedEngagement | None = None) -> AdminApi | None:
+    """Serve /metrics, the admin API, the dashboard and unsubscribe from this worker.
+    `engagement`: the opens and clicks of other nodes (None: one node)."""
     cfg = ctx.cfg
     if not cfg.http.enabled:
         return None
+    if engagement is not None:  # the admin views show the cluster's opens and clicks
+        policy = EngagementView(policy, engagement)
     registry = metrics.registry if metrics is not None else None
     admin = AdminApi(cfg, ctx.spool, policy, audit, registry,
                      metrics.throughput if metrics is not None else None,
-                     submit=ctx.committer.submit, emit=ctx.emit)
-    tracker = Tracker(cfg.tracking, tracking_secret(cfg.tracking, ctx.spool), ctx.emit,
-                      spool=ctx.spool, submit=ctx.committer.submit)
+                     submit=ctx.committer.submit, emit=ctx.emit, outbox=ctx.outbox)
+    tracker = Tracker(cfg.tracking, tracking_secret(cfg, ctx.spool), ctx.emit,
+                      spool=ctx.spool, submit=ctx.committer.submit, shared=engagement,
+                      record_events=ctx.outbox.record if ctx.outbox else None)
     st = HttpState(admin, TokenChecker(cfg.http.admin_token, cfg.http.operator_tokens),
                    FailureLimiter(cfg.http.max_auth_failures, cfg.http.auth_failure_window),
                    audit, registry, tracker)
@@ -69,7 +76,8 @@ async def start_http(ctx: WorkerContext, policy: PolicyOperations, audit: AuditL
 
 
 async def start_operators(ctx: WorkerContext, policy: PolicyOperations | None,
-                          live: LiveParts) -> EngineMetrics:
+                          live: LiveParts, engagement: SharedEngagement | None = None
+                          ) -> EngineMetrics:
     """Everything of the operators' surface a worker runs: audit and metrics in every
     worker, the HTTP listener in worker 0. Without the policy guard, the admin API
     answers what the spool alone can (`SpoolOperations`)."""
@@ -77,5 +85,5 @@ async def start_operators(ctx: WorkerContext, policy: PolicyOperations | None,
     metrics = start_metrics(ctx, live)
     if ctx.index == 0:
         policy = policy or SpoolOperations(ctx.cfg, ctx.spool, ctx.committer.submit, ctx.emit)
-        await start_http(ctx, policy, audit, metrics)
+        await start_http(ctx, policy, audit, metrics, engagement)
     return metrics

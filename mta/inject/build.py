@@ -44,6 +44,7 @@ class Settings:
     hostname: str  # [engine] hostname: the right side of our Message-IDs
     max_message_size: int  # [smtp] max_message_size; 0: no limit
     max_total_size: int  # [inject] max_total_size: all messages of one request together
+    tracking_header: str = "X-MTA-Tracking"  # [tracking] header: the request's `tracking`
 
 
 class Unwritable(Exception):
@@ -62,6 +63,9 @@ class Builder(Protocol):
 def make_builder(request: InjectRequest, settings: Settings,
                  new_id: Callable[[], str] = new_message_id) -> Builder:
     varying = varying_names(request.recipients)
+    if request.tracking is not None and not settings.tracking_header:
+        raise BadRequest(400, "tracking: the per-campaign switch is off on this server "
+                              "([tracking] header is empty)")
     if isinstance(request.content, str):
         return RawBuilder(request, request.content, settings, varying)
     return StructuredBuilder(request, request.content, settings, varying, new_id)
@@ -139,6 +143,7 @@ class StructuredBuilder:
                         for name, value in content.headers]
         given = {name.lower() for name, _ in content.headers}
         self.campaign = ((settings.campaign_header, request.campaign),) if request.campaign else ()
+        self.campaign += tracking_field(request, settings, given)
         self.date = "" if "date" in given else format_datetime(datetime.now(UTC))
         self.message_ids = "message-id" not in given
         self._senders: dict[tuple[str, str], Mailbox] = {}
@@ -183,6 +188,18 @@ class StructuredBuilder:
         return trace
 
 
+def tracking_field(request: InjectRequest, settings: Settings, given: set[str]
+                   ) -> tuple[tuple[str, str], ...]:
+    """The tracking header the request's `tracking` asks for (none without it). The
+    content may not carry that header as well: only one would be taken out before sending."""
+    if request.tracking is None:
+        return ()
+    if settings.tracking_header.lower() in given:
+        raise BadRequest(400, f"tracking: the content has a {settings.tracking_header} "
+                              "header too; give one of the two")
+    return ((settings.tracking_header, request.tracking),)
+
+
 _FIELD_START = re.compile(r"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
@@ -203,6 +220,9 @@ class RawBuilder:
         campaign = request.campaign
         self.first = (f"{settings.campaign_header}: {campaign}\r\n".encode()
                       if campaign else b"")
+        given = {field.head[:-1].strip().lower() for field in self.fields}
+        self.first += b"".join(f"{name}: {value}\r\n".encode()
+                               for name, value in tracking_field(request, settings, given))
 
     def _field(self, text: str, line: int) -> RawField:
         match = _FIELD_START.match(text)

@@ -2,6 +2,7 @@
 
     {"envelope_sender": "bounce@shop.example", "campaign": "spring",
      "send_at": "2026-12-06T09:00:00+01:00",  (or Unix seconds; optional)
+     "tracking": false,  (or "off", "opens", "clicks", "on", true; optional)
      "recipients": [{"email": "a@example.net", "name": "Ann", "substitutions": {...}}],
      "substitutions": {...},
      "content": {"from": {"email": ..., "name": ...}, "subject": ..., "text_body": ...,
@@ -72,6 +73,7 @@ class InjectRequest:
     substitutions: dict[str, Any]
     content: Content | str  # a string: a complete RFC 5322 message (a template too)
     send_at: float | None = None  # Unix seconds: not attempted before (None: now)
+    tracking: str | None = None  # "off", "opens", "clicks" or "on" (None: as configured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ def parse_request(body: bytes, limits: Limits) -> InjectRequest:
     data = _json(body)
     top = _Object(data, "the request body")
     top.only({"envelope_sender", "campaign", "recipients", "substitutions", "content",
-              "send_at"})
+              "send_at", "tracking"})
     recipients = top.list("recipients")
     if not recipients:
         raise BadRequest(400, "recipients: give at least one recipient")
@@ -100,7 +102,26 @@ def parse_request(body: bytes, limits: Limits) -> InjectRequest:
         substitutions=top.mapping("substitutions"),
         content=_content(top, limits),
         send_at=_send_at(top.get("send_at", (str, int, float), None)),
+        tracking=_tracking(top.get("tracking", (bool, str), None)),
     )
+
+
+TRACKING_VALUES = ("off", "opens", "clicks", "on")
+
+
+def _tracking(value: bool | str | None) -> str | None:
+    """The `tracking` field: this request's open and click tracking (the per-campaign
+    switch, `[tracking] header`): false or "off", "opens" (the pixel only), "clicks" (the
+    links only), true or "on" (as configured); it never turns on what the config or the
+    account turned off."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value.lower() not in TRACKING_VALUES:
+        raise BadRequest(400, "tracking: give true, false, \"off\", \"opens\", \"clicks\" "
+                              "or \"on\"")
+    return value.lower()
 
 
 def _send_at(value: Any) -> float | None:

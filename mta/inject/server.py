@@ -58,7 +58,8 @@ def make_injector(cfg: Config, intake: Intake) -> Injector:
     return Injector(intake,
                     Limits(cfg.inject.max_recipients, cfg.smtp.max_message_size),
                     Settings(cfg.smtp.campaign_header, cfg.engine.hostname,
-                             cfg.smtp.max_message_size, cfg.inject.max_total_size))
+                             cfg.smtp.max_message_size, cfg.inject.max_total_size,
+                             cfg.tracking.header))
 
 
 def build_inject_app(cfg: Config, intake: Intake) -> web.Application:

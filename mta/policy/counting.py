@@ -20,7 +20,7 @@ from mta.bounce import classify_reply
 from mta.config import Config
 from mta.policy.admission import Reservations
 from mta.policy.holds import hold_campaign_op
-from mta.policy.ledger import Applied, Batch, Ledger, Outcome, Submission
+from mta.policy.ledger import Applied, Batch, Ledger, Outcome, Pause, Submission
 from mta.policy.model import month_of
 from mta.policy.notice import ReplyCount, notice_sender, pause_notice
 from mta.policy.rates import Breach, Thresholds
@@ -58,8 +58,13 @@ def outcome_kind(event: dict[str, Any]) -> str | None:
 class Counting:
     def __init__(self, cfg: Config, store: PolicyStore, committer: GroupCommitter,
                  cache: SnapshotCache, reservations: Reservations, counts: Counter[str],
-                 emit: Emit, clock: Callable[[], float]) -> None:
+                 emit: Emit, clock: Callable[[], float],
+                 record_events: Callable[[Any, list[dict[str, Any]]], None] | None = None
+                 ) -> None:
         self.cfg = cfg
+        # The event outbox (mta.outbox.wiring): a batch's events (CampaignPaused, an
+        # Unsubscribe) are recorded in the batch's own transaction, then emitted as built.
+        self.record_events = record_events
         self.pc = cfg.policy
         self.store = store
         self.committer = committer
@@ -185,13 +190,34 @@ class Counting:
                           shown(repr(single)[:300]), shown(str(exc), 200))
         return applied
 
-    async def apply(self, batch: Batch) -> Applied:
-        """Count a batch (and share it; on several nodes it is judged on the totals)."""
+    async def apply(self, batch: Batch,
+                    events_of: Callable[[Applied], list[dict[str, Any]]] | None = None
+                    ) -> Applied:
+        """Count a batch (and share it; on several nodes it is judged on the totals).
+        The events of what it did (`events_of(applied)`, then its pauses) are built in
+        its transaction, in `applied.events`, and recorded there when an outbox is kept."""
         now = self.clock()
-        applied: Applied = await self.committer.submit(
-            lambda txn: self.ledger.apply(txn, batch, now))
+
+        def op(txn: Any) -> Applied:
+            applied = self.ledger.apply(txn, batch, now)
+            applied.events = [*(events_of(applied) if events_of else []),
+                              *(self.pause_event(pause) for pause in applied.pauses)]
+            if self.record_events is not None and applied.events:
+                self.record_events(txn, applied.events)
+            return applied
+
+        applied: Applied = await self.committer.submit(op)
         await self.shared.counted(batch, applied)
         return applied
+
+    @staticmethod
+    def pause_event(pause: Pause) -> dict[str, Any]:
+        return {"type": "CampaignPaused", "account": pause.account,
+                "campaign": pause.campaign, "rule": pause.breach.rule,
+                "rate": round(pause.breach.rate, 4),
+                "threshold": pause.breach.threshold, "count": pause.breach.count,
+                "base": pause.breach.base, "reason": pause.breach.describe(),
+                "by": "policy", "notice": pause.notice_id}
 
     async def flush_forever(self) -> None:
         while True:
@@ -211,12 +237,9 @@ class Counting:
             self.counts[f"pauses_{pause.breach.rule}"] += 1
             log.warning("campaign %s of account %s paused: %s", pause.campaign, pause.account,
                         pause.breach.describe())
-            self.emit({"type": "CampaignPaused", "account": pause.account,
-                       "campaign": pause.campaign, "rule": pause.breach.rule,
-                       "rate": round(pause.breach.rate, 4),
-                       "threshold": pause.breach.threshold, "count": pause.breach.count,
-                       "base": pause.breach.base, "reason": pause.breach.describe(),
-                       "by": "policy", "notice": pause.notice_id})
+            self.emit(next((e for e in applied.events if e["type"] == "CampaignPaused"
+                            and (e["account"], e["campaign"]) == (pause.account, pause.campaign)),
+                           None) or self.pause_event(pause))
             await self.committer.submit(hold_campaign_op(
                 self.store, pause.account, pause.campaign, int(self.clock() * 1000)))
 

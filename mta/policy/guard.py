@@ -56,9 +56,12 @@ __all__ = ["InvalidUnsubscribe", "PolicyGuard", "UnsubscribeResult", "check_poli
 class PolicyGuard:
     def __init__(self, cfg: Config, spool: Spool, committer: GroupCommitter,
                  emit: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 record_events: Callable[[Any, list[dict[str, Any]]], None] | None = None
+                 ) -> None:
         self.cfg = cfg
         self.pc = cfg.policy
+        self.record_events = record_events  # the event outbox (mta.outbox.wiring), if kept
         self.spool = spool
         self.committer = committer
         self.emit = emit or (lambda event: None)
@@ -69,7 +72,7 @@ class PolicyGuard:
         self.cache = SnapshotCache(self.store, self.pc.cache_ttl)
         reservations = Reservations(cfg.smtp.commit_timeout + RESERVATION_GRACE)
         self.counting = Counting(cfg, self.store, committer, self.cache, reservations,
-                                 self.counts, self.emit, clock)
+                                 self.counts, self.emit, clock, record_events)
         self.admission = Admission(cfg, self.store, self.cache, reservations, self.counts,
                                    self.counting.unwritten, clock)
         local_domains = {d.lower() for d in (cfg.bounce.domain, cfg.bounce.fbl_domain,

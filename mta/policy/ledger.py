@@ -90,9 +90,12 @@ class Applied:
     unattributed: int = 0
     deltas: dict[bytes, Counters] = field(default_factory=dict)  # what was added, by key
     touched: list[tuple[str, str]] = field(default_factory=list)  # campaigns with outcomes
+    events: list[dict[str, Any]] = field(default_factory=list)  # built in the transaction
+    # (mta.policy.counting: pauses, unsubscribes), emitted as they are after the commit
 
     def merge(self, other: Applied) -> None:
         self.pauses += other.pauses
+        self.events += other.events
         self.counted += other.counted
         self.unattributed += other.unattributed
         for key, delta in other.deltas.items():

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from mta.audit import AuditLog, action_record
 from mta.config import Config
 from mta.events import EventLog
+from mta.outbox.wiring import append_now
 from mta.policy import operations
 from mta.policy.rates import Thresholds, monthly_cap
 from mta.policy.store import PolicyStore
@@ -40,6 +41,7 @@ class OfflineSession:
             raise FileNotFoundError(f"no spool at {path} (start the engine once first)")
         self.cfg = cfg
         self.spool = Spool(path, cfg.spool.map_size, readonly=not write)
+        self.spool_writable = write
         self.store = PolicyStore(self.spool, journal=write and bool(cfg.cluster.redis))
         self.thresholds = Thresholds.from_config(cfg.policy)
         self.by = operator()
@@ -61,6 +63,8 @@ class OfflineSession:
         if self._events is None:
             self._events = EventLog(self.cfg.engine.event_log)
         event.setdefault("by", self.by)
+        if self.spool_writable:  # the engine's webhooks and AMQP sinks get it too
+            append_now(self.cfg, self.spool, event)
         self._events.emit(event)
 
     def audit(self, action: str, obj: str, result: str = "ok", **details: Any) -> None:

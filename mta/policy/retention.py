@@ -8,6 +8,8 @@ its date:
 
 - its suppression list, counters (account, campaigns, months) and campaign states;
 - its mail still in the spool (held or not), without DSNs;
+- what the spool kept of its delivered mail to attribute late feedback (the ``sent``
+  records, with their recipients) and the feedback already counted about those messages;
 - its lines in the event log: the live file and rotated ones (``events.jsonl.*``,
   gzip too) are rewritten without any record whose ``account`` is the purged account,
   written to a temporary file that replaces the original. Workers append to the live
@@ -34,6 +36,7 @@ from typing import IO, Any
 from mta.policy.model import DELETED, AccountState
 from mta.policy.store import PolicyStore, account_key, clean_name
 from mta.queue import jobs
+from mta.queue.spool import unpack
 from mta.tracking.stats import purge_account as purge_engagement
 
 log = logging.getLogger("mta.policy.retention")
@@ -49,6 +52,7 @@ class PurgeReport:
     states: int = 0
     jobs: int = 0
     recipients: int = 0
+    sent_records: int = 0
     event_lines: int = 0
     files: list[str] = field(default_factory=list)
 
@@ -80,10 +84,28 @@ def purge_account_records(store: PolicyStore, txn: Any, account: str, now: float
     removed = jobs.remove(store.spool, txn, jobs.find_jobs(store.spool, txn, account))
     report.jobs = len(removed)
     report.recipients = sum(len(r.recipients) for r in removed)
+    report.sent_records = purge_sent_records(store, txn, account)
     state = store.get_account(txn, account)
     state.status, state.reason, state.at = PURGED, "data purged", now
     store.put_account(txn, account, state)
     return report
+
+
+def purge_sent_records(store: PolicyStore, txn: Any, account: str) -> int:
+    """The account's `sent` records (who its messages went to) and the feedback keys about
+    those messages; one pass over the `sent` database."""
+    spool = store.spool
+    sent = spool.dbs.get("sent")
+    if sent is None:
+        return 0
+    mine = []
+    for key, raw in txn.cursor(db=sent):
+        if unpack(raw)[0] == account:
+            mine.append(key)
+    for key in mine:
+        txn.delete(key, db=sent)
+        store.delete_prefix(txn, store.feedback, key + b"\0")
+    return len(mine)
 
 
 def event_log_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -174,5 +196,6 @@ def purge_event_logs(path: str | os.PathLike[str], accounts: set[str],
 def log_report(report: PurgeReport) -> None:
     log.info(
         "purged account %s: %d suppression entries, %d counters, %d campaign states, "
-        "%d jobs (%d recipients), %d event lines", report.account, report.suppressions,
-        report.counters, report.states, report.jobs, report.recipients, report.event_lines)
+        "%d jobs (%d recipients), %d sent records, %d event lines", report.account,
+        report.suppressions, report.counters, report.states, report.jobs, report.recipients,
+        report.sent_records, report.event_lines)

@@ -59,12 +59,12 @@ class Unsubscribes:
         await self.counting.flush()  # judge against everything counted so far
         batch = Batch(outcomes=[Outcome("unsubscribe", target.account, target.campaign,
                                         address, False, via)])
-        applied = await self.counting.apply(batch)
+        applied = await self.counting.apply(batch, lambda applied: [{
+            "type": "Unsubscribe", "account": target.account, "campaign": target.campaign,
+            "recipient": address, "via": via, "counted": applied.counted > 0}])
         counted = applied.counted > 0
         self.counts["unsubscribes"] += counted
-        self.emit({"type": "Unsubscribe", "account": target.account,
-                   "campaign": target.campaign, "recipient": address, "via": via,
-                   "counted": counted})
+        self.emit(applied.events[0])  # recorded with the unsubscribe (the event outbox)
         await self.counting.announce(applied)
         return UnsubscribeResult(target.account, target.campaign, address, counted)
 

@@ -4,68 +4,172 @@ Callers await `submit(op)`; a single writer thread runs every operation queued
 since the last commit in one LMDB write transaction (one fsync), then wakes
 each caller with its own result. While one commit is on disk the next batch
 gathers, so a burst of N messages costs a handful of fsyncs, not N.
+
+The writer thread takes its next batch itself as soon as a commit is done: it never
+waits for the event loop between two commits (under load the loop may be busy for
+milliseconds before it could hand over the next batch). An idle writer is woken at the
+end of the loop's turn, so that what one turn queued goes in one transaction.
+
+Operations queued as `lazy` (the outcomes of delivery attempts) do not call for a
+commit of their own: they go with the next commit that intake or anything else asks
+for, or at the latest `lazy_delay` seconds after they were queued. Delivery outcomes so
+take far fewer fsyncs than messages when nothing else is written, and never delay an
+intake commit. Their callers wait that much longer; a crash before the commit loses
+only the outcome, so the message is delivered again (at least once, never lost).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from mta.queue.spool import Spool
 
+log = logging.getLogger("mta.queue.commit")
+
+LAZY_DELAY = 0.05  # seconds a lazy operation waits at most for a commit to join
+
+
+@dataclass
+class _Queued:
+    op: Callable[[Any], Any]
+    future: asyncio.Future[Any]
+    lazy: bool
+    at: float  # time.monotonic() when queued
+
 
 class GroupCommitter:
-    def __init__(self, spool: Spool, max_batch: int = 512) -> None:
+    def __init__(self, spool: Spool, max_batch: int = 512,
+                 lazy_delay: float = LAZY_DELAY) -> None:
         self.spool = spool
         self.max_batch = max_batch
-        self._pending: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
-        self._task: asyncio.Task[None] | None = None
+        self.lazy_delay = lazy_delay
+        self._queue: deque[_Queued] = deque()
+        self._urgent = 0  # entries in the queue that are not lazy
+        self._wanted = False  # the loop's turn that queued urgent ones has ended
+        self._kick_pending = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self.commits = 0
         self.operations = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._write_forever, name="spool-writer",
+                                        daemon=True)
+        self._thread.start()
 
-    async def submit(self, op: Callable[[Any], Any]) -> Any:
+    async def submit(self, op: Callable[[Any], Any], lazy: bool = False) -> Any:
         """Run op(txn) in the next group transaction; raise what it raised."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        self._wakeup.set()
-        result = await future
+        result = await self.enqueue(op, lazy)
         if isinstance(result, BaseException):
             raise result
         return result
 
-    async def _run(self) -> None:
+    def enqueue(self, op: Callable[[Any], Any], lazy: bool = False) -> asyncio.Future[Any]:
+        """Queue op(txn) now, without waiting: operations run in the order they were
+        queued, so whatever is queued later commits in the same transaction or a later
+        one. The future's result is op's return value or the exception it raised.
+        `lazy`: no commit is asked for; it joins the next one (within `lazy_delay`)."""
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._cond:
+            self._queue.append(_Queued(op, future, lazy, time.monotonic()))
+            if lazy:
+                if len(self._queue) == 1:
+                    self._cond.notify()  # an idle writer starts the lazy wait now
+                return future
+            self._urgent += 1
+            if not self._kick_pending:
+                self._kick_pending = True
+                loop.call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        """End of the loop's turn: what it queued is one batch; wake the writer."""
+        with self._cond:
+            self._kick_pending = False
+            self._wanted = self._urgent > 0
+            self._cond.notify()
+
+    # --- the writer thread ---------------------------------------------------------
+
+    def _due(self, eager: bool) -> bool:
+        """Time for a commit (called with the lock held). `eager`: a commit just ended,
+        so any urgent operation goes now, without waiting for the loop's turn to end."""
+        if not self._queue:
+            return False
+        if self._stopping or self._wanted or (eager and self._urgent):
+            return True
+        return time.monotonic() - self._queue[0].at >= self.lazy_delay
+
+    def _wait(self) -> float | None:
+        """How long the writer may sleep (lock held): until the oldest lazy one is due."""
+        if not self._queue:
+            return None
+        return max(0.001, self.lazy_delay - (time.monotonic() - self._queue[0].at))
+
+    def _take(self) -> list[_Queued]:
+        count = min(len(self._queue), self.max_batch)
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._urgent -= sum(1 for entry in batch if not entry.lazy)
+        self._wanted = self._wanted and self._urgent > 0
+        return batch
+
+    def _write_forever(self) -> None:
+        eager = False
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                ops = [op for op, _ in batch]
-                try:
-                    results = await loop.run_in_executor(self._executor, self.spool.apply, ops)
-                except Exception as exc:  # the environment itself failed
-                    results = [exc] * len(batch)
-                self.commits += 1
-                self.operations += len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+            with self._cond:
+                while not self._due(eager):
+                    if self._stopping and not self._queue:
+                        return
+                    self._cond.wait(self._wait())
+                    eager = False
+                batch = self._take()
+            try:
+                results = self.spool.apply([entry.op for entry in batch])
+            except Exception as exc:  # the environment itself failed
+                results = [exc] * len(batch)
+            self.commits += 1
+            self.operations += len(batch)
+            self._hand_back(batch, results)
+            eager = True
+
+    def _hand_back(self, batch: list[_Queued], results: list[Any]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_settle, batch, results)
+        except RuntimeError:  # the loop is gone (shutting down): nobody waits any more
+            log.debug("event loop closed; %d results dropped", len(batch))
+
+    async def flush(self) -> None:
+        """Commit everything queued so far, the lazy operations too; return once their
+        callers have had their results (a stop must not leave outcomes unannounced)."""
+        await self.submit(_nothing)
 
     async def close(self) -> None:
         """Finish what is queued, then stop."""
-        while self._pending:
-            await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=True)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        await asyncio.sleep(0)  # the last results are handed back
+
+
+def _nothing(txn: Any) -> None:
+    return None
+
+
+def _settle(batch: list[_Queued], results: list[Any]) -> None:
+    for entry, result in zip(batch, results, strict=True):
+        if not entry.future.done():
+            entry.future.set_result(result)

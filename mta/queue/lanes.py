@@ -43,7 +43,13 @@ class LaneQueue:
     def __init__(self, bulk_share: float = 0.2) -> None:
         self.bulk_share = bulk_share
         self._lanes: dict[str, deque[Any]] = {TRANSACTIONAL: deque(), BULK: deque()}
-        self._credit = 0.0  # bulk's pops owed
+        self._credit = self._start  # bulk's pops owed
+
+    @property
+    def _start(self) -> float:
+        """The credit when both lanes start to wait: bulk's first pop is due at once, so
+        that over any stretch of pops while both wait bulk has at least its share."""
+        return 1.0 - self.bulk_share if self.bulk_share > 0 else 0.0
 
     @staticmethod
     def _lane(item: Any) -> str:
@@ -57,11 +63,9 @@ class LaneQueue:
 
     def popleft(self) -> Any:
         fast, bulk = self._lanes[TRANSACTIONAL], self._lanes[BULK]
-        if not fast:
-            return bulk.popleft()  # IndexError when both are empty, as a deque
-        if not bulk:
-            self._credit = 0.0
-            return fast.popleft()
+        if not fast or not bulk:
+            self._credit = self._start
+            return (fast or bulk).popleft()  # IndexError when both are empty, as a deque
         self._credit += self.bulk_share
         if self._credit >= 1.0:
             self._credit -= 1.0

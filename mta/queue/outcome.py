@@ -59,6 +59,8 @@ class AttemptOutcome:
     deferred: list[RcptResult] = field(default_factory=list)
     expired: list[RcptResult] = field(default_factory=list)
     next_attempt_ms: int | None = None  # None: the job is finished
+    events: list[dict[str, Any]] = field(default_factory=list)  # built in the transaction
+    # (when an event outbox is kept, mta.outbox), emitted as they are after the commit
 
     @property
     def failed(self) -> list[RcptResult]:

@@ -14,8 +14,18 @@ the admin API and the offline CLI see the same rules:
   the scope too.
 
 Scopes: ``domain`` (the destination domain), ``account``, ``campaign`` (``account/
-campaign`` or a campaign name of any account). Every change goes through the functions
-here, inside a write transaction (mta.queue owns job state).
+campaign`` or a campaign name of any account), ``provider`` and ``source``. Every change
+goes through the functions here, inside a write transaction (mta.queue owns job state).
+
+``provider`` is the throttle's provider of the destination (`[provider.NAME]` of the
+shaping file: by MX host suffix or listed domain), known only once the route (MX) is:
+delivery asks the rules when it has routed an item (`Item.provider`, then
+`Scheduler.take_held` / `take_bounced`), so queued mail of a provider is held or bounced
+when it comes due, not when the rule is made. ``source`` is the egress source (sending
+address) chosen per message at dispatch: the chooser asks `RuleCheck.source_rule(name)`,
+skips a suspended source (the pool's other sources carry the mail; none left: the
+message is held with the reason ``suspend:source:<name>`` until that rule goes) and
+bounces the message when the chosen source has a bounce rule.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from mta.queue.spool import Spool, pack, unpack
 log = logging.getLogger("mta.queue.rules")
 
 ACTIONS = ("suspend", "bounce")
-SCOPES = ("domain", "account", "campaign")
+SCOPES = ("domain", "account", "campaign", "provider", "source")
+DISPATCH_SCOPES = ("provider", "source")  # known only at dispatch (route, egress)
 REFRESH_SECONDS = 0.5  # how stale a worker's view of the rules may be
 
 
@@ -62,11 +73,18 @@ class Rule:
         """The reason a suspended job is held with."""
         return f"suspend:{self.scope}:{self.value}"
 
-    def matches(self, domain: str, account: str, campaign: str) -> bool:
+    def matches(self, domain: str, account: str, campaign: str, provider: str = "",
+                source: str = "") -> bool:
+        """Whether mail of these traits is in the rule's scope ('' provider or source:
+        not known yet, so no provider or source rule matches)."""
         if self.scope == "domain":
             return domain == self.value
         if self.scope == "account":
             return account == self.value
+        if self.scope == "provider":
+            return bool(provider) and provider.lower() == self.value
+        if self.scope == "source":
+            return bool(source) and source.lower() == self.value
         owner, slash, name = self.value.rpartition("/")
         return bool(campaign) and campaign == name and (not slash or owner == account)
 
@@ -90,6 +108,8 @@ def check_rule(action: str, scope: str, value: str) -> str:
     value = value.strip()
     if scope == "domain":
         value = value.lower().rstrip(".")
+    elif scope in DISPATCH_SCOPES:
+        value = value.lower()
     if not value or len(value) > 300 or any(c in value for c in "\r\n\0"):
         raise RuleError(f"{scope}: give a value (at most 300 characters, one line)")
     return value
@@ -128,9 +148,20 @@ def _get(spool: Spool, txn: Any, key: str) -> Rule | None:
     return None if raw is None else Rule(**unpack(raw))
 
 
+def rule_for_hold(spool: Spool, txn: Any, reason: str) -> Rule | None:
+    """The active suspension a job held for `reason` waits for, or None."""
+    if not reason.startswith("suspend:") or spool.dbs.get("rules") is None:
+        return None
+    _, scope, value = reason.split(":", 2)
+    rule = _get(spool, txn, rule_key("suspend", scope, value))
+    return rule if rule is not None and rule.expires > time.time() else None
+
+
 # --- changing them (in a write transaction) ---------------------------------------------
 
 def _matching(spool: Spool, txn: Any, rule: Rule) -> list[Job]:
+    if rule.scope in DISPATCH_SCOPES:
+        return []  # known at dispatch only: matched when each job comes due
     if rule.scope == "domain":
         prefix = rule.value.encode() + b"\0"
         cursor = txn.cursor(db=spool.dbs["dom"])
@@ -151,8 +182,9 @@ def add_rule(spool: Spool, txn: Any, rule: Rule, now: float) -> dict[str, Any]:
     txn.put(rule.key.encode(), pack(rule.as_dict()), db=spool.dbs["rules"])
     now_ms = int(now * 1000)
     found = _matching(spool, txn, rule)
+    later = {"when_due": True} if rule.scope in DISPATCH_SCOPES else {}
     if rule.action == "suspend":
-        return {"held": jobs.hold(spool, txn, found, rule.hold_reason, now_ms)}
+        return {"held": jobs.hold(spool, txn, found, rule.hold_reason, now_ms)} | later
     due = 0
     for job in found:  # bounced by the scheduler when it picks them up, send time or not
         job.not_before_ms = 0
@@ -163,7 +195,27 @@ def add_rule(spool: Spool, txn: Any, rule: Rule, now: float) -> dict[str, Any]:
             old, job.next_ms = job.next_ms, now_ms
             spool.save_attempt(txn, job, old)
             due += 1
-    return {"due": due}
+    return {"due": due} | later
+
+
+def carry_rule(spool: Spool, txn: Any, reason: str, expires: float, node: str,
+               now: float) -> Rule | None:
+    """A suspension held mail came with from a drained node (`reason`
+    ``suspend:<scope>:<value>``, until `expires`): stored here unless a rule of the same
+    scope is here already, so that the mail stays held until it expires or an operator
+    resumes it here. The rule stored, or None."""
+    if not reason.startswith("suspend:") or expires <= now:
+        return None
+    _, scope, value = reason.split(":", 2)
+    try:
+        rule = new_rule("suspend", scope, value, expires=expires, now=now,
+                        reason=f"carried by a drain from {node}", by=f"drain:{node}")
+    except RuleError:
+        return None
+    if _get(spool, txn, rule.key) is not None:
+        return None
+    txn.put(rule.key.encode(), pack(rule.as_dict()), db=spool.dbs["rules"])
+    return rule
 
 
 def lift_rule(spool: Spool, txn: Any, action: str, scope: str, value: str, now: float
@@ -278,9 +330,18 @@ class RuleCheck:
         message = item.message
         if message.get("dsn_for") or message.get("notice"):
             return None  # the engine's own mail is never suspended or bounced
-        return next((rule for rule in self.rules() if rule.action == action
-                     and rule.matches(item.domain, message.get("account", ""),
-                                      message.get("campaign", ""))), None)
+        return next((rule for rule in self.rules()
+                     if rule.action == action and _matches_item(rule, item)), None)
+
+    def source_rule(self, name: str) -> Rule | None:
+        """The active rule of egress source `name`: its bounce rule, else its suspension,
+        else None. For the source chooser (at dispatch): skip a suspended source; when
+        every source of the pool is suspended, set `item.source` to one of them and let
+        `Scheduler.take_held(item)` hold the message (it waits for that rule to go);
+        with a bounce rule, set `item.source` and `Scheduler.take_bounced(item)`."""
+        name = name.lower()
+        found = [rule for rule in self.rules() if rule.scope == "source" and rule.value == name]
+        return next((r for r in found if r.action == "bounce"), found[0] if found else None)
 
     def bounce_reason(self, item: Any) -> str | None:
         rule = self._first("bounce", item)
@@ -289,10 +350,8 @@ class RuleCheck:
             + (f": {rule.reason}" if rule.reason else ""))
 
     def still_bounces(self, txn: Any, item: Any) -> bool:
-        message = item.message
         for rule in self.rules():
-            if rule.action == "bounce" and rule.matches(
-                    item.domain, message.get("account", ""), message.get("campaign", "")):
+            if rule.action == "bounce" and _matches_item(rule, item):
                 found = _get(self.spool, txn, rule.key)
                 if found is not None and found.expires > self.clock():
                     return True
@@ -317,6 +376,14 @@ class RuleCheck:
             self.refresh()
         if self.then is not None:
             self.then.hold_done(result)
+
+
+def _matches_item(rule: Rule, item: Any) -> bool:
+    """A scheduler's item (mta.queue.scheduler.Item) in the rule's scope; its provider and
+    source are set by delivery once known."""
+    message = item.message
+    return rule.matches(item.domain, message.get("account", ""), message.get("campaign", ""),
+                        getattr(item, "provider", ""), getattr(item, "source", ""))
 
 
 def rules_listing(spool: Spool, now: float | None = None) -> list[dict[str, Any]]:

@@ -48,6 +48,9 @@ class Item:
     message: dict[str, Any]
     loaded: float
     maybe_sent: bool = False  # an earlier attempt was cut off (crash) mid-send
+    provider: str = ""  # the throttle's provider of the route, once delivery knows it
+    source: str = ""  # the egress source chosen for it, once chosen
+    egress_provider: str = ""  # what the source's caps count it under (provider or site)
 
     @property
     def job_id(self) -> bytes:
@@ -59,6 +62,9 @@ class Item:
 
 
 DsnBuilder = Callable[[dict[str, Any], list[RcptResult], bool], NewMessage | None]
+# (write txn, item, outcome): records the outcome's events in the same transaction
+# (the event outbox, mta.outbox.wiring), leaving them in outcome.events.
+OutcomeRecorder = Callable[[Any, "Item", AttemptOutcome], None]
 Dispatch = Callable[[Item], None]
 
 
@@ -103,7 +109,8 @@ class Scheduler:
                  build_dsn: DsnBuilder, hold_check: HoldCheck | None = None,
                  windows: Windows | None = None,
                  bounce_check: BounceCheck | None = None,
-                 pace: AccountPace | None = None) -> None:
+                 pace: AccountPace | None = None,
+                 record_events: OutcomeRecorder | None = None) -> None:
         self.spool = spool
         self.committer = committer
         self.cfg = cfg
@@ -114,6 +121,7 @@ class Scheduler:
         self.windows = windows or Windows([])
         self.bounce_check = bounce_check  # an operator's bounce rule: its reason, or None
         self.pace = pace  # per-account rates: each message waits for its turn
+        self.record_events = record_events  # an outcome's events, in its transaction
         self._turns: dict[bytes, float] = {}  # job id -> its reserved turn (time.time())
         self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
@@ -144,10 +152,16 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop scanning; the outcomes already known are committed and announced (they
+        wait for a commit to join, mta.queue.commit) before delivery is cancelled."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        try:
+            await self.committer.flush()
+        except Exception:
+            log.exception("could not commit the last outcomes")
 
     async def _run(self) -> None:
         while True:
@@ -308,6 +322,8 @@ class Scheduler:
             if job is None or job.held:
                 return HoldResult.GONE
             if check is not None and not check.still_holds(txn, job, reason):
+                if self.spool.is_sending(txn, job.id):  # held at dispatch: not sent either
+                    self.spool.save_attempt(txn, job, job.next_ms)
                 return HoldResult.STALE  # stays due: it goes out at the next scan
             self.spool.hold_job(txn, job, reason)
             return HoldResult.HELD
@@ -353,10 +369,14 @@ class Scheduler:
         def record(txn: Any) -> AttemptOutcome | None:
             if only_if is not None and not only_if(txn):
                 return None
-            return self._record(txn, item, results, now_ms, retry_after)
+            outcome = self._record(txn, item, results, now_ms, retry_after)
+            if outcome is not None and self.record_events is not None:
+                self.record_events(txn, item, outcome)
+            return outcome
 
-        try:
-            outcome = await self.committer.submit(record)
+        try:  # lazy: it joins intake's next commit (mta.queue.commit); lost in a crash,
+            # the job is still there, marked as being sent: delivered again, never lost
+            outcome = await self.committer.submit(record, lazy=True)
         except Exception:
             log.exception("could not record the outcome of %s", item.job_id)
             outcome = None

@@ -18,6 +18,8 @@ Layout (named databases in one environment):
 - ``rates`` ``account/campaign`` -> a campaign's sending rate (messages/s; mta.queue.rules).
 - ``sent`` message id -> [account, campaign, recipients]: kept after delivery, so that
   a late bounce or complaint naming the message is attributed to its campaign.
+- ``outbox``, ``outbox_meta``, ``outbox_dead``: events waiting for webhooks and other
+  sinks, written in the transaction of the change that caused them (mta.outbox.store).
 
 A message is stored once whatever its number of recipients. The spool knows
 nothing of SMTP; every write goes through `apply` so that callers can group
@@ -41,7 +43,7 @@ import msgpack
 from mta.queue.jobs import Job, new_job
 
 DB_NAMES = ("msg", "job", "due", "dom", "held", "sent", "sending", "meta", "rules", "rates",
-            "due_t")
+            "due_t", "outbox", "outbox_meta", "outbox_dead")  # outbox*: mta.outbox.store
 _DUE = struct.Struct(">QH")
 
 
@@ -108,6 +110,8 @@ class SentOrigin:
     account: str
     campaign: str
     recipients: list[str]
+    # recipient domain -> [egress source, provider] that delivered there (mta.egress)
+    sources: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Spool:
@@ -121,7 +125,7 @@ class Spool:
         elif not (self.path / "data.mdb").exists():
             raise FileNotFoundError(f"no spool at {self.path}")
         self.env = lmdb.open(
-            str(self.path), map_size=map_size, max_dbs=32, max_readers=512,
+            str(self.path), map_size=map_size, max_dbs=64, max_readers=512,
             sync=True, metasync=True, writemap=False, readonly=readonly,
             lock=True, readahead=False,
         )
@@ -322,7 +326,8 @@ class Spool:
         if raw is None:
             return None
         account, campaign, *rest = unpack(raw)
-        return SentOrigin(account, campaign, rest[0] if rest else [])
+        return SentOrigin(account, campaign, rest[0] if rest else [],
+                          rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {})
 
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
             accept: Callable[[int], bool] | None = None, transactional: bool = False

@@ -21,12 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from mta.address import Address, address_domains, normalize_domain
 from mta.config import Config, parse_hostport
+from mta.egress.pools import check_pool_field, pool_for
 from mta.queue.commit import GroupCommitter
-from mta.queue.drain import TRACE_FIELD, DrainTrace, parse_trace
+from mta.queue.drain import TRACE_FIELD, DrainTrace, parse_trace, received_hold
 from mta.queue.lanes import BULK, LANES, choose_lane
 from mta.queue.schedule import parse_send_at
 from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
@@ -36,6 +37,7 @@ from mta.smtp.session import Client, Envelope, Settings
 from mta.text import name_problem, shown
 
 log = logging.getLogger("mta.intake")
+T = TypeVar("T")
 
 _HEADER_CACHE_SECONDS = 1.0
 
@@ -221,12 +223,41 @@ class IntakePolicy(Protocol):
     async def admit(self, message: NewMessage) -> str | None: ...
 
 
+def reception_event(message: NewMessage) -> dict[str, Any]:
+    event = {
+        "type": "Reception", "id": message.id, "account": message.account,
+        "campaign": message.campaign, "sender": message.sender,
+        "recipients": len(message.recipients), "size": len(message.data),
+    }
+    if message.send_at > message.received:
+        event["send_at"] = message.send_at
+    if message.lane:
+        event["lane"] = message.lane
+    return event
+
+
+def with_events(op: Callable[[Any], T], events: list[dict[str, Any]],
+                record: Callable[[Any, list[dict[str, Any]]], None]) -> Callable[[Any], T]:
+    """`op`, then `record(txn, events)` in the same transaction."""
+
+    def both(txn: Any) -> T:
+        result = op(txn)
+        record(txn, events)
+        return result
+
+    return both
+
+
 class Intake:
     def __init__(self, cfg: Config, spool: Spool, committer: GroupCommitter,
                  on_stored: Callable[[NewMessage], None] | None = None,
                  emit: Callable[[dict[str, Any]], None] | None = None,
-                 policy: IntakePolicy | None = None) -> None:
+                 policy: IntakePolicy | None = None,
+                 record_events: Callable[[Any, list[dict[str, Any]]], None] | None = None
+                 ) -> None:
         self.cfg = cfg
+        # The event outbox (mta.outbox.wiring): Reception events in the store's transaction.
+        self.record_events = record_events
         self.spool = spool
         self.committer = committer
         self.policy = policy
@@ -468,6 +499,14 @@ class Intake:
             return refusal
         if lane is not None:  # the field was there: for the engine only, never sent on
             content = without_field(content, self.cfg.smtp.lane_header)
+        pool_header = self.cfg.egress.campaign_pool_header
+        pool_values = raw_field_values(headers, pool_header.encode())
+        asked_pool, refusal = check_pool_field(
+            [v.decode("ascii", "replace") for v in pool_values], pool_header)
+        if refusal:
+            return refusal
+        if pool_values:  # the campaign's pool (mta.egress): for the engine only
+            content = without_field(content, pool_header)
         if self._sender_rules_apply(client):  # the From: domain picks the DKIM key
             for domain in sorted(from_domains(headers)):
                 if not self.sender_domain_allowed(client, domain):
@@ -486,12 +525,27 @@ class Intake:
             message.send_at = drained.send_at or message.send_at
             message.lane = drained.lane
             message.extra = {"drained_from": drained.node, "attempts_before": drained.attempts}
+            if drained.held:  # held there: held here too (mta.queue.drain)
+                message.hold = await self._drained_hold(drained)
+        if drained is not None and drained.pool and not asked_pool:
+            asked_pool = drained.pool  # the pool it had there, if it may use it here
+        if asked_pool and pool_for(self.cfg.egress, self.cfg.account(account), asked_pool
+                                   ) == asked_pool:
+            message.extra["pool"] = asked_pool  # honoured: one of the account's pools
         if self.policy is not None:
             refusal = await self.policy.admit(message)  # check_message + cluster limits
             if refusal:
                 return refusal
         message.data = self._received_header(client, message.id, envelope, protocol) + content
         return message
+
+    async def _drained_hold(self, trace: DrainTrace) -> str:
+        """The hold of drained mail that was held there (a suspension's rule comes too)."""
+        hold, carried = await self.committer.submit(
+            lambda txn: received_hold(self.spool, txn, trace, time.time()))
+        if carried is not None:
+            self.emit({"type": "QueueRuleAdded", **carried.as_dict(), "held": 0})
+        return str(hold)
 
     def _drained(self, client: Client, headers: bytes) -> DrainTrace | None:
         """The drain trace of a message another node of ours handed over (honoured from
@@ -529,9 +583,13 @@ class Intake:
         """Commit `messages` to the spool in one transaction (one fsync), then announce
         each (a Reception event, the scheduler woken). None once they are stored; else
         the reply for all of them, none of which is kept."""
+        events = [reception_event(message) for message in messages]
+        op = self.spool.store_many_op(messages)
+        if self.record_events is not None:
+            op = with_events(op, events, self.record_events)
         try:
             async with asyncio.timeout(self.cfg.smtp.commit_timeout):
-                await asyncio.shield(self.committer.submit(self.spool.store_many_op(messages)))
+                await asyncio.shield(self.committer.submit(op))
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"
@@ -542,16 +600,7 @@ class Intake:
         except Exception:
             log.exception("could not store message %s", _ids(messages))
             return "451 4.3.0 Could not store the message, try again later"
-        for message in messages:
-            event = {
-                "type": "Reception", "id": message.id, "account": message.account,
-                "campaign": message.campaign, "sender": message.sender,
-                "recipients": len(message.recipients), "size": len(message.data),
-            }
-            if message.send_at > message.received:
-                event["send_at"] = message.send_at
-            if message.lane:
-                event["lane"] = message.lane
+        for message, event in zip(messages, events, strict=True):
             self.emit(event)
             if self.on_stored is not None:
                 self.on_stored(message)

@@ -12,6 +12,12 @@ workers deliver different destinations, so an account's mail is spread over them
 Across nodes, the `SharedBudget` port (`mta.throttle.shared`) holds one pace per account
 for the whole cluster (Redis, `mta.cluster.throttle`); while it cannot answer, the local
 share applies.
+
+The wait is visible: `queue_wait()` (per account, the seconds until its last turn handed
+out), sampled into the gauge ``mta_account_queue_wait_seconds`` and every turn's wait into
+the histogram ``mta_account_pace_wait_seconds`` (mta.metrics), shown by the admin API's
+account rows (``queue_wait``), `mta account show` and the dashboard; and an
+``AccountPaced`` event at most every REPORT_SECONDS per account.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from mta.throttle.shared import SharedBudget
 
 _RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|sec|m|min|h|hour|d|day)\s*", re.I)
 REPORT_SECONDS = 1.0
+MAX_OBSERVED = 10_000  # waits kept between two metrics samples (the rest are not observed)
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400,
          "day": 86400}
 
@@ -52,6 +59,7 @@ class AccountPaces:
         self.waiting: dict[str, float] = {}  # account -> the last turn handed out (clock)
         self.on_wait = on_wait  # told (at most every REPORT_SECONDS) an account's queue wait
         self._reported: dict[str, float] = {}
+        self._observed: list[tuple[str, float]] = []  # waits handed out, for the metrics
 
     def __bool__(self) -> bool:
         return True  # campaign rates may be set at any time
@@ -76,6 +84,8 @@ class AccountPaces:
             wait = max(wait, await self._reserve(scope, per_second))
         now = self.clock()
         self.waiting[account] = now + wait
+        if len(self._observed) < MAX_OBSERVED:
+            self._observed.append((account, wait))
         if wait and self.on_wait is not None and (
                 now - self._reported.get(account, -REPORT_SECONDS) >= REPORT_SECONDS):
             self._reported[account] = now
@@ -94,6 +104,11 @@ class AccountPaces:
                 gcra.set_rate(rate / self.workers, 1)
             wait = gcra.reserve(self.clock())
         return wait
+
+    def take_observed(self) -> list[tuple[str, float]]:
+        """The (account, wait) of each turn handed out since the last call."""
+        observed, self._observed = self._observed, []
+        return observed
 
     def queue_wait(self) -> dict[str, float]:
         """Per paced account: seconds until the last turn handed out (its queue's wait)."""

@@ -48,7 +48,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mta.throttle.adapt import Dial, Meter
@@ -92,10 +92,11 @@ class ScopeSpec:
     name: str
     limits: Limits  # engine-wide
     shared: bool  # divided among the workers
+    source: str = ""  # the egress source (mta.egress): receivers limit per sending address
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.name}"
+        return f"{self.kind}:{self.name}@{self.source}" if self.source else f"{self.kind}:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,14 @@ class Destination:
     @property
     def name(self) -> str:
         return self.scopes[0].name
+
+    @property
+    def source(self) -> str:
+        return self.scopes[0].source
+
+    def from_source(self, source: str) -> Destination:
+        """The same limits, kept apart for mail sent from egress source `source`."""
+        return replace(self, scopes=tuple(replace(s, source=source) for s in self.scopes))
 
 
 @dataclass
@@ -443,7 +452,7 @@ class Throttle:
         until = max((h.until for h in holds), default=None)
         return {
             "destination": sc.spec.name, "kind": sc.spec.kind, "worker": self.worker,
-            "state": _state(sc),
+            "source": sc.spec.source, "state": _state(sc),
             "rate": sc.effective_rate(), "rate_ceiling": sc.rate_ceiling,
             "connections": sc.connections, "max_connections": sc.max_connections(),
             "max_connections_ceiling": sc.conn_ceiling,
@@ -490,6 +499,7 @@ class Throttle:
             self.on_event({
                 "type": "ThrottleChange", "time": now, "worker": self.worker,
                 "destination": sc.spec.name, "kind": sc.spec.kind, "change": change,
+                **({"source": sc.spec.source} if sc.spec.source else {}),
                 "reason": reason, "rate": sc.effective_rate(), "rate_ceiling": sc.rate_ceiling,
                 "max_connections": sc.max_connections(), **fields,
             })

@@ -5,6 +5,8 @@ link: nothing to follow), `Tracker.open(token, ...)` whether the pixel is genuin
 genuine request becomes one ``Open`` or ``Click`` event (time, user agent, client
 address kept as `[tracking] client_address` says, the class and the rule that decided),
 emitted when its class is decided (early clicks wait, see mta.tracking.classify).
+With the event outbox (webhooks, AMQP) an event is appended to it in the transaction
+that counts it, and goes to the event log once that transaction has committed.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mta.config import TrackingConfig
+from mta.config import Config, TrackingConfig
 from mta.tracking.classify import Bursts, Hit, classify
+from mta.tracking.shared import LocalEngagement, SharedEngagement
 from mta.tracking.stats import apply_events, open_dbs
 from mta.tracking.tokens import CLICK, HIDDEN, OPEN, read_token
 
@@ -47,7 +50,9 @@ def kept_address(client: str, mode: str, secret: bytes) -> str:
 class Tracker:
     def __init__(self, tc: TrackingConfig, secret: bytes, emit: Callable[[dict[str, Any]], None],
                  clock: Callable[[], float] = time.time, spool: Any = None,
-                 submit: Callable[[Callable[[Any], Any]], Awaitable[Any]] | None = None
+                 submit: Callable[[Callable[[Any], Any]], Awaitable[Any]] | None = None,
+                 shared: SharedEngagement | None = None,
+                 record_events: Callable[[Any, list[dict[str, Any]]], None] | None = None
                  ) -> None:
         self.tc = tc
         self.secret = secret
@@ -55,6 +60,9 @@ class Tracker:
         self.clock = clock
         self.spool = spool  # with `submit` (the group committer): counters in LMDB
         self.submit = submit
+        self.shared: SharedEngagement = shared or LocalEngagement()  # other nodes' counts
+        # The event outbox's append (mta.outbox.wiring.OutboxRecorder.record), with the counts.
+        self.record_events = record_events if submit is not None else None
         self.batch: list[dict[str, Any]] = []
         if spool is not None:
             open_dbs(spool)
@@ -96,7 +104,8 @@ class Tracker:
         if t.kind == CLICK:
             event["link"] = t.url
             event["index"] = t.index
-        self.emit(event)
+        if self.record_events is None:
+            self.emit(event)  # else once counted and in the outbox (`write`)
         if self.submit is not None:
             self.batch.append(event)
 
@@ -119,12 +128,26 @@ class Tracker:
                 log.exception("engagement counters not written")
 
     async def write(self) -> None:
-        """Count the decided hits in LMDB (one group transaction per batch)."""
-        if not self.batch or self.submit is None:
-            return
-        events, self.batch = self.batch, []
-        spool = self.spool
-        await self.submit(lambda txn: apply_events(spool, txn, events))
+        """Count the decided hits in LMDB (one group transaction per batch), keeping them
+        in the same transaction for the other nodes; then share them."""
+        if self.batch and self.submit is not None:
+            events, self.batch = self.batch, []
+            try:
+                await self.submit(lambda txn: self._count(txn, events))
+            except Exception:
+                for event in events if self.record_events else ():
+                    event.pop("event_id", None)  # not in the outbox: the log's listener tries
+                raise
+            finally:
+                for event in events if self.record_events else ():
+                    self.emit(event)
+        await self.shared.share()
+
+    def _count(self, txn: Any, events: list[dict[str, Any]]) -> None:
+        apply_events(self.spool, txn, events)
+        self.shared.keep(txn, events)
+        if self.record_events is not None:
+            self.record_events(txn, events)  # the webhooks' copy, with the counts
 
     async def close(self) -> None:
         if self._task is not None:
@@ -137,6 +160,13 @@ class Tracker:
             log.exception("engagement counters not written")
 
 
-def tracking_secret(tc: TrackingConfig, spool: Any) -> bytes:
-    """[tracking] secret, or the spool's own random key when it is empty."""
-    return tc.secret.encode() or spool.secret("tracking")
+def tracking_secret(cfg: Config, spool: Any) -> bytes:
+    """[tracking] secret; when it is empty, on several nodes a key derived from the
+    shared [policy] unsubscribe_secret (a link sent by node A may be clicked on node B),
+    on one node the spool's own random key."""
+    if cfg.tracking.secret:
+        return cfg.tracking.secret.encode()
+    if cfg.cluster.redis and cfg.policy.unsubscribe_secret:
+        return hmac.new(cfg.policy.unsubscribe_secret.encode(), b"mta tracking tokens",
+                        hashlib.sha256).digest()
+    return bytes(spool.secret("tracking"))

@@ -4,12 +4,10 @@ contexts for the sinks, and an HTTPS server on loopback that serves MTA-STS poli
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import hashlib
 import ssl
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-START_TIMEOUT = 10.0
+from bench.rig.loop_thread import LoopThread
 
 
 def server_cert(ca: trustme.CA, *names: str, expired: bool = False,
@@ -90,8 +88,7 @@ class HttpsServer:
         self.serve: dict[str, Served] = {}
         self.requests: list[tuple[str, str, str]] = []
         self.posts: list[Posted] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread(f"https-{host}")
         self._runner: web.AppRunner | None = None
 
     def fetches(self, name: str) -> int:
@@ -119,35 +116,12 @@ class HttpsServer:
         await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context).start()
 
     def start(self) -> HttpsServer:
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._start())
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-            if self._runner is not None:
-                self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"https-{self.host}", daemon=True)
-        self._thread.start()
-        started.wait(START_TIMEOUT)
-        if failure:
-            raise failure[0]
+        self._thread.start(self._start, self._cleanup)
         return self
 
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
     def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._thread = None
+        self._thread.stop()

@@ -94,18 +94,21 @@ class TlsChecker:
         self.clock = clock
         self.sessions = SessionCounts()
 
-    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo) -> Verdict:
+    def check(self, policy: HostPolicy, host: str, address: str, peer: PeerInfo,
+              sending_ip: str = "") -> Verdict:
+        """`sending_ip`: the address the session was bound to (an egress source's);
+        empty: [delivery] source_address."""
         now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
         verdict = judge(policy, host, peer, self.store, now)
-        self.record(policy.report, verdict, host, address)
+        self.record(policy.report, verdict, host, address, sending_ip)
         return verdict
 
     def record(self, scope: ReportScope | None, verdict: Verdict, host: str = "",
-               address: str = "") -> None:
+               address: str = "", sending_ip: str = "") -> None:
         self.sessions.add(verdict)
         if self.ledger is not None and scope is not None:
             self.ledger.add(scope, verdict, mx=host, receiving_ip=address,
-                            sending_ip=self.source_address, now=self.clock())
+                            sending_ip=sending_ip or self.source_address, now=self.clock())
 
     def refused(self, exclusion: Exclusion) -> Verdict:
         """An item deferred because its plan leaves no MX host: counted, and returned."""

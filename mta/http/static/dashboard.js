@@ -323,6 +323,76 @@ function drawDestinations(data) {
   });
 }
 
+// --- sending sources ([[egress.sources]]) -------------------------------------------------
+
+function fmtPercent(x) { return x == null ? "–" : `${x.toFixed(2)} %`; }
+
+function warmupText(w) {
+  if (!w) return "established";
+  const steps = Object.entries(w.providers || {}).map(([provider, p]) =>
+    `${provider}: step ${p.step + 1}/${p.steps}, cap ${p.cap == null ? "∞" : fmtInt(p.cap)}` +
+    ` (${p.verdict}${p.reason ? ": " + p.reason : ""})`);
+  return ["warming", ...steps].join("; ");
+}
+
+function drawEgress(data) {
+  const sources = data.egress || [];
+  $("egress-panel").hidden = sources.length === 0;
+  const rows = [];
+  for (const s of sources) {
+    const providers = Object.entries(s.providers || {});
+    for (const [provider, p] of providers.length ? providers : [["–", null]]) {
+      rows.push([s, provider, p]);
+    }
+  }
+  fillTable("egress", rows, ([s, provider, p]) => {
+    const row = el("tr");
+    const state = s.up ? "up" : `down${s.reason ? ": " + s.reason : ""}`;
+    row.append(el("td", s.name), el("td", s.address), el("td", s.ehlo_name),
+      el("td", (s.pools || []).join(", ")), el("td", state, s.up ? "" : "state-suspended"),
+      el("td", warmupText(s.warmup)), el("td", provider));
+    for (const k of ["delivered", "deferred", "bounced", "complained"]) row.append(el("td", fmtInt(p ? p[k] : 0)));
+    for (const k of ["delivery_rate", "deferral_rate", "bounce_rate", "complaint_rate"]) row.append(el("td", fmtPercent(p ? p[k] : null)));
+    return row;
+  });
+}
+
+// --- accounts waiting at their pace ([[accounts]] max_rate) ----------------------------------
+
+function drawAccountWaits(data) {
+  const waits = Object.entries(data.account_waits || {}).filter(([, wait]) => wait > 0)
+    .sort((a, b) => b[1] - a[1]);
+  fillTable("account-waits", waits, ([account, wait]) => {
+    const row = el("tr");
+    row.append(el("td", account), el("td", `${wait.toFixed(1)} s`));
+    return row;
+  });
+  $("no-account-waits").hidden = waits.length > 0;
+}
+
+// --- event sinks ([[webhooks]], [[amqp]]) and their outbox -----------------------------------
+
+function drawWebhooks(data) {
+  const hooks = data.webhooks;
+  $("webhooks-panel").hidden = !hooks;
+  if (!hooks) return;
+  const box = hooks.outbox;
+  $("outbox-figures").textContent =
+    `${fmtInt(box.depth)} events waiting, the oldest for ${Math.round(box.oldest_age)} s`;
+  $("outbox-alert").hidden = !box.over_limit;
+  $("outbox-alert").textContent = box.over_limit ? `The outbox is past its limits ` +
+    `(${fmtInt(box.alert_depth)} events or ${Math.round(box.alert_age)} s): a sink is not ` +
+    `taking its events (mta webhook status).` : "";
+  fillTable("webhooks", hooks.sinks, (s) => {
+    const row = el("tr");
+    row.append(el("td", s.name), el("td", s.kind), el("td", s.target), el("td", fmtInt(s.pending)),
+      el("td", fmtInt(s.dead), s.dead ? "state-suspended" : ""),
+      el("td", s.delivered == null ? "–" : fmtInt(s.delivered)),
+      el("td", s.last_error || "–", s.last_error ? "state-suspended" : ""));
+    return row;
+  });
+}
+
 async function refresh() {
   clearTimeout(timer);
   if (!token()) { showLogin(); return; }
@@ -336,6 +406,9 @@ async function refresh() {
     drawCharts(data);
     drawCampaigns(data);
     drawDestinations(data);
+    drawAccountWaits(data);
+    drawEgress(data);
+    drawWebhooks(data);
     document.body.dataset.updated = String(data.time);
     setStatus(`updated ${new Date(data.time * 1000).toLocaleTimeString()}`);
   } catch (error) {

@@ -1,0 +1,125 @@
+"""`python -m bench run --webhook`: the same load without, then with a webhook, in one run.
+
+The webhook receiver is a process of its own on loopback (`python -m bench.rig.webhook`),
+checking every signature. The engine sends it the events an upstream app would want
+(RECEIVER_EVENTS). Once the sinks have every message, the run waits (the engine still
+up) until the receiver has every such event of the engine's event log, by id, and says
+how many arrived, how many twice, how long after the drain it caught up; then the
+end-to-end rates of the two runs are compared (the issue asks for at least 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.engine_proc import PROJECT_ROOT, read_events
+from bench.orchestrator import Options, run_once
+from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
+from bench.rig.webhook import SECRET_ENV
+from bench.scenarios import Scenario
+
+RECEIVER_EVENTS = ["Reception", "Delivery", "Bounce", "TransientFailure", "Expiration",
+                   "Complaint", "Unsubscribe", "CampaignPaused"]
+CATCH_UP_TIMEOUT = 300.0  # seconds after the drain for the receiver to have every event
+
+
+class ReceiverProcess:
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/events"
+
+    def start(self) -> ReceiverProcess:
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **{SECRET_ENV: self.secret})
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rig.webhook"],
+                                     stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=PROJECT_ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"the webhook receiver did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def stats(self, ids: bool = False) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.port}/stats" + ("?ids=1" if ids else "")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+
+def with_webhook(scenario: Scenario, url: str, secret: str) -> Scenario:
+    hook = {"name": "bench", "url": url, "secret": secret, "events": RECEIVER_EVENTS,
+            "batch_size": 100, "batch_wait": 0.5}
+    return replace(scenario, engine={**scenario.engine, "webhooks": [hook]})
+
+
+def logged_ids(workdir: Path) -> set[str]:
+    """The ids of the events the receiver should get, from the engine's event log."""
+    return {e["event_id"] for e in read_events(workdir / "events.jsonl")
+            if e.get("type") in RECEIVER_EVENTS and "event_id" in e}
+
+
+def catch_up(receiver: ReceiverProcess, target: Any) -> list[str]:
+    """Wait until the receiver has every event of the event log; lines for the report."""
+    drained_at = time.time()
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT
+    expected: set[str] = set()
+    while True:
+        time.sleep(0.5)
+        expected = logged_ids(target.workdir)
+        stats = receiver.stats()
+        if stats["unique"] >= len(expected) or time.monotonic() >= deadline:
+            break
+    stats = receiver.stats(ids=True)
+    missing = len(expected - set(stats.pop("ids")))
+    lag = max(0.0, stats["last_at"] - drained_at)
+    return [f"webhook: {len(expected)} events expected, {stats['unique']} received once or "
+            f"more, {missing} missing, {stats['duplicates']} duplicates, "
+            f"{stats['bad_signatures']} bad signatures, {stats['batches']} batches (largest "
+            f"{stats['largest_batch']}), the last {lag:.1f}s after the mail drained"]
+
+
+def webhook_compare(args: Any, scenario: Scenario, opts: Options) -> int:
+    """Rounds of (without, with) the webhook; the ratio of end-to-end rates per round."""
+    results: list[RunResult] = []
+    for _ in range(max(1, args.rounds)):
+        results.append(run_once("engine", opts))
+        print(format_report(results[-1]), flush=True)
+        receiver = ReceiverProcess(secrets.token_urlsafe(24)).start()
+        try:
+            hooked = replace(opts, scenario=with_webhook(scenario, receiver.url,
+                                                         receiver.secret),
+                             after_drain=lambda target, r=receiver: catch_up(r, target))
+            results.append(run_once("engine", hooked))
+        finally:
+            receiver.stop()
+        results[-1].target = "engine+webhook"
+        print(format_report(results[-1]), flush=True)
+    pairs = list(zip(results[0::2], results[1::2], strict=False))
+    for plain, hooked in pairs:
+        print(format_comparison(hooked, plain))
+    ratios = sorted(h.e2e_rate / p.e2e_rate for p, h in pairs if p.e2e_rate)
+    print(f"webhook / no webhook e2e ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}"
+          + (f"; median {statistics.median(ratios):.2f}" if ratios else ""))
+    print(save_outputs(results, Path(args.out)))
+    print(last_line(results[0]), flush=True)
+    return 0

@@ -196,6 +196,7 @@ def test_suppressions_merge_and_a_local_change_waits_for_its_turn(tmp_path: Path
 class Node(Env):
     sync: PolicySync
     link: RedisLink
+    outbox: list[dict[str, Any]]  # what the guard recorded for the event outbox, in its txns
 
 
 @asynccontextmanager
@@ -207,7 +208,9 @@ async def node(tmp: Path, name: str, redis_url: str, **policy: Any) -> AsyncIter
     committer = GroupCommitter(spool)
     committer.start()
     env = Node(tmp, cfg, spool, None)  # type: ignore[arg-type]
-    env.guard = PolicyGuard(cfg, spool, committer, emit=env.events.append)
+    env.outbox = []
+    env.guard = PolicyGuard(cfg, spool, committer, emit=env.events.append,
+                            record_events=lambda txn, events: env.outbox.extend(events))
     await env.guard.start()
     env.link = RedisLink(cfg.cluster, f"{name}/0")
     await env.link.start()
@@ -294,6 +297,7 @@ async def test_rates_are_judged_on_the_cluster_totals(tmp_path: Path,
         paused = b.of_type("CampaignPaused")
         assert len(paused) == 1 and paused[0]["base"] == 120 and paused[0]["count"] == 12
         assert paused[0]["notice"]  # b paused first: it sends the account's notice
+        assert any(e is paused[0] for e in b.outbox)  # recorded in the pause's transaction
         await eventually(lambda: a.guard.check_message(mail()) is not None, 1.0)
         assert shared_counters(redis_server, campaign_key("shop", "spring")).hard == 12
         assert not a.of_type("CampaignPaused")  # learnt from b: no second notice

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lmdb
+
 from mta.queue.commit import GroupCommitter
-from mta.queue.spool import Spool
+from mta.queue.spool import Spool, SpoolFullError
 
 
 def put(key: bytes, log: list[bytes] | None = None) -> Any:
@@ -137,4 +139,41 @@ def test_close_finishes_what_is_queued(tmp_path: Path) -> None:
     asyncio.run(run())
     with spool.env.begin() as txn:
         assert txn.get(b"queued") == b"v"
+    spool.close()
+
+
+class _CommitFails:
+    """An environment whose write transactions run their operations, then fail to
+    commit as a full map does (MDB_MAP_FULL at mdb_txn_commit)."""
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+
+    def begin(self, write: bool = False) -> Any:
+        return _FailingTxn(self.env.begin(write=write))
+
+
+class _FailingTxn:
+    def __init__(self, txn: Any) -> None:
+        self.txn = txn
+
+    def __enter__(self) -> Any:
+        return self.txn
+
+    def __exit__(self, *exc: Any) -> None:
+        self.txn.abort()
+        if exc[0] is None:
+            raise lmdb.MapFullError("mdb_txn_commit: MDB_MAP_FULL")
+
+
+def test_a_failed_commit_gives_each_operation_one_result(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    real = spool.env
+    spool.env = _CommitFails(real)
+    try:
+        results = spool.apply([put(b"a"), put(b"b"), put(b"c")])
+    finally:
+        spool.env = real
+    assert len(results) == 3  # not the op's value and then the commit's failure
+    assert all(isinstance(r, SpoolFullError) for r in results)
     spool.close()

@@ -123,7 +123,7 @@ def test_sampled_connections_dkim_and_commits() -> None:
     signer = SimpleNamespace(signed=10, unsigned=1)
     counts = {"refused_suppressed": 2, "pauses": 1}
     guard = SimpleNamespace(metrics=lambda: dict(counts))
-    live = LiveParts(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}),
+    live = LiveParts(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}, pace=None),
                      signer=signer, guard=guard)  # type: ignore[arg-type]
     ctx = SimpleNamespace(index=0, committer=SimpleNamespace(commits=4, operations=9))
     assert pool_connections(deliverer, m.providers) == {"gmail": 3, "other": 2}

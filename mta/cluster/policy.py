@@ -218,7 +218,9 @@ class PolicySync:
                 merge_deltas(self.unpushed, deltas)
                 totals = await self._push_counters()
         if applied.touched:
-            applied.pauses.extend(await self._judge(applied.touched, totals))
+            for pause, event in await self._judge(applied.touched, totals):
+                applied.pauses.append(pause)
+                applied.events.append(event)
 
     async def _push_counters(self) -> Any:
         """Add what is pending to Redis: the totals of the keys added to, or DOWN."""
@@ -246,7 +248,10 @@ class PolicySync:
         return plus(self.known[key], self.unpushed.get(key),
                     self.sending[1].get(key) if self.sending else None)
 
-    async def _judge(self, touched: list[tuple[str, str]], totals: Any) -> list[Pause]:
+    async def _judge(self, touched: list[tuple[str, str]], totals: Any
+                     ) -> list[tuple[Pause, dict[str, Any]]]:
+        """The pauses the cluster's totals call for, each with its CampaignPaused event,
+        recorded for the event outbox in the transaction of the pause."""
         pauses = []
         now = self.guard.clock()
         for account, campaign in touched:
@@ -257,12 +262,23 @@ class PolicySync:
             if since is None:
                 continue
             notify = await self._claim(key, since)
-            pause = await self.guard.committer.submit(
+            judged = await self.guard.committer.submit(
                 lambda txn, a=account, c=campaign, n=counters, y=notify:
-                self.guard.ledger.judge_with(txn, a, c, now, n, y))
-            if pause is not None:
-                pauses.append(pause)
+                self._pause(txn, a, c, now, n, y))
+            if judged is not None:
+                pauses.append(judged)
         return pauses
+
+    def _pause(self, txn: Any, account: str, campaign: str, now: float, counters: Counters,
+               notify: bool) -> tuple[Pause, dict[str, Any]] | None:
+        pause = self.guard.ledger.judge_with(txn, account, campaign, now, counters, notify)
+        if pause is None:
+            return None
+        counting = self.guard.counting
+        event = counting.pause_event(pause)
+        if counting.record_events is not None:
+            counting.record_events(txn, [event])
+        return pause, event
 
     def _breach_since(self, account: str, campaign: str,
                       counters: Counters | None) -> float | None:

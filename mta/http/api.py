@@ -13,7 +13,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -22,6 +22,7 @@ from mta.egress.status import egress_report
 from mta.http.operations import NotFound, PolicyOperations, PolicyUnavailable
 from mta.metrics import account_waits, outcome_totals, throughput_history
 from mta.outbox import status as outbox_status
+from mta.outbox.wiring import write_emitting
 from mta.queue.rules import (
     Rule,
     add_rule,
@@ -38,6 +39,8 @@ from mta.throughput import Ring
 SCAN_SHARE = 20  # wait at least this many times the last scan's duration before the next
 TOP_DESTINATIONS = 10
 TOP_THROTTLE_ROWS = 20
+
+T = TypeVar("T")
 
 
 class Sampler:
@@ -208,6 +211,14 @@ class AdminApi:
             return row
         return row | {"queue_wait": waits.get(name, 0.0)}
 
+    async def _write_emitting(self, fn: Callable[[Any], T],
+                              events_of: Callable[[T], list[dict[str, Any]]]) -> T:
+        """`fn` in a write transaction with its events recorded there for the event outbox
+        (when one is kept), emitted once committed (mta.outbox.wiring)."""
+        assert self.submit is not None
+        record = self.outbox.record if self.outbox is not None else None
+        return await write_emitting(self.submit, record, self.emit, fn, events_of)
+
     # --- queue rules: suspend or bounce by scope, with an expiry (mta.queue.rules) ----------
 
     async def queue_rules(self) -> list[dict[str, Any]]:
@@ -216,20 +227,22 @@ class AdminApi:
     async def add_queue_rule(self, rule: Rule) -> dict[str, Any]:
         if self.submit is None:
             raise PolicyUnavailable("this worker cannot write the spool")
-        done = await self.submit(lambda txn: add_rule(self.spool, txn, rule, time.time()))
-        self.emit({"type": "QueueRuleAdded", **rule.as_dict(), **done})
+        done = await self._write_emitting(
+            lambda txn: add_rule(self.spool, txn, rule, time.time()),
+            lambda done: [{"type": "QueueRuleAdded", **rule.as_dict(), **done}])
         return {"rule": rule.as_dict(), **done}
 
     async def lift_queue_rule(self, action: str, scope: str, value: str) -> dict[str, Any]:
         if self.submit is None:
             raise PolicyUnavailable("this worker cannot write the spool")
         value = check_rule(action, scope, value)
-        done = await self.submit(
-            lambda txn: lift_rule(self.spool, txn, action, scope, value, time.time()))
+        done = await self._write_emitting(
+            lambda txn: lift_rule(self.spool, txn, action, scope, value, time.time()),
+            lambda done: [] if done is None else [
+                {"type": "QueueRuleLifted", "action": action, "scope": scope,
+                 "value": value, "by": "operator", "released": done["released"]}])
         if done is None:
             raise NotFound(f"no {action} rule for {scope} {value!r}")
-        self.emit({"type": "QueueRuleLifted", "action": action, "scope": scope,
-                   "value": value, "by": "operator", "released": done["released"]})
         return done
 
     async def set_campaign_rate(self, account: str, campaign: str, max_rate: str
@@ -238,10 +251,10 @@ class AdminApi:
         if self.submit is None:
             raise PolicyUnavailable("this worker cannot write the spool")
         per_second = parse_rate(max_rate) if max_rate else None
-        await self.submit(lambda txn: set_campaign_rate(self.spool, txn, account, campaign,
-                                                        per_second))
-        self.emit({"type": "CampaignRate", "account": account, "campaign": campaign,
-                   "max_rate": max_rate})
+        await self._write_emitting(
+            lambda txn: set_campaign_rate(self.spool, txn, account, campaign, per_second),
+            lambda _: [{"type": "CampaignRate", "account": account, "campaign": campaign,
+                        "max_rate": max_rate}])
         return {"account": account, "campaign": campaign, "max_rate": max_rate,
                 "per_second": per_second}
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from mta.http.operations import InvalidToken, NotFound
+from mta.outbox.wiring import write_emitting
 from mta.policy import operations
 from mta.policy.guard import InvalidUnsubscribe, PolicyGuard
 from mta.policy.model import ACTIVE, Counters
@@ -66,22 +67,10 @@ class GuardOperations:
 
     async def _write_emitting(self, fn: Callable[[Any], T],
                               events_of: Callable[[T], list[dict[str, Any]]]) -> T:
-        """`fn`, and the events of its result built in the same transaction (recorded there
-        in the event outbox when one is kept, mta.outbox.wiring), emitted once committed."""
-        built: list[dict[str, Any]] = []
-        record = self.guard.record_events
-
-        def run(txn: Any) -> T:
-            result = fn(txn)
-            built[:] = events_of(result)
-            if record is not None:
-                record(txn, built)
-            return result
-
-        result = await self._write(run)
-        for event in built:
-            self.guard.emit(event)
-        return result
+        """`fn`, and the events of its result recorded in the same transaction (when an
+        event outbox is kept), emitted once committed (mta.outbox.wiring)."""
+        return await write_emitting(self._write, self.guard.record_events, self.guard.emit,
+                                    fn, events_of)
 
     def thresholds(self) -> dict[str, float]:
         t = self.guard.thresholds

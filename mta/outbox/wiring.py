@@ -13,7 +13,9 @@ two paths, chosen so that a kill -9 at any moment loses no event:
      `record_events` hook (mta.delivery.service.record_outcome_events);
    - Reception: intake's store operation (mta.smtp.intake.with_events);
    - the policy guard's CampaignPaused and the Unsubscribe of a one-click link or an
-     unsubscribe mail: the counting batch that decides them (mta.policy.counting);
+     unsubscribe mail: the counting batch that decides them (mta.policy.counting), or
+     the pause decided on the cluster's totals (mta.cluster.policy);
+   - Open and Click: the transaction that counts them (mta.tracking.hits);
    - the operators' actions through the admin API on the guard (CampaignPaused,
      CampaignResumed, CampaignDropped, AccountSuspended, HeldReleased, ...:
      mta.http.guard_operations.GuardOperations._write_emitting).
@@ -24,13 +26,14 @@ two paths, chosen so that a kill -9 at any moment loses no event:
    change or an earlier one: if the change is on disk, so is the event; if not, the
    change (and its event) happen again after a restart. The inbound path works this
    way (a bounce report's, complaint's or ARF opt-out's events are emitted, then the
-   report's job completes), as do opens and clicks (their counters are written after)
-   and events with no change behind them (Auth, ThrottleChange, ...).
+   report's job completes), as do events with no change behind them (Auth,
+   ThrottleChange, ...).
 
 What path 2 leaves open is an event emitted after a change that committed before it,
 durable from the next commit a few milliseconds later: the queue rules' events
-(QueueRuleAdded, QueueRuleLifted, CampaignRate), the actions of the spool-only admin API
-(without the guard), and pauses decided on the cluster's totals (mta.cluster.policy).
+(QueueRuleAdded, QueueRuleLifted) when an engine worker adds or lifts a rule itself
+(a rule carried over by a drained message, a rule that expires). The operators' actions
+through the admin API use path 1 (`write_emitting`).
 Moving one to path 1 is a small change at its producer (build the event inside the
 operation and call `ctx.outbox.record(txn, events)`). The CLI acting on the spool
 directly appends its events itself right after its change (`append_now`).
@@ -43,8 +46,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from mta.outbox import store
 from mta.outbox.dispatch import Dispatcher, Settings
@@ -52,6 +55,32 @@ from mta.outbox.sink import EventSink
 from mta.outbox.sinks import build_sinks
 
 log = logging.getLogger("mta.outbox")
+
+
+T = TypeVar("T")
+Record = Callable[[Any, list[dict[str, Any]]], None]
+
+
+async def write_emitting(write: Callable[[Callable[[Any], T]], Awaitable[T]],
+                         record: Record | None, emit: Callable[[dict[str, Any]], None],
+                         fn: Callable[[Any], T],
+                         events_of: Callable[[T], list[dict[str, Any]]]) -> T:
+    """Path 1 for an operator's action: `fn` in a write transaction (`write`), the events
+    of its result built and `record`ed in that same transaction (when an outbox is kept),
+    then emitted once committed."""
+    built: list[dict[str, Any]] = []
+
+    def run(txn: Any) -> T:
+        result = fn(txn)
+        built[:] = events_of(result)
+        if record is not None and built:
+            record(txn, built)
+        return result
+
+    result = await write(run)
+    for event in built:
+        emit(event)
+    return result
 
 
 class OutboxRecorder:

@@ -166,9 +166,10 @@ class Spool:
         for op in operations:
             try:
                 with self.env.begin(write=True) as txn:
-                    results.append(op(txn))
-            except Exception as exc:
-                results.append(_as_full(exc))
+                    result = op(txn)
+            except Exception as exc:  # the op, or its commit (a full map) failed
+                result = _as_full(exc)
+            results.append(result)  # one result per op, whichever step failed
         return results
 
     def secret(self, name: str) -> bytes:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,11 +41,12 @@ from pathlib import Path
 from bench.engine_proc import PROJECT_ROOT
 from bench.interrupts import stop_on_signals
 from bench.orchestrator import Options, run_once
+from bench.pairs import ab_order, pair_comparison
 from bench.peer_compare import compare_kinds, format_medians, interleaved
 from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
 from bench.rig.dns import DEFAULT_TTL
 from bench.scenarios import Scenario, load_scenario
-from bench.sources import sources_comparison, with_sources
+from bench.sources import with_sources
 from bench.targets import PEERS, check_target
 
 
@@ -116,23 +116,7 @@ def with_tracking(scenario: Scenario, on: bool) -> Scenario:
     return replace(scenario, engine=engine)
 
 
-def tracking_comparison(results: list[RunResult]) -> str:
-    """Each off/on pair's ratios, and the median end-to-end ratio (on / off)."""
-    pairs = list(zip(results[0::2], results[1::2], strict=False))
-    lines = [format_comparison(on, off) for off, on in pairs]
-    ratios = sorted(on.e2e_rate / off.e2e_rate for off, on in pairs if off.e2e_rate)
-    lines.append(f"tracking on / off e2e ratio per round: "
-                 f"{', '.join(f'{r:.2f}' for r in ratios)}"
-                 + (f"; median {statistics.median(ratios):.2f}" if ratios else ""))
-    return "\n".join(lines)
-
-
 def targets_of(args: argparse.Namespace) -> list[str]:
-    if args.tls:
-        if args.target != "engine" or args.compare:
-            raise SystemExit("--tls runs the engine twice (plain, then TLS): no --target, "
-                             "no --compare")
-        return ["engine", "engine+tls"] * max(1, args.rounds)
     kinds = compare_kinds(args.target, args.compare)
     for kind in kinds:
         check_target(kind)
@@ -142,15 +126,30 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     return interleaved(kinds, args.rounds) if args.compare else kinds
 
 
-def tls_comparison(results: list[RunResult]) -> str:
-    """Each plain/TLS pair's ratios, and the median end-to-end ratio over the pairs."""
-    pairs = list(zip(results[0::2], results[1::2], strict=False))
-    lines = [format_comparison(tls, plain) for plain, tls in pairs]
-    ratios = sorted(tls.e2e_rate / plain.e2e_rate for plain, tls in pairs if plain.e2e_rate)
-    if len(ratios) > 1:
-        lines.append(f"TLS / plain e2e ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}"
-                     f"; median {statistics.median(ratios):.2f}")
-    return "\n".join(lines)
+def ab_comparison(args: argparse.Namespace) -> str | None:
+    """The ratio line's label of the A/B comparison asked for (--tls, --tracking compare,
+    --sources), or None."""
+    asked = [label for label, on in (
+        ("TLS / plain", args.tls),
+        ("tracking on / off", args.tracking == "compare"),
+        (f"{args.sources} sources / 1 source", bool(args.sources))) if on]
+    if not asked:
+        return None
+    if len(asked) > 1 or args.target != "engine" or args.compare or (
+            args.tracking and args.tracking != "compare"):
+        raise SystemExit("--tls, --tracking compare and --sources each run the engine "
+                         "twice: one of them, and no --target, --compare or --tracking")
+    return asked[0]
+
+
+def ab_options(args: argparse.Namespace, scenario: Scenario, opts: Options,
+               variant: bool) -> Options:
+    """The options of the baseline (A) or the variant (B) run of an A/B comparison."""
+    if args.tls:  # smtp-sink has no STARTTLS: both runs on our sinks, the same terms
+        return replace(opts, tls=variant, sink_processes=True)
+    if args.tracking == "compare":
+        return replace(opts, scenario=with_tracking(scenario, variant))
+    return replace(opts, scenario=with_sources(scenario, args.sources if variant else 0))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -158,14 +157,14 @@ def main(args: argparse.Namespace) -> int:
     if args.dns_ttl < 0:
         raise SystemExit("--dns-ttl must be 0 or more seconds")
     scenario = scenario_from(args)
-    if args.tls:  # smtp-sink has no STARTTLS: both runs on our sinks, the same terms
+    if args.tls:
         scenario.sinks = replace(scenario.sinks, kind="asyncio")
     opts = Options(scenario, args.workers, args.dkim, args.sink_port, args.dns_port, args.keep,
                    not args.quiet, args.auth, dns_ttl=args.dns_ttl)
     if args.webhook:
-        if args.target != "engine" or args.compare or args.tls or args.tracking:
-            raise SystemExit("--webhook runs the engine twice: no --target, --compare, --tls "
-                             "or --tracking")
+        if args.target != "engine" or args.compare or args.tls or args.tracking or args.sources:
+            raise SystemExit("--webhook runs the engine twice: no --target, --compare, --tls, "
+                             "--tracking or --sources")
         from bench.webhook_bench import webhook_compare
 
         try:
@@ -173,40 +172,25 @@ def main(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\ninterrupted: everything started has been stopped", file=sys.stderr)
             return 130
+    label = ab_comparison(args)
+    order = ab_order(args.rounds) if label else []
+    if label:
+        runs = [("engine", ab_options(args, scenario, opts, variant)) for variant in order]
+    else:
+        tracking = {"on": True, "off": False}.get(args.tracking or "")
+        run_opts = opts if tracking is None else replace(
+            opts, scenario=with_tracking(scenario, tracking))
+        runs = [(kind, run_opts) for kind in targets_of(args)]
     results: list[RunResult] = []
-    runs: list[tuple[str, bool | None]] = [(kind, None) for kind in targets_of(args)]
-    if args.tracking == "compare":
-        if args.target != "engine" or args.compare or args.tls:
-            raise SystemExit("--tracking compare runs the engine twice: no --target, "
-                             "--compare or --tls")
-        runs = [("engine", False), ("engine", True)] * max(1, args.rounds)
-    elif args.tracking:
-        runs = [(kind, args.tracking == "on") for kind, _ in runs]
-    if args.sources:
-        if args.target != "engine" or args.compare or args.tls or args.tracking:
-            raise SystemExit("--sources runs the engine twice: no --target, --compare, --tls "
-                             "or --tracking")
-        runs = [("engine", None)] * 2 * max(1, args.rounds)
     try:
-        for kind, tracking in runs:
-            tls = kind == "engine+tls"
-            run_opts = replace(opts, tls=tls, sink_processes=args.tls)
-            if tracking is not None:
-                run_opts = replace(run_opts, scenario=with_tracking(scenario, tracking))
-            if args.sources:  # single source, then the pool, alternating
-                run_opts = replace(run_opts, scenario=with_sources(
-                    scenario, args.sources if len(results) % 2 else 0))
-            results.append(run_once("engine" if tls else kind, run_opts))
+        for kind, run_opts in runs:
+            results.append(run_once(kind, run_opts))
             print(format_report(results[-1]), flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: everything started has been stopped", file=sys.stderr)
         return 130
-    if args.sources:
-        print(sources_comparison(results, args.sources))
-    elif args.tracking == "compare":
-        print(tracking_comparison(results))
-    elif args.tls:
-        print(tls_comparison(results))
+    if label:
+        print(pair_comparison(results, order, label))
     elif len(results) > 2 or (args.compare and args.rounds > 1):
         print(format_medians(results))
     elif len(results) > 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any
 
 from bench.engine_proc import PROJECT_ROOT, read_events
 from bench.orchestrator import Options, run_once
-from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
+from bench.pairs import ab_order, pair_comparison
+from bench.report import RunResult, format_report, last_line, save_outputs
 from bench.rig.webhook import SECRET_ENV
 from bench.scenarios import Scenario
 
@@ -98,28 +98,28 @@ def catch_up(receiver: ReceiverProcess, target: Any) -> list[str]:
             f"{stats['largest_batch']}), the last {lag:.1f}s after the mail drained"]
 
 
+def run_hooked(opts: Options, scenario: Scenario) -> RunResult:
+    """One run of the engine sending its events to a receiver of its own."""
+    receiver = ReceiverProcess(secrets.token_urlsafe(24)).start()
+    try:
+        hooked = replace(opts, scenario=with_webhook(scenario, receiver.url, receiver.secret),
+                         after_drain=lambda target, r=receiver: catch_up(r, target))
+        result = run_once("engine", hooked)
+    finally:
+        receiver.stop()
+    result.target = "engine+webhook"
+    return result
+
+
 def webhook_compare(args: Any, scenario: Scenario, opts: Options) -> int:
-    """Rounds of (without, with) the webhook; the ratio of end-to-end rates per round."""
+    """Rounds of (without, with) the webhook, counterbalanced (bench/pairs.py); the ratio
+    of end-to-end rates per round."""
+    order = ab_order(args.rounds)
     results: list[RunResult] = []
-    for _ in range(max(1, args.rounds)):
-        results.append(run_once("engine", opts))
+    for hooked in order:
+        results.append(run_hooked(opts, scenario) if hooked else run_once("engine", opts))
         print(format_report(results[-1]), flush=True)
-        receiver = ReceiverProcess(secrets.token_urlsafe(24)).start()
-        try:
-            hooked = replace(opts, scenario=with_webhook(scenario, receiver.url,
-                                                         receiver.secret),
-                             after_drain=lambda target, r=receiver: catch_up(r, target))
-            results.append(run_once("engine", hooked))
-        finally:
-            receiver.stop()
-        results[-1].target = "engine+webhook"
-        print(format_report(results[-1]), flush=True)
-    pairs = list(zip(results[0::2], results[1::2], strict=False))
-    for plain, hooked in pairs:
-        print(format_comparison(hooked, plain))
-    ratios = sorted(h.e2e_rate / p.e2e_rate for p, h in pairs if p.e2e_rate)
-    print(f"webhook / no webhook e2e ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}"
-          + (f"; median {statistics.median(ratios):.2f}" if ratios else ""))
+    print(pair_comparison(results, order, "webhook / no webhook"))
     print(save_outputs(results, Path(args.out)))
     print(last_line(results[0]), flush=True)
     return 0

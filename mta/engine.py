@@ -54,6 +54,8 @@ from mta.delivery.service import (
 )
 from mta.delivery.tls.worker import check_tls_config, start_tls
 from mta.dkim.signer import DkimSigner
+from mta.egress.counters import source_noter
+from mta.egress.pools import Sources
 from mta.egress.service import check_sources_bindable, start_egress
 from mta.egress.warmup_gate import make_source_gate
 from mta.events import EventLog
@@ -67,7 +69,7 @@ from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
 from mta.queue.rules import RateCache, RuleCheck, RuleExpiry
 from mta.queue.schedule import windows_of
-from mta.queue.scheduler import Scheduler
+from mta.queue.scheduler import Scheduler, chain_recorders
 from mta.queue.spool import Spool
 from mta.smtp.intake import Intake
 from mta.smtp.server import IntakeSMTP
@@ -250,7 +252,9 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                           build_dsn=make_dsn_builder(cfg),
                           hold_check=rules, windows=windows_of(cfg),
                           bounce_check=rules, pace=account_paces(ctx, budget),
-                          record_events=record_outcome_events(ctx, local_domains))
+                          record_events=chain_recorders(
+                              record_outcome_events(ctx, local_domains),
+                              source_noter(ctx.spool) if Sources(cfg) else None))
     if ctx.index == 0:  # one worker lifts expired rules
         expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
         expiry.start()

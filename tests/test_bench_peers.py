@@ -20,6 +20,7 @@ from dnslib import QTYPE, DNSRecord
 
 from bench.cgroup import CpuCgroup, CpuMeter
 from bench.orchestrator import Options, run_once
+from bench.pairs import ab_order, pair_comparison, pair_ratios, paired
 from bench.peer_compare import compare_kinds, format_medians, interleaved, medians
 from bench.procstat import ProcessTree
 from bench.report import RunResult
@@ -108,6 +109,22 @@ def test_medians_and_ratios_over_interleaved_rounds() -> None:
     assert table["postfix"]["cpu_ms_per_msg"] == pytest.approx(2.5)
     text = format_medians(results)
     assert "engine / postfix: e2e 2.50 x, accept 1.83 x, accept p99 0.37 x, CPU/msg 0.44 x" in text
+
+
+
+def test_ab_rounds_are_counterbalanced_and_paired_by_role() -> None:
+    order = ab_order(3)
+    assert order == [False, True, True, False, False, True]
+    # A machine slowing down through the sitting: 1000, 950, ..., the variant as fast as
+    # the baseline. Each round's pair, read by role, shows a ratio around 1 either way.
+    results = [_result("pool" if variant else "single", 1000 - 50 * i, 1000, 0.01, 1.0)
+               for i, variant in enumerate(order)]
+    pairs = paired(results, order)
+    assert [(a.target, b.target) for a, b in pairs] == [("single", "pool")] * 3
+    ratios = pair_ratios(results, order)
+    assert ratios[0] < 1 < ratios[1] and ratios[2] < 1
+    text = pair_comparison(results, order, "4 sources / 1 source")
+    assert "4 sources / 1 source e2e ratio per round: 0.95, 1.06, 0.94; median 0.95" in text
 
 
 # --- CPU by cgroup ---------------------------------------------------------------------

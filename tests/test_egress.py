@@ -35,6 +35,7 @@ from mta.config import (
 )
 from mta.egress.chooser import Egress, Verdict
 from mta.egress.pools import SmoothWeighted, Sources, check_pool_field, pool_for
+from mta.queue.spool import Spool
 from mta.smtp.auth import hash_password
 from mta.throttle.shaping import Limits, load_shaping
 from mta.throttle.throttle import Destination, ScopeSpec, Throttle
@@ -326,6 +327,15 @@ def test_pool_3_to_1_carries_1000_messages_each_address_with_its_ehlo(
                           timeout=30)
         deliveries = read_events(tmp_path / "events.jsonl", "Delivery")
         assert {e["source"] for e in deliveries} == {"a", "b"}
+        spool = Spool(Path(engine.config["spool"]["path"]), readonly=True)
+        try:  # each message's sent record names the source that carried it (complaints)
+            with spool.read() as txn:
+                noted = {e["source"]: spool.sent_origin(txn, e["id"]).sources
+                         for e in deliveries[::50]}
+        finally:
+            spool.close()
+        assert all(sources == {"dest.test": [name, "other"]}
+                   for name, sources in noted.items()), noted
         status = {}
 
         def counted() -> bool:
@@ -462,7 +472,9 @@ def test_a_source_address_gone_at_run_time_is_a_local_failure() -> None:
 
 def test_counts_in_lmdb_and_the_sent_record_names_the_source_for_complaints(
         tmp_path: Path) -> None:
-    from mta.egress.counters import EgressRecorder, name_sources, read_counts
+    from types import SimpleNamespace
+
+    from mta.egress.counters import EgressRecorder, name_sources, read_counts, source_noter
     from mta.egress.status import egress_report
     from mta.queue.spool import NewMessage, Spool
 
@@ -488,6 +500,20 @@ def test_counts_in_lmdb_and_the_sent_record_names_the_source_for_complaints(
         assert read_counts(spool) == {
             "a": {"gmail": {"delivered": 2, "deferred": 0, "bounced": 0, "complained": 0}},
             "b": {"gmail": {"delivered": 0, "deferred": 1, "bounced": 1, "complained": 0}}}
+        # The delivery's outcome transaction names its source (a deferral or our own DSN
+        # through another source does not).
+        note = source_noter(spool)
+        stored = {"id": message.id, "account": "shop"}
+        delivered = SimpleNamespace(delivered=["u@gmail.com"])
+        spool.apply([
+            lambda txn: note(txn, SimpleNamespace(message=stored, domain="gmail.com",
+                                                  source="a", provider="gmail"), delivered),
+            lambda txn: note(txn, SimpleNamespace(message=stored, domain="gmail.com",
+                                                  source="b", provider="gmail"),
+                             SimpleNamespace(delivered=[])),
+            lambda txn: note(txn, SimpleNamespace(message={**stored, "dsn_for": "x"},
+                                                  domain="gmail.com", source="b",
+                                                  provider="gmail"), delivered)])
         with spool.read() as txn:
             origin = spool.sent_origin(txn, message.id)
         assert origin is not None and origin.sources == {"gmail.com": ["a", "gmail"]}

@@ -192,6 +192,22 @@ def test_store_appends_in_order_keeps_cursors_prunes_and_replays_dead_letters(tm
         spool.close()
 
 
+def test_events_orjson_refuses_still_go_out_as_json(tmp_path: Path) -> None:
+    # A lone surrogate (a header byte decoded with surrogateescape) and an integer past 64
+    # bits: orjson refuses both; the outbox and the webhook body carry them anyway.
+    spool = Spool(tmp_path / "spool")
+    odd = {"id": "e1", "type": "Bounce", "recipient": "r\udcff@example.org", "size": 2**70,
+           "text": "café"}
+    try:
+        write(spool, lambda txn: store.append(spool, txn, [odd]))
+        with spool.read() as txn:
+            (entry,) = store.read_after(spool, txn, 0, 10)
+        assert entry.event == odd
+        assert json.loads(encode_batch([odd, {"text": "café"}])) == [odd, {"text": "café"}]
+    finally:
+        spool.close()
+
+
 def test_outbox_events_carry_a_unique_id_the_schema_and_the_message_id() -> None:
     logged = {"type": "Bounce", "id": "MSG", "account": "shop", "campaign": "c",
               "recipient": "r@x.test", "status": "5.1.1", "kind": "hard", "reason": "x"}

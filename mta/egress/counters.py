@@ -8,9 +8,10 @@
 
 A worker's `EgressRecorder` listens to its events, adds them up in memory and writes the
 sums once a second through the group committer (no scan of the event log, ever). The
-same batch adds the source (and provider) of each delivered recipient's domain to the
-message's ``sent`` record (mta.queue.spool.SentOrigin), so that a complaint arriving days
-later names the source too (`egress_source` in the Complaint event).
+transaction that records a delivery adds the source (and provider) that carried it to
+the message's ``sent`` record (`note_source`; mta.queue.spool.SentOrigin), so that a
+complaint arriving days later names the source too (`egress_source` in the Complaint
+event).
 """
 
 from __future__ import annotations
@@ -97,24 +98,31 @@ def add_counts_op(spool: Spool, counts: dict[tuple[str, str], Counter[str]]
     return add
 
 
-def note_sources_op(spool: Spool, sent: dict[str, dict[str, list[str]]]
-                    ) -> Callable[[Any], None]:
-    """A write operation adding {domain: [source, provider]} to the `sent` records of
-    the messages (id -> domains) delivered; records that do not exist stay absent."""
+def note_source(spool: Spool, txn: Any, message_id: str, domain: str, source: str,
+                provider: str) -> None:
+    """Add {domain: [source, provider]} to the message's `sent` record, inside the write
+    transaction of the delivery's outcome; a record that does not exist stays absent."""
+    db = spool.dbs.get("sent")
+    raw = txn.get(message_id.encode(), db=db) if db is not None else None
+    if raw is None:
+        return
+    record = unpack(raw)
+    while len(record) < 4:
+        record.append([] if len(record) == 2 else {})
+    record[3][domain] = [source, provider]
+    txn.put(message_id.encode(), pack(record), db=db)
 
-    def note(txn: Any) -> None:
-        db = spool.dbs.get("sent")
-        if db is None:
-            return
-        for message_id, domains in sent.items():
-            raw = txn.get(message_id.encode(), db=db)
-            if raw is None:
-                continue
-            record = unpack(raw)
-            while len(record) < 4:
-                record.append([] if len(record) == 2 else {})
-            record[3].update(domains)
-            txn.put(message_id.encode(), pack(record), db=db)
+
+def source_noter(spool: Spool) -> Callable[[Any, Any, Any], None]:
+    """The scheduler's outcome hook (mta.queue.scheduler.OutcomeRecorder) naming the source
+    of each delivered message in its `sent` record; the engine's own mail is left out."""
+
+    def note(txn: Any, item: Any, outcome: Any) -> None:
+        message = item.message
+        if item.source and outcome.delivered and not (
+                message.get("dsn_for") or message.get("notice")):
+            note_source(spool, txn, str(message["id"]), item.domain, item.source,
+                        item.provider or OTHER)
 
     return note
 
@@ -175,7 +183,6 @@ class EgressRecorder:
         self.gate_status = gate_status
         self.on_count = on_count  # (source, provider, outcome): the Prometheus counter
         self.counts: dict[tuple[str, str], Counter[str]] = {}
-        self.sent: dict[str, dict[str, list[str]]] = {}
         self.states: dict[bytes, dict[str, Any]] = {}
         self._last_warmup: dict[str, Any] | None = None
 
@@ -187,9 +194,6 @@ class EgressRecorder:
         self.counts.setdefault((source, provider), Counter())[outcome] += 1
         if self.on_count is not None:
             self.on_count(source, provider, outcome)
-        if outcome == "delivered" and event.get("id"):
-            domain = str(event.get("domain", ""))
-            self.sent.setdefault(str(event["id"]), {})[domain] = [source, provider]
 
     def source_changed(self, name: str, state: dict[str, Any]) -> None:
         self.states[b"S" + _name(name)] = {**state, "worker": self.worker,
@@ -200,9 +204,6 @@ class EgressRecorder:
         if self.counts:
             ops.append(add_counts_op(self.spool, self.counts))
             self.counts = {}
-        if self.sent:
-            ops.append(note_sources_op(self.spool, self.sent))
-            self.sent = {}
         if self.gate_status is not None:
             status = self.gate_status()
             if status != self._last_warmup:

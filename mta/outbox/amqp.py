@@ -19,7 +19,6 @@ with the password replaced.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import ssl
@@ -30,6 +29,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from mta.config import AmqpConfig
+from mta.outbox import codec
 from mta.outbox.sink import EventFilter, SinkFailed
 from mta.text import without_password
 
@@ -55,7 +55,7 @@ def message_for(event: dict[str, Any]) -> aio_pika.Message:
     event_type = str(event.get("type", ""))[:255]
     when = event.get("time")
     return aio_pika.Message(
-        json.dumps(event, separators=(",", ":"), default=str).encode(),
+        codec.encode(event),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(event["id"]),

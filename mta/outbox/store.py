@@ -2,7 +2,7 @@
 
 Layout (named databases of the spool's environment, see mta.queue.spool.DB_NAMES):
 
-- ``outbox``      ``be64(seq)`` -> msgpack ``[only, event JSON]``: every event in the order
+- ``outbox``      ``be64(seq)`` -> msgpack ``[only, event JSON (bytes; str in older entries)]``: every event in the order
   it was committed; ``only`` is "" (every sink) or the one sink a replayed dead letter
   is for.
 - ``outbox_meta`` ``b"seq"`` -> ``be64``: the next sequence number (never reused, so a sink's
@@ -18,7 +18,6 @@ time across processes, so the order of the outbox is the commit order.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import time
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from mta.outbox import codec
 
 OUTBOX_DBS = ("outbox", "outbox_meta", "outbox_dead")
 SCHEMA_VERSION = 1
@@ -84,12 +85,12 @@ def _dbs(spool: Any) -> tuple[Any, Any, Any]:
 
 
 def _encode(event: dict[str, Any], only: str = "") -> bytes:
-    return msgpack.packb([only, json.dumps(event, separators=(",", ":"), default=str)])
+    return msgpack.packb([only, codec.encode(event)])
 
 
 def _decode(seq: int, raw: bytes) -> Entry:
     only, text = msgpack.unpackb(raw, raw=False)
-    return Entry(seq, json.loads(text), only)
+    return Entry(seq, codec.decode(text), only)
 
 
 # --- writes (inside the caller's write transaction) --------------------------------------
@@ -133,7 +134,7 @@ def add_dead(spool: Any, txn: Any, name: str, entries: list[Entry], reason: str,
              now: float) -> None:
     dead = _dbs(spool)[2]
     for entry in entries:
-        value = msgpack.packb([reason[:500], now, json.dumps(entry.event, default=str)])
+        value = msgpack.packb([reason[:500], now, codec.encode(entry.event)])
         txn.put(dead_key(name, entry.seq), value, db=dead)
 
 
@@ -146,7 +147,7 @@ def replay(spool: Any, txn: Any, name: str) -> int:
     events = []
     if cur.set_range(prefix):
         while cur.key().startswith(prefix):
-            events.append(json.loads(msgpack.unpackb(cur.value(), raw=False)[2]))
+            events.append(codec.decode(msgpack.unpackb(cur.value(), raw=False)[2]))
             if not cur.delete():
                 break
     append(spool, txn, events, only=name)
@@ -197,7 +198,7 @@ def dead_letters(spool: Any, txn: Any, name: str, limit: int = 1000) -> list[Dea
             break
         reason, failed_at, text = msgpack.unpackb(raw, raw=False)
         found.append(DeadLetter(SEQ.unpack(key[len(prefix):])[0], reason, failed_at,
-                                json.loads(text)))
+                                codec.decode(text)))
     return found
 
 

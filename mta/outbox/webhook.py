@@ -9,7 +9,6 @@ secret is never logged nor shown; the URL is shown without its user info and que
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mta.config import WebhookConfig
+from mta.outbox import codec
 from mta.outbox.signing import HEADER, signature_header
 from mta.outbox.sink import EventFilter, SinkFailed
 
@@ -35,7 +35,7 @@ def shown_url(url: str) -> str:
 
 
 def encode_batch(events: list[dict[str, Any]]) -> bytes:
-    return json.dumps(events, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return codec.encode(events)
 
 
 class WebhookSink:

@@ -65,6 +65,19 @@ DsnBuilder = Callable[[dict[str, Any], list[RcptResult], bool], NewMessage | Non
 # (write txn, item, outcome): records the outcome's events in the same transaction
 # (the event outbox, mta.outbox.wiring), leaving them in outcome.events.
 OutcomeRecorder = Callable[[Any, "Item", AttemptOutcome], None]
+
+
+def chain_recorders(*recorders: OutcomeRecorder | None) -> OutcomeRecorder | None:
+    """One outcome hook running each given one in turn (None: there is none)."""
+    chosen = [r for r in recorders if r is not None]
+    if len(chosen) <= 1:
+        return chosen[0] if chosen else None
+
+    def record(txn: Any, item: Item, outcome: AttemptOutcome) -> None:
+        for recorder in chosen:
+            recorder(txn, item, outcome)
+
+    return record
 Dispatch = Callable[[Item], None]
 
 

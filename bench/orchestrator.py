@@ -8,6 +8,8 @@ Ctrl-C too (see bench/interrupts.py).
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -55,6 +57,9 @@ class Options:
 def run_once(kind: str, opts: Options) -> RunResult:
     """One complete run against one target, rig and all, torn down before returning."""
     stack = ExitStack()
+    os.sync()  # what earlier runs left to write goes out now, not during this run
+    gc.collect()  # earlier runs' garbage collected now, and what they keep (results)
+    gc.freeze()  # never scanned again: the load generator's pauses alike in every run
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f"mta-bench-{kind.replace(':', '-')}-"))
         stack.callback(_remove_workdir, workdir, opts.keep)

@@ -177,3 +177,40 @@ def test_a_failed_commit_gives_each_operation_one_result(tmp_path: Path) -> None
     assert len(results) == 3  # not the op's value and then the commit's failure
     assert all(isinstance(r, SpoolFullError) for r in results)
     spool.close()
+
+
+DEADLOCK_PROBE = """
+import sys, threading
+from mta.queue.spool import Spool
+from mta.http.api import load_throttle_rows
+spool = Spool(sys.argv[1], 256 * 1024**2)
+inside = threading.Event()
+
+def writer():  # a long write transaction running Python, as the spool writer's ops do
+    with spool.env.begin(write=True) as txn:
+        inside.set()
+        for i in range(200_000):
+            txn.put(b"k%d" % i, b"v", db=spool.dbs["meta"])
+
+thread = threading.Thread(target=writer)
+thread.start()
+inside.wait()
+spool.open_db("added_at_run_time")  # first use of a database, from another thread
+load_throttle_rows(spool)  # what /metrics and the dashboard read, from a thread
+thread.join()
+print("done")
+"""
+
+
+def test_opening_a_database_while_the_writer_works_does_not_deadlock(tmp_path: Path) -> None:
+    # A bare lmdb env.open_db takes the write lock holding the GIL; the writer, holding
+    # the lock, then waits for the GIL forever. The probe runs in a process of its own:
+    # with that bug it hangs and the timeout says so.
+    import subprocess
+    import sys
+
+    from bench.engine_proc import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, "-c", DEADLOCK_PROBE, str(tmp_path / "spool")],
+                          capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr

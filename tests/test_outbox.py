@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -206,6 +207,20 @@ def test_events_orjson_refuses_still_go_out_as_json(tmp_path: Path) -> None:
         assert json.loads(encode_batch([odd, {"text": "café"}])) == [odd, {"text": "café"}]
     finally:
         spool.close()
+
+
+def test_event_ids_differ_between_forked_workers() -> None:
+    read, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: its ids of one millisecond, to the parent
+        os.write(write_end, ",".join(store.new_event_id(1e9) for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split(","))
+    ours = {store.new_event_id(1e9) for _ in range(100)}
+    assert len(theirs) == len(ours) == 100 and not theirs & ours
 
 
 def test_outbox_events_carry_a_unique_id_the_schema_and_the_message_id() -> None:

@@ -87,9 +87,10 @@ def load_throttle_rows(spool: Spool) -> list[dict[str, Any]]:
     """Every worker's throttle snapshot rows; [] without the throttle package."""
     try:
         from mta.throttle import load_snapshots
+        from mta.throttle.store import DB_NAME as THROTTLE_DB
     except ImportError:
         return []
-    return load_snapshots(spool.env)
+    return load_snapshots(spool.env, spool.open_db(THROTTLE_DB.decode()))
 
 
 def storage_figures(spool: Spool) -> dict[str, int]:

@@ -19,6 +19,7 @@ time across processes, so the order of the outbox is the commit order.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import time
 from collections.abc import Iterable
@@ -54,10 +55,14 @@ class DeadLetter:
     event: dict[str, Any]
 
 
+_random = random.Random(os.urandom(16))  # seeded per process: no system call per event
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))  # workers differ
+
+
 def new_event_id(now: float | None = None) -> str:
     """Unique across processes and restarts, time-ordered: 12 hex digits of ms + 12 random."""
     ms = int((time.time() if now is None else now) * 1000)
-    return f"{ms:012x}{os.urandom(6).hex()}"
+    return f"{ms:012x}{_random.getrandbits(48):012x}"
 
 
 def outbox_event(event: dict[str, Any]) -> dict[str, Any]:

@@ -140,8 +140,11 @@ class Spool:
                 with self.env.begin() as txn:
                     exists = txn.get(name.encode()) is not None
                 self.dbs[name] = self.env.open_db(name.encode(), create=False) if exists else None
-            else:
-                self.dbs[name] = self.env.open_db(name.encode(), dupsort=dupsort)
+            else:  # in a transaction of its own: a bare env.open_db waits for the write
+                # lock holding the GIL, a deadlock with this process's writer thread
+                with self.env.begin(write=True) as txn:
+                    self.dbs[name] = self.env.open_db(name.encode(), txn=txn,
+                                                      dupsort=dupsort)
         return self.dbs[name]
 
     def close(self) -> None:

@@ -45,12 +45,15 @@ def clear_snapshots(env: lmdb.Environment) -> None:
         txn.drop(env.open_db(DB_NAME, txn=txn), delete=False)
 
 
-def load_snapshots(env: lmdb.Environment) -> list[dict[str, Any]]:
-    """Every worker's rows, each with "worker" and "saved"; [] when none were saved."""
-    with env.begin() as txn:
-        if txn.get(DB_NAME) is None:
-            return []
-    db = env.open_db(DB_NAME, create=False)
+def load_snapshots(env: lmdb.Environment, db: Any = None) -> list[dict[str, Any]]:
+    """Every worker's rows, each with "worker" and "saved"; [] when none were saved.
+    In a running engine pass `db`, the handle its spool keeps (mta.queue.spool.Spool
+    .open_db): opening one here takes the write lock (only for the CLI's own env)."""
+    if db is None:
+        with env.begin() as txn:
+            if txn.get(DB_NAME) is None:
+                return []
+        db = env.open_db(DB_NAME, create=False)
     rows: list[dict[str, Any]] = []
     with env.begin(db=db) as txn:
         for _, raw in txn.cursor():

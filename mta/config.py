@@ -409,6 +409,7 @@ class EgressConfig:
     trial_pool: str = ""  # trial accounts without a pool of their own; empty: default_pool
     campaign_pool_header: str = "X-MTA-Pool"  # a pool of the account's `pools`; removed
     down_interval: float = 60.0  # seconds a source that failed to bind stays down
+    run_length: int = 10  # messages in a row to one destination from the source picked
     warmup: EgressWarmupConfig = field(default_factory=EgressWarmupConfig)
 
 
@@ -889,6 +890,12 @@ def _check_on_bad_health(value: str) -> None:
 def _check_down_interval(value: float) -> None:
     if value <= 0:
         raise ValueError("must be a positive number of seconds")
+
+
+@_validator("egress", "run_length")
+def _check_run_length(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError("must be a whole number of messages from 1 to 1000")
 
 
 def check_egress(cfg: Config) -> None:

@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,32 @@ class Rules:
         return self.rules.get(name)
 
 
-def two_source_cfg() -> Config:
+def two_source_cfg(run_length: int = 1) -> Config:
+    """a and b, 3:1, in pool p; runs of one message (each pick is the rotation's)."""
     return Config(egress=EgressConfig(
         [EgressSourceConfig("a", "127.0.0.2", "a.test"),
          EgressSourceConfig("b", "127.0.0.3", "b.test")],
         [EgressPoolConfig("p", [EgressPoolMember("a", 3), EgressPoolMember("b", 1)])],
-        default_pool="p"))
+        default_pool="p", run_length=run_length))
+
+
+def test_a_destination_gets_runs_and_the_weights_hold_over_them() -> None:
+    sources = Sources(two_source_cfg(run_length=10))
+    anyone: Callable[[str], bool] = lambda name: True  # noqa: E731
+    picks = [sources.pick("p", anyone, "gmail") for _ in range(1000)]
+    assert Counter(picks) == {"a": 750, "b": 250}
+    runs = [picks[i:i + 10] for i in range(0, 1000, 10)]
+    assert all(len(set(run)) == 1 for run in runs)  # ten in a row from one source
+    assert [run[0] for run in runs[:4]] == ["a", "a", "b", "a"]  # runs by SWRR
+    # Two destinations interleaved: each keeps its own run.
+    mixed = [(d, sources.pick("p", anyone, d)) for _ in range(10) for d in ("x", "y")]
+    assert len({s for d, s in mixed if d == "x"}) == 1
+    assert len({s for d, s in mixed if d == "y"}) == 1
+    # A source no longer eligible (down, suspended, at its cap) ends its run at once.
+    first = sources.pick("p", anyone, "z")
+    other = sources.pick("p", lambda name: name != first, "z")
+    assert other is not None and other != first
+    assert sources.pick("p", anyone, "z") == other  # the new run goes on
 
 
 def choose_many(egress: Egress, n: int, provider: str = "gmail") -> Counter[str]:
@@ -255,6 +276,7 @@ SOURCES = [{"name": "ip1", "address": "127.0.0.2", "ehlo_name": "a.test"},
      "is not an IP address"),
     ({"sources": [{**SOURCES[0]}, {**SOURCES[1], "address": "127.0.0.2"}]}, None,
      "address 127.0.0.2 is another source's"),
+    ({"run_length": 0}, None, "run_length: must be a whole number of messages from 1 to 1000"),
 ])
 def test_bad_egress_config_is_one_line(tmp_path: Path, egress: dict[str, Any],
                                        accounts: list[dict[str, Any]] | None,

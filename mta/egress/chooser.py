@@ -95,7 +95,7 @@ class Egress:
         if not usable:
             return Choice(Verdict.HELD, self.sources.by_name[up[0]])
         refused: list[str] = []
-        while (name := self.sources.pick(pool, lambda n: n in usable)) is not None:
+        while (name := self.sources.pick(pool, lambda n: n in usable, provider)) is not None:
             if _action(rules[name]) == "bounce":
                 return Choice(Verdict.BOUNCED, self.sources.by_name[name])
             if await self.gate.admit(name, provider):

@@ -8,6 +8,9 @@
   the sources the caller says are not eligible now (down, suspended, refused by the gate).
 - `Sources`: the configured sources and pools, by name; empty when no source is
   configured (then every message leaves as before: [delivery] source_address, helo_name).
+  It picks in runs: the source the rotation gives carries `[egress] run_length`
+  messages in a row to one destination (one pool of connections kept busy, not the
+  destination's mail trickled over every source); the weights hold over the runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mta.config import AccountConfig, Config, EgressConfig
 
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TRIAL_PLAN = "trial"  # [[accounts]] plan of trial accounts (mta.policy.admission)
+MAX_RUNS = 100_000  # (pool, destination) runs remembered at most
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class Source:
     @property
     def family_v6(self) -> bool:
         return ":" in self.address
+
+
+@dataclass
+class Run:
+    """The source carrying a destination's mail now, and how many more messages."""
+
+    source: str
+    left: int
 
 
 class SmoothWeighted:
@@ -108,6 +120,8 @@ class Sources:
                         for p in cfg.egress.pools}
         self.rotations = {name: SmoothWeighted(members)
                           for name, members in self.members.items()}
+        self.run_length = cfg.egress.run_length
+        self.runs: dict[tuple[str, str], Run] = {}  # (pool, destination) -> its run
 
     def __bool__(self) -> bool:
         return bool(self.by_name)
@@ -122,9 +136,21 @@ class Sources:
     def sources_of(self, pool: str) -> list[str]:
         return [name for name, _ in self.members.get(pool, [])]
 
-    def pick(self, pool: str, eligible: Callable[[str], bool]) -> str | None:
-        """The next source of `pool` by weight among those `eligible` says yes to."""
+    def pick(self, pool: str, eligible: Callable[[str], bool], destination: str = ""
+             ) -> str | None:
+        """The source of the next message of `pool` to `destination`, among those
+        `eligible` says yes to: the source of the destination's run while it lasts and is
+        eligible, else the next by weight (which starts a new run)."""
         rotation = self.rotations.get(pool)
         if rotation is None:
             return None
-        return rotation.pick({name for name in rotation.weights if eligible(name)})
+        run = self.runs.get((pool, destination))
+        if run is not None and run.left > 0 and eligible(run.source):
+            run.left -= 1
+            return run.source
+        name = rotation.pick({name for name in rotation.weights if eligible(name)})
+        if name is not None:
+            if len(self.runs) >= MAX_RUNS:  # destinations seen once long ago: start over
+                self.runs.clear()
+            self.runs[(pool, destination)] = Run(name, self.run_length - 1)
+        return name

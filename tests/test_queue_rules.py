@@ -193,7 +193,9 @@ def test_suspend_by_api_holds_new_mail_and_lifts_at_expiry(tmp_path, dns_server,
         late = [m for m in routed.received if m.rcpt_tos[0].endswith("@held.test")]
         assert all(expires <= m.received_at < expires + 3 for m in late)
         assert call(api + "rules")[1]["rules"] == []
-        lifted = [e for e in events(tmp_path, "QueueRuleLifted")]
+        # The event log is written in batches: wait for the line, not for a moment.
+        assert wait_until(lambda: events(tmp_path, "QueueRuleLifted"), timeout=10)
+        lifted = events(tmp_path, "QueueRuleLifted")
         assert lifted and lifted[0]["by"] == "expiry" and lifted[0]["released"] == 2
         status, body, _ = call(api + "suspend", "POST", body={"scope": "planet",
                                                              "value": "x", "duration": 5})

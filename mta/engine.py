@@ -55,7 +55,6 @@ from mta.delivery.service import (
 from mta.delivery.tls.worker import check_tls_config, start_tls
 from mta.dkim.signer import DkimSigner
 from mta.egress.counters import source_noter
-from mta.egress.pools import Sources
 from mta.egress.service import check_sources_bindable, start_egress
 from mta.egress.warmup_gate import make_source_gate
 from mta.events import EventLog
@@ -254,7 +253,7 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                           bounce_check=rules, pace=account_paces(ctx, budget),
                           record_events=chain_recorders(
                               record_outcome_events(ctx, local_domains),
-                              source_noter(ctx.spool) if Sources(cfg) else None))
+                              source_noter(ctx.spool) if cfg.egress.sources else None))
     if ctx.index == 0:  # one worker lifts expired rules
         expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
         expiry.start()

@@ -9,7 +9,7 @@
 A worker's `EgressRecorder` listens to its events, adds them up in memory and writes the
 sums once a second through the group committer (no scan of the event log, ever). The
 transaction that records a delivery adds the source (and provider) that carried it to
-the message's ``sent`` record (`note_source`; mta.queue.spool.SentOrigin), so that a
+the message's ``sent`` record (`source_noter`; mta.queue.spool.SentOrigin), so that a
 complaint arriving days later names the source too (`egress_source` in the Complaint
 event).
 """
@@ -98,21 +98,6 @@ def add_counts_op(spool: Spool, counts: dict[tuple[str, str], Counter[str]]
     return add
 
 
-def note_source(spool: Spool, txn: Any, message_id: str, domain: str, source: str,
-                provider: str) -> None:
-    """Add {domain: [source, provider]} to the message's `sent` record, inside the write
-    transaction of the delivery's outcome; a record that does not exist stays absent."""
-    db = spool.dbs.get("sent")
-    raw = txn.get(message_id.encode(), db=db) if db is not None else None
-    if raw is None:
-        return
-    record = unpack(raw)
-    while len(record) < 4:
-        record.append([] if len(record) == 2 else {})
-    record[3][domain] = [source, provider]
-    txn.put(message_id.encode(), pack(record), db=db)
-
-
 def source_noter(spool: Spool) -> Callable[[Any, Any, Any], None]:
     """The scheduler's outcome hook (mta.queue.scheduler.OutcomeRecorder) naming the source
     of each delivered message in its `sent` record; the engine's own mail is left out."""
@@ -121,8 +106,8 @@ def source_noter(spool: Spool) -> Callable[[Any, Any, Any], None]:
         message = item.message
         if item.source and outcome.delivered and not (
                 message.get("dsn_for") or message.get("notice")):
-            note_source(spool, txn, str(message["id"]), item.domain, item.source,
-                        item.provider or OTHER)
+            spool.note_sent_source(txn, str(message["id"]), item.domain, item.source,
+                                   item.provider or OTHER)
 
     return note
 

@@ -2,9 +2,9 @@
 
 Layout (named databases of the spool's environment, see mta.queue.spool.DB_NAMES):
 
-- ``outbox``      ``be64(seq)`` -> msgpack ``[only, event JSON (bytes; str in older entries)]``: every event in the order
-  it was committed; ``only`` is "" (every sink) or the one sink a replayed dead letter
-  is for.
+- ``outbox``      ``be64(seq)`` -> msgpack ``[only, event JSON]`` (bytes; str in older
+  entries): every event in the order it was committed; ``only`` is "" (every sink) or
+  the one sink a replayed dead letter is for.
 - ``outbox_meta`` ``b"seq"`` -> ``be64``: the next sequence number (never reused, so a sink's
   cursor stays valid when the outbox is empty); ``b"cursor:" + name`` -> ``be64``: the
   last sequence number that sink has passed (delivered, filtered out or dead-lettered).

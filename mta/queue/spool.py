@@ -333,6 +333,20 @@ class Spool:
         return SentOrigin(account, campaign, rest[0] if rest else [],
                           rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {})
 
+    def note_sent_source(self, txn: Any, message_id: str, domain: str, source: str,
+                         provider: str) -> None:
+        """Record in a message's `sent` record the egress source (and provider) that
+        delivered its mail for `domain` (SentOrigin.sources); no record, nothing."""
+        db = self.dbs.get("sent")
+        raw = None if db is None else txn.get(message_id.encode(), db=db)
+        if raw is None:
+            return
+        record = unpack(raw)
+        while len(record) < 4:  # older records: no recipients, no sources yet
+            record.append([] if len(record) == 2 else {})
+        record[3][domain] = [source, provider]
+        txn.put(message_id.encode(), pack(record), db=db)
+
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
             accept: Callable[[int], bool] | None = None, transactional: bool = False
             ) -> Iterator[tuple[bytes, int, bytes]]:

@@ -94,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webhook", action="store_true",
                         help="run the engine without, then with a loopback webhook receiver "
                              "(every event checked by id; e2e ratio; bench/webhook_bench.py)")
+    parser.add_argument("--webhook-events", choices=["app", "all"], default="app",
+                        help="with --webhook: the events the receiver asks for; app (default): "
+                             "Delivery, Bounce, Expiration, Complaint, Unsubscribe, "
+                             "CampaignPaused; all: Reception and TransientFailure too")
     parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
                         help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
                              "when offered); the engine target authenticates per account")

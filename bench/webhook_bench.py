@@ -28,8 +28,9 @@ from bench.report import RunResult, format_report, last_line, save_outputs
 from bench.rig.webhook import SECRET_ENV
 from bench.scenarios import Scenario
 
-RECEIVER_EVENTS = ["Reception", "Delivery", "Bounce", "TransientFailure", "Expiration",
-                   "Complaint", "Unsubscribe", "CampaignPaused"]
+APP_EVENTS = ["Delivery", "Bounce", "Expiration", "Complaint", "Unsubscribe", "CampaignPaused"]
+ALL_EVENTS = ["Reception", "TransientFailure", *APP_EVENTS]
+EVENT_SETS = {"app": APP_EVENTS, "all": ALL_EVENTS}
 CATCH_UP_TIMEOUT = 300.0  # seconds after the drain for the receiver to have every event
 
 
@@ -66,26 +67,26 @@ class ReceiverProcess:
             self.proc.wait(15)
 
 
-def with_webhook(scenario: Scenario, url: str, secret: str) -> Scenario:
-    hook = {"name": "bench", "url": url, "secret": secret, "events": RECEIVER_EVENTS,
+def with_webhook(scenario: Scenario, url: str, secret: str, events: list[str]) -> Scenario:
+    hook = {"name": "bench", "url": url, "secret": secret, "events": events,
             "batch_size": 100, "batch_wait": 0.5}
     return replace(scenario, engine={**scenario.engine, "webhooks": [hook]})
 
 
-def logged_ids(workdir: Path) -> set[str]:
+def logged_ids(workdir: Path, events: list[str]) -> set[str]:
     """The ids of the events the receiver should get, from the engine's event log."""
     return {e["event_id"] for e in read_events(workdir / "events.jsonl")
-            if e.get("type") in RECEIVER_EVENTS and "event_id" in e}
+            if e.get("type") in events and "event_id" in e}
 
 
-def catch_up(receiver: ReceiverProcess, target: Any) -> list[str]:
+def catch_up(receiver: ReceiverProcess, target: Any, events: list[str]) -> list[str]:
     """Wait until the receiver has every event of the event log; lines for the report."""
     drained_at = time.time()
     deadline = time.monotonic() + CATCH_UP_TIMEOUT
     expected: set[str] = set()
     while True:
         time.sleep(0.5)
-        expected = logged_ids(target.workdir)
+        expected = logged_ids(target.workdir, events)
         stats = receiver.stats()
         if stats["unique"] >= len(expected) or time.monotonic() >= deadline:
             break
@@ -98,12 +99,13 @@ def catch_up(receiver: ReceiverProcess, target: Any) -> list[str]:
             f"{stats['largest_batch']}), the last {lag:.1f}s after the mail drained"]
 
 
-def run_hooked(opts: Options, scenario: Scenario) -> RunResult:
+def run_hooked(opts: Options, scenario: Scenario, events: list[str]) -> RunResult:
     """One run of the engine sending its events to a receiver of its own."""
     receiver = ReceiverProcess(secrets.token_urlsafe(24)).start()
     try:
-        hooked = replace(opts, scenario=with_webhook(scenario, receiver.url, receiver.secret),
-                         after_drain=lambda target, r=receiver: catch_up(r, target))
+        hooked = replace(opts,
+                         scenario=with_webhook(scenario, receiver.url, receiver.secret, events),
+                         after_drain=lambda target, r=receiver: catch_up(r, target, events))
         result = run_once("engine", hooked)
     finally:
         receiver.stop()
@@ -115,9 +117,11 @@ def webhook_compare(args: Any, scenario: Scenario, opts: Options) -> int:
     """Rounds of (without, with) the webhook, counterbalanced (bench/pairs.py); the ratio
     of end-to-end rates per round."""
     order = ab_order(args.rounds)
+    events = EVENT_SETS[args.webhook_events]
     results: list[RunResult] = []
     for hooked in order:
-        results.append(run_hooked(opts, scenario) if hooked else run_once("engine", opts))
+        results.append(run_hooked(opts, scenario, events) if hooked
+                       else run_once("engine", opts))
         print(format_report(results[-1]), flush=True)
     print(pair_comparison(results, order, "webhook / no webhook"))
     print(save_outputs(results, Path(args.out)))

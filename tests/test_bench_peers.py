@@ -9,6 +9,7 @@ bench/rig/peer_install.py), later runs use bench/out/peers/.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -227,3 +228,18 @@ def test_peer_relays_every_message_to_the_sinks(kind: str, peers_installed: None
     assert result.cpu_seconds is not None and result.cpu_seconds > 0
     assert any("by cgroup v2" in note for note in result.notes), result.notes
     assert any("routed to the sinks by a table" in note for note in result.notes)
+
+
+def test_webhook_bench_expects_the_events_of_its_set(tmp_path: Path) -> None:
+    """`bench run --webhook` counts what the receiver asked for: the app's events by
+    default (no Reception), every event of a message's path with `--webhook-events all`."""
+    from bench.scenarios import load_scenario
+    from bench.webhook_bench import EVENT_SETS, logged_ids, with_webhook
+
+    lines = [{"type": "Reception", "event_id": "r1"}, {"type": "Delivery", "event_id": "d1"},
+             {"type": "TransientFailure", "event_id": "t1"}, {"type": "Delivery"}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert logged_ids(tmp_path, EVENT_SETS["app"]) == {"d1"}
+    assert logged_ids(tmp_path, EVENT_SETS["all"]) == {"r1", "d1", "t1"}
+    hooked = with_webhook(load_scenario("steady"), "http://127.0.0.1:1/e", "s", EVENT_SETS["app"])
+    assert hooked.engine["webhooks"][0]["events"] == EVENT_SETS["app"]

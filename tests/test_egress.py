@@ -132,8 +132,8 @@ class Rules:
     def __init__(self, rules: dict[str, Rule]) -> None:
         self.rules = rules
 
-    def source_rule(self, name: str) -> Rule | None:
-        return self.rules.get(name)
+    def source_rules(self) -> dict[str, Rule]:
+        return self.rules
 
 
 def two_source_cfg(run_length: int = 1) -> Config:

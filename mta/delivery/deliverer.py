@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -70,6 +71,51 @@ class Resolver(Protocol):
 Transform = Callable[[Item, list[str], str, bytes], tuple[str, bytes]]
 
 
+class IdleWorkers:
+    """A pool's idle connection workers, woken one at a time: an item for the pool wakes
+    one connection, not every idle one (each would run only to find the queue empty)."""
+
+    def __init__(self) -> None:
+        self._sleeping: deque[asyncio.Future[None]] = deque()
+        self.waking = 0  # woken, not running yet: they take what is queued meanwhile
+
+    def __len__(self) -> int:
+        return len(self._sleeping)
+
+    def any(self) -> bool:
+        """Some connection is idle or about to run: it takes what is queued."""
+        return bool(self._sleeping) or self.waking > 0
+
+    async def sleep(self, seconds: float) -> None:
+        """Until woken or `seconds` passed (no error either way)."""
+        future = asyncio.get_running_loop().create_future()
+        self._sleeping.append(future)
+        try:
+            async with asyncio.timeout(seconds):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            if future.done() and not future.cancelled():
+                self.waking -= 1
+            else:  # timed out or cancelled: no longer a sleeper
+                future.cancel()
+                with contextlib.suppress(ValueError):
+                    self._sleeping.remove(future)
+
+    def wake_one(self) -> None:
+        while self._sleeping:
+            future = self._sleeping.popleft()
+            if not future.done():  # not cancelled in the meantime
+                future.set_result(None)
+                self.waking += 1
+                return
+
+    def wake_all(self) -> None:
+        while self._sleeping:
+            self.wake_one()
+
+
 @dataclass
 class Pool:
     key: tuple[str, ...]
@@ -78,8 +124,7 @@ class Pool:
     tls: TlsRoute | None = None  # the destination's TLS plan and checker
     queue: LaneQueue = field(default_factory=LaneQueue)  # transactional first (mta.queue.lanes)
     workers: int = 0
-    idle: int = 0
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: IdleWorkers = field(default_factory=lambda: IdleWorkers())
     pacing: int = 0  # connections waiting for their turn at the destination's pace
     source: Source | None = None  # the egress source its connections bind (None: [delivery])
     paced_at: float = -PACE_MEMORY  # when one last had to wait (monotonic)
@@ -240,15 +285,14 @@ class Deliverer:
     def wake_idle(self) -> None:
         """Idle connections look again at their share (the cluster's fair shares moved)."""
         for pool in self.pools.values():
-            if pool.idle:
-                pool.wakeup.set()
+            pool.idle.wake_all()
 
     def _kick(self, pool: Pool) -> None:
         """Wake an idle connection of the pool, or start one if the throttle may allow it
         and the connections there are not already waiting for the destination's pace."""
         if pool.idle:
-            pool.wakeup.set()
-        elif pool.workers and pool.pace_bound():
+            pool.idle.wake_one()
+        elif pool.idle.any() or (pool.workers and pool.pace_bound()):
             return
         elif pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
                                        self.throttle.max_connections(pool.dest))):
@@ -273,15 +317,7 @@ class Deliverer:
                 return None
             if self.budget.shed(pool.dest):
                 return None  # idle, and over its share while other nodes wait: close
-            pool.idle += 1
-            pool.wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await pool.wakeup.wait()
-            except TimeoutError:
-                continue
-            finally:
-                pool.idle -= 1
+            await pool.idle.sleep(remaining)
         return pool.queue.popleft()
 
     async def _connection_worker(self, pool: Pool) -> None:
@@ -302,7 +338,7 @@ class Deliverer:
                 if not await self._send(pool, conn, item):
                     await self._close(pool, conn)
                     conn = None
-                if pool.queue and not pool.idle:
+                if pool.queue and not pool.idle.any():
                     self._kick(pool)  # more connections, while they are what limits
                 if self._over_limit(pool):
                     return
@@ -393,8 +429,7 @@ class Deliverer:
                         pool.queue.clear()
                     else:
                         pool.queue.appendleft(item)
-                        if pool.idle:  # it went idle while this one tried: it takes it
-                            pool.wakeup.set()
+                        pool.idle.wake_one()  # one went idle while this one tried
                     return False
                 wait = SLOT_POLL
             elif wait > SHORT_WAIT:  # suspended, or connections refused: back to the spool

@@ -34,8 +34,9 @@ GATE_WAIT = 60.0  # a refusal without a time from the gate: look again after thi
 class SourceRules(Protocol):
     """An operator's rules on sources (mta.queue.rules.RuleCheck)."""
 
-    def source_rule(self, name: str) -> Any | None:
-        """The active rule of source `name` (its `action`: "bounce" or "suspend"), or None."""
+    def source_rules(self) -> dict[str, Any]:
+        """The active rule (its `action`: "bounce" or "suspend") of each source that has
+        one, by lower-case source name."""
 
 
 class Verdict(enum.Enum):
@@ -90,13 +91,13 @@ class Egress:
             wait = min(self.down_until[name] for name in members) - now
             return Choice(Verdict.WAIT, wait=max(1.0, wait),
                           reason=f"every source of pool {pool} is down")
-        rules = {name: self._rule(name) for name in up}
-        usable = {name for name in up if _action(rules[name]) != "suspend"}
+        rules = self.rules.source_rules() if self.rules is not None else {}
+        usable = {name for name in up if _action(rules.get(name.lower())) != "suspend"}
         if not usable:
             return Choice(Verdict.HELD, self.sources.by_name[up[0]])
         refused: list[str] = []
-        while (name := self.sources.pick(pool, lambda n: n in usable, provider)) is not None:
-            if _action(rules[name]) == "bounce":
+        while (name := self.sources.pick(pool, usable.__contains__, provider)) is not None:
+            if _action(rules.get(name.lower())) == "bounce":
                 return Choice(Verdict.BOUNCED, self.sources.by_name[name])
             if await self.gate.admit(name, provider):
                 return Choice(Verdict.CHOSEN, self.sources.by_name[name])
@@ -109,9 +110,6 @@ class Egress:
         times = [t for t in (self.gate.retry_at(name, provider) for name in refused)
                  if t is not None]
         return max(1.0, min(times) - now) if times else GATE_WAIT
-
-    def _rule(self, name: str) -> Any | None:
-        return self.rules.source_rule(name) if self.rules is not None else None
 
     # --- up and down -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ shaping file: by MX host suffix or listed domain), known only once the route (MX
 delivery asks the rules when it has routed an item (`Item.provider`, then
 `Scheduler.take_held` / `take_bounced`), so queued mail of a provider is held or bounced
 when it comes due, not when the rule is made. ``source`` is the egress source (sending
-address) chosen per message at dispatch: the chooser asks `RuleCheck.source_rule(name)`,
+address) chosen per message at dispatch: the chooser asks `RuleCheck.source_rules()`,
 skips a suspended source (the pool's other sources carry the mail; none left: the
 message is held with the reason ``suspend:source:<name>`` until that rule goes) and
 bounces the message when the chosen source has a bounce rule.
@@ -339,9 +339,15 @@ class RuleCheck:
         every source of the pool is suspended, set `item.source` to one of them and let
         `Scheduler.take_held(item)` hold the message (it waits for that rule to go);
         with a bounce rule, set `item.source` and `Scheduler.take_bounced(item)`."""
-        name = name.lower()
-        found = [rule for rule in self.rules() if rule.scope == "source" and rule.value == name]
-        return next((r for r in found if r.action == "bounce"), found[0] if found else None)
+        return self.source_rules().get(name.lower())
+
+    def source_rules(self) -> dict[str, Rule]:
+        """`source_rule` of every source that has one, by (lower-case) source name."""
+        found: dict[str, Rule] = {}
+        for rule in self.rules():
+            if rule.scope == "source" and (rule.value not in found or rule.action == "bounce"):
+                found[rule.value] = rule
+        return found
 
     def bounce_reason(self, item: Any) -> str | None:
         rule = self._first("bounce", item)

@@ -48,7 +48,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from mta.throttle.adapt import Dial, Meter
@@ -117,7 +117,8 @@ class Destination:
 
     def from_source(self, source: str) -> Destination:
         """The same limits, kept apart for mail sent from egress source `source`."""
-        return replace(self, scopes=tuple(replace(s, source=source) for s in self.scopes))
+        return Destination(self.domain, self.provider, tuple(  # not replace(): per message
+            ScopeSpec(s.kind, s.name, s.limits, s.shared, source) for s in self.scopes))
 
 
 @dataclass

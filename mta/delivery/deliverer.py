@@ -103,13 +103,15 @@ class IdleWorkers:
                 with contextlib.suppress(ValueError):
                     self._sleeping.remove(future)
 
-    def wake_one(self) -> None:
+    def wake_one(self) -> bool:
+        """Wake the longest idle one; False: none was left to wake."""
         while self._sleeping:
             future = self._sleeping.popleft()
             if not future.done():  # not cancelled in the meantime
                 future.set_result(None)
                 self.waking += 1
-                return
+                return True
+        return False
 
     def wake_all(self) -> None:
         while self._sleeping:
@@ -124,7 +126,7 @@ class Pool:
     tls: TlsRoute | None = None  # the destination's TLS plan and checker
     queue: LaneQueue = field(default_factory=LaneQueue)  # transactional first (mta.queue.lanes)
     workers: int = 0
-    idle: IdleWorkers = field(default_factory=lambda: IdleWorkers())
+    idle: IdleWorkers = field(default_factory=IdleWorkers)
     pacing: int = 0  # connections waiting for their turn at the destination's pace
     source: Source | None = None  # the egress source its connections bind (None: [delivery])
     paced_at: float = -PACE_MEMORY  # when one last had to wait (monotonic)
@@ -290,12 +292,10 @@ class Deliverer:
     def _kick(self, pool: Pool) -> None:
         """Wake an idle connection of the pool, or start one if the throttle may allow it
         and the connections there are not already waiting for the destination's pace."""
-        if pool.idle:
-            pool.idle.wake_one()
-        elif pool.idle.any() or (pool.workers and pool.pace_bound()):
+        if pool.idle.wake_one() or pool.idle.any() or (pool.workers and pool.pace_bound()):
             return
-        elif pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
-                                       self.throttle.max_connections(pool.dest))):
+        if pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
+                                     self.throttle.max_connections(pool.dest))):
             pool.workers += 1
             self._spawn(self._connection_worker(pool))
 

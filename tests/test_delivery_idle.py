@@ -1,11 +1,12 @@
-"""A pool's idle connection workers (mta.delivery.deliverer.IdleWorkers): an item wakes
-one of them, not all; a timed-out or cancelled sleeper leaves no trace."""
+"""A pool's connection workers (mta.delivery.deliverer): an item wakes one idle worker,
+not all (IdleWorkers); a timed-out or cancelled sleeper leaves no trace; a burst of
+items opens connections a few at a time (slow start)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from mta.delivery.deliverer import IdleWorkers
+from mta.delivery.deliverer import OPENING_AT_ONCE, IdleWorkers
 
 
 def test_an_item_wakes_one_idle_worker_and_the_others_sleep_on() -> None:
@@ -51,3 +52,73 @@ def test_a_sleeper_that_timed_out_or_was_cancelled_is_gone() -> None:
     after_timeout, left, any_idle = asyncio.run(scenario())
     assert after_timeout == 0
     assert left == 0 and not any_idle
+
+
+def test_a_burst_of_items_opens_connections_a_few_at_a_time() -> None:
+    """Slow start: twenty items for one destination whose server has not greeted yet
+    start OPENING_AT_ONCE connections, not twenty; once one of them is up and items
+    still wait, the pool opens one more."""
+    from mta.config import SHIPPED_SHAPING, Config
+    from mta.delivery.deliverer import Deliverer
+    from mta.delivery.mx import Host, Route
+    from mta.queue.jobs import new_job
+    from mta.queue.scheduler import Item
+    from mta.throttle.shaping import load_shaping
+    from mta.throttle.shared import LocalBudget
+    from mta.throttle.throttle import Throttle
+    from tests.helpers.delivery import RecordingScheduler
+
+    async def scenario() -> tuple[tuple[int, int], tuple[int, int]]:
+        accepted: list[asyncio.StreamWriter] = []
+        greetings = asyncio.Semaphore(0)  # one greeting per release
+
+        async def held_greeting(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+            await greetings.acquire()
+            writer.write(b"220 mx.slow.test ready\r\n")
+            await reader.readline()  # EHLO
+            writer.write(b"250 mx.slow.test\r\n")
+            await reader.readline()  # MAIL FROM: never answered, the connection stays busy
+            await asyncio.Event().wait()
+
+        server = await asyncio.start_server(held_greeting, "127.0.0.7", 0)
+        cfg = Config()
+        cfg.delivery.port = server.sockets[0].getsockname()[1]
+
+        class Resolver:
+            async def route(self, domain: str) -> Route:
+                return Route(domain, (Host("mx.slow.test", ("127.0.0.7",)),))
+
+        deliverer = Deliverer(cfg, Resolver(), Throttle(load_shaping(SHIPPED_SHAPING)),
+                              LocalBudget(), RecordingScheduler(), [], set(),
+                              None)  # type: ignore[arg-type]
+        for i in range(20):
+            job = new_job(b"S%d.0" % i, f"S{i}", "slow.test", "", "", [f"u{i}@slow.test"], 0)
+            deliverer.dispatch(Item(job, {"id": f"S{i}", "from": "a@b.test", "received": 0.0,
+                                          "data": b"Subject: x\r\n\r\nbody\r\n"}, 0.0))
+
+        def queued() -> int:
+            return sum(len(pool.queue) for pool in deliverer.pools.values())
+
+        for _ in range(2000):  # loop turns and short sleeps, bounded: until all are routed
+            if len(accepted) == OPENING_AT_ONCE and queued() == 20 - OPENING_AT_ONCE:
+                break
+            await asyncio.sleep(0.005)
+        (pool,) = deliverer.pools.values()
+        while_held = (pool.workers, len(accepted))
+        greetings.release()  # one connection comes up (and stays busy with its item)
+        for _ in range(2000):
+            if len(accepted) > OPENING_AT_ONCE:
+                break
+            await asyncio.sleep(0.005)
+        after_one_up = (pool.workers, len(accepted))
+        await deliverer.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        return while_held, after_one_up
+
+    while_held, after_one_up = asyncio.run(scenario())
+    assert while_held == (OPENING_AT_ONCE, OPENING_AT_ONCE)
+    assert after_one_up == (OPENING_AT_ONCE + 1, OPENING_AT_ONCE + 1)

@@ -40,6 +40,7 @@ from mta.queue.spool import Spool
 from mta.smtp.auth import hash_password
 from mta.throttle.shaping import Limits, load_shaping
 from mta.throttle.throttle import Destination, ScopeSpec, Throttle
+from tests.helpers.delivery import RecordingScheduler
 from tests.helpers.engine import engine_config, wait_until
 from tests.helpers.http import TOKEN, call
 
@@ -553,26 +554,6 @@ def test_counts_in_lmdb_and_the_sent_record_names_the_source_for_complaints(
         assert report["sources"][1]["providers"]["gmail"]["bounce_rate"] == 50.0
     finally:
         spool.close()
-
-
-class RecordingScheduler:
-    """What the deliverer asks of the scheduler, recorded (no spool: the outcomes only)."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, list[Any]] = {}
-        self.postponed: list[Any] = []
-
-    def take_held(self, item: Any) -> bool:
-        return False
-
-    def take_bounced(self, item: Any) -> bool:
-        return False
-
-    async def complete(self, item: Any, results: list[Any], retry_after: Any = None) -> None:
-        self.results[item.job_id.decode()] = results
-
-    async def postpone(self, item: Any, seconds: float) -> None:
-        self.postponed.append(item)
 
 
 def test_a_source_failing_at_run_time_is_down_and_the_pool_carries_on(

@@ -60,6 +60,11 @@ SLOT_POLL = 0.1  # how often a pool at its connection limit looks again
 SLOT_PATIENCE = 60.0  # then its queued items go back to the spool for a while
 HOST_FAILURE_MEMORY = 300.0  # an MX address that failed is tried after the others this long
 PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately opens no more
+# Slow start: a pool opens at most this many connections at once, and opens the next one
+# once one of them is up and items still wait. A burst of items then adds connections at
+# the pace the receiver accepts them, not all at once (a storm of connections from one
+# address is what receivers punish, and each surplus connection stays open).
+OPENING_AT_ONCE = 2
 
 
 class Resolver(Protocol):
@@ -126,6 +131,7 @@ class Pool:
     tls: TlsRoute | None = None  # the destination's TLS plan and checker
     queue: LaneQueue = field(default_factory=LaneQueue)  # transactional first (mta.queue.lanes)
     workers: int = 0
+    opening: int = 0  # workers started and not connected yet: each takes a queued item
     idle: IdleWorkers = field(default_factory=IdleWorkers)
     pacing: int = 0  # connections waiting for their turn at the destination's pace
     source: Source | None = None  # the egress source its connections bind (None: [delivery])
@@ -159,6 +165,7 @@ class Deliverer:
         self.egress = egress  # sources and pools (mta.egress); None or empty: [delivery]
         budget.subscribe(self.wake_idle)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False  # set by close(): nothing new starts
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
         d = cfg.delivery
@@ -173,6 +180,9 @@ class Deliverer:
         self._spawn(self._route(item))
 
     def _spawn(self, coro: Any) -> None:
+        if self._closing:  # e.g. a cancelled worker's kick for its pool's queue
+            coro.close()
+            return
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -294,9 +304,12 @@ class Deliverer:
         and the connections there are not already waiting for the destination's pace."""
         if pool.idle.wake_one() or pool.idle.any() or (pool.workers and pool.pace_bound()):
             return
+        if pool.opening >= OPENING_AT_ONCE:
+            return  # slow start: the next one once one of these is up
         if pool.workers < max(1, min(self.cfg.delivery.max_connections_per_destination,
                                      self.throttle.max_connections(pool.dest))):
             pool.workers += 1
+            pool.opening += 1
             self._spawn(self._connection_worker(pool))
 
     async def _complete(self, item: Item, results: list[RcptResult],
@@ -322,6 +335,7 @@ class Deliverer:
 
     async def _connection_worker(self, pool: Pool) -> None:
         conn: Connection | None = None
+        starting = True  # counted in pool.opening until its first connection is tried
         try:
             while (item := await self._next_item(pool)) is not None:
                 if conn is None or not conn.usable or (
@@ -329,6 +343,11 @@ class Deliverer:
                     if conn is not None:
                         await self._close(pool, conn)
                     conn = await self._open(pool, item)
+                    if starting:
+                        starting = False
+                        pool.opening -= 1
+                        if conn is not None and pool.queue and not pool.idle.any():
+                            self._kick(pool)  # slow start: up, and items wait: one more
                     if conn is None:
                         return
                 if not await self._paced(pool, item):
@@ -344,6 +363,8 @@ class Deliverer:
                     return
         finally:
             pool.workers -= 1
+            if starting:
+                pool.opening -= 1
             if conn is not None:
                 await self._close(pool, conn)
             if pool.queue and pool.workers == 0:
@@ -527,6 +548,7 @@ class Deliverer:
         return sender, data
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -44,4 +44,14 @@ def pair_comparison(results: Sequence[RunResult], order: Sequence[bool], label: 
     ratios = pair_ratios(results, order)
     lines.append(f"{label} e2e ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}"
                  + (f"; median {statistics.median(ratios):.2f}" if ratios else ""))
+    if len(ratios) > 1:
+        lines.append(spread_line(ratios))
     return "\n".join(lines)
+
+
+def spread_line(ratios: Sequence[float]) -> str:
+    """How far the rounds' ratios can be trusted: their mean, its standard error and the
+    range (rounds on a shared machine swing by a tenth either way)."""
+    error = statistics.stdev(ratios) / len(ratios) ** 0.5
+    return (f"  rounds: mean {statistics.fmean(ratios):.3f}, standard error {error:.3f}, "
+            f"lowest {min(ratios):.2f}, highest {max(ratios):.2f}")

@@ -232,6 +232,19 @@ def test_several_campaign_fields_are_ambiguous() -> None:
         "", "550 5.6.0 X-Campaign-ID: appears 2 times; a message belongs to one campaign")
 
 
+def test_a_field_is_read_whole_and_only_where_a_field_starts() -> None:
+    from mta.smtp.intake import raw_field_values
+
+    block = (b"X-Campaign-ID\t : spring\r\n\tsale\r\n"  # blanks before the colon, a fold
+             b"Subject: hi\r\n X-Campaign-ID: not a field\r\n"  # inside a fold: a value
+             b"X-Note: a\nX-Campaign-ID: bare LF\r\n"  # after a bare LF: still X-Note's
+             b"X-Campaign-IDs: other\r\n")  # a longer name is another field
+    assert raw_field_values(block, b"x-campaign-id") == [b"spring sale"]
+    assert raw_field_values(block, b"X-Note") == [b"a\nX-Campaign-ID: bare LF"]
+    assert raw_field_values(block, b"Subject") == [b"hi X-Campaign-ID: not a field"]
+    assert raw_field_values(block, b"X-Missing") == []
+
+
 def intake_on(tmp: Path, **engine: object) -> Intake:
     cfg = Config()
     cfg.engine.hostname = HOST

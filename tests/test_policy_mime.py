@@ -217,3 +217,17 @@ def test_fast_path_matches_the_email_package_and_declines_the_unusual() -> None:
     ]
     for data in unusual:
         assert change_text_parts(data, lambda leaf, text, n: text + "x") is None
+
+
+def test_a_repeated_content_field_is_read_as_the_email_package_reads_it() -> None:
+    """The first of two Content-Type fields counts: a single text part that claims to be
+    text/plain first gets the footer appended, one that claims text/html first does not
+    take the text/plain fast path."""
+    body = b"hello\r\n"
+    plain_first = (b"From: a@x\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+                   b"Content-Type: text/html\r\n\r\n" + body)
+    assert add_footer(plain_first, "Sent by us").endswith(b"hello\r\n\r\nSent by us\r\n")
+    html_first = (b"From: a@x\r\nContent-Type: text/html\r\n"
+                  b"Content-Type: text/plain\r\n\r\n" + body)
+    changed = add_footer(html_first, "Sent by us")
+    assert b"<p " in changed and b"\r\n\r\nSent by us\r\n" not in changed

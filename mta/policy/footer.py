@@ -28,10 +28,10 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
-from email.parser import BytesHeaderParser, BytesParser
-from email.policy import SMTP, compat32
+from email.parser import BytesParser
+from email.policy import SMTP
 
-from mta.policy.mimeparts import Leaf, change_text_parts
+from mta.policy.mimeparts import Leaf, change_text_parts, content_type, header_block
 
 POLICY = SMTP.clone(max_line_length=998)
 _KNOWN_CTE = ("7bit", "8bit", "binary", "quoted-printable", "base64")
@@ -142,12 +142,14 @@ def append_to_plain(data: bytes, text: str, link: UnsubscribeLink | None = None
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    headers = BytesHeaderParser(policy=compat32).parsebytes(data[: end + 4])
-    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
-    charset = (headers.get_content_charset() or "us-ascii").lower()
+    fields, _ = header_block(data, 0, end + 4)
+    ctype, params = content_type(fields.get("content-type", ""))
+    cte = (fields.get("content-transfer-encoding") or "7bit").lower()
+    charset = params.get("charset", "us-ascii").lower()
+    disposition = fields.get("content-disposition", "").split(";", 1)[0].strip().lower()
     added = text + (link.url + link.placeholder + link.label if link else "")
-    if (headers.get_content_type() != "text/plain"
-            or headers.get_content_disposition() == "attachment"
+    if (ctype != "text/plain" or disposition == "attachment"
+            or any(name.endswith("*") for name in params)  # RFC 2231: the email package
             or cte not in ("7bit", "8bit") or charset not in ("us-ascii", "utf-8")
             or not (added.isascii() or (charset == "utf-8" and cte == "8bit"))):
         return None

@@ -56,7 +56,8 @@ def header_block(data: bytes, start: int, end: int) -> tuple[dict[str, str], int
         key = name.strip().lower()
         if colon and key in (b"content-type", b"content-transfer-encoding",
                              b"content-disposition"):
-            fields[key.decode()] = value.decode("latin-1").replace("\r\n", "").strip()
+            # the first of a repeated field, as the email package reads it
+            fields.setdefault(key.decode(), value.decode("latin-1").replace("\r\n", "").strip())
     return fields, body
 
 

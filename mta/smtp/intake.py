@@ -97,18 +97,28 @@ def header_values(headers: bytes, name: bytes) -> list[bytes]:
     return [unfold(m.group(1)).strip() for m in _field_re(name).finditer(headers)]
 
 
-@functools.cache
-def _whole_field_re(name: bytes) -> re.Pattern[bytes]:
-    # A field runs to the first CRLF not followed by white space; a bare CR or LF inside
-    # is part of it (and so of the value to check), never an end.
-    return re.compile(rb"(?is)(?:\A|(?<=\r\n))" + re.escape(name)
-                      + rb"[ \t]*:(.*?)(?=\r\n(?![ \t])|\Z)")
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")
+
+
+@functools.lru_cache(maxsize=8)
+def _fields(headers: bytes) -> dict[bytes, list[bytes]]:
+    """The raw values of a header block by lower-case field name, read once per message
+    (intake asks for half a dozen fields). A field runs to the first CRLF not followed
+    by white space; a bare CR or LF inside is part of it (and so of the value to check),
+    never an end. The name is what comes before the first colon, blanks before the
+    colon allowed."""
+    found: dict[bytes, list[bytes]] = {}
+    for field in _FIELD_END.split(headers):
+        name, colon, value = field.partition(b":")
+        if colon:
+            found.setdefault(name.rstrip(b" \t").lower(), []).append(value)
+    return found
 
 
 def raw_field_values(headers: bytes, name: bytes) -> list[bytes]:
     """Every value of header `name`, unfolded and without surrounding blanks, and
     nothing else: no other character is dropped or rewritten."""
-    return [unfold(m.group(1)).strip(b" \t") for m in _whole_field_re(name).finditer(headers)]
+    return [unfold(value).strip(b" \t") for value in _fields(headers).get(name.lower(), ())]
 
 
 def read_campaign(headers: bytes, header: str) -> tuple[str, str | None]:

@@ -100,13 +100,18 @@ class TrackingTransform:
     def rewrite(self, data: bytes, message: dict[str, Any], recipient: str, opens: bool,
                 clicks: bool) -> bytes:
         links: dict[str, int] = {}
+        kinds: set[str] = set()
 
         def collect(leaf: Leaf, body: str, ordinal: int) -> None:
+            kinds.add(leaf.ctype)
             for url in self._urls(leaf.ctype, body):
                 links.setdefault(url, len(links))
 
-        if clicks and change_text_parts(data, collect) is None:
-            return self.rewrite_parsed(data, message, recipient, opens, clicks)
+        if clicks:
+            if change_text_parts(data, collect) is None:
+                return self.rewrite_parsed(data, message, recipient, opens, clicks)
+            if not links and "text/html" not in kinds:
+                return data  # plain text without links: nothing to change
         target = self._target(message, recipient, len(links))
         tokens = {url: self._url(target, CLICK, i, url) for url, i in links.items()}
 
@@ -154,6 +159,8 @@ class TrackingTransform:
         if ctype == "text/html":
             found = (html.unescape(m.group(2) if m.group(2) is not None else m.group(3)).strip()
                      for m in _HREF.finditer(body))
+        elif "://" not in body:
+            return []
         else:
             found = (m.group(0).rstrip(_TRAILING) for m in _TEXT_URL.finditer(body))
         return [url for url in found if self.trackable(url)]

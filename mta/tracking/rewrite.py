@@ -35,6 +35,25 @@ _TRAILING = ".,;:!?)"
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
 
+def text_urls(body: str) -> list[str]:
+    """What `_TEXT_URL.finditer` finds, found from each "://" instead: a case-insensitive
+    pattern has no literal prefix to skip ahead by, and tried at every character of a
+    4 KB body it cost more than the rest of the tracking."""
+    found: list[str] = []
+    taken = 0  # matches do not overlap: none starts before the end of the last
+    at = body.find("://")
+    while at >= 0:
+        for start in (at - 5, at - 4):
+            if start >= taken and body[start:at].lower() in ("https", "http"):
+                match = _TEXT_URL.match(body, start)
+                if match:
+                    found.append(match.group(0))
+                    taken = match.end()
+                break
+        at = body.find("://", max(at + 3, taken))
+    return found
+
+
 def base_url(public_url: str, path: str) -> str:
     return f"{public_url.rstrip('/')}/{path.strip('/')}/"
 
@@ -159,10 +178,8 @@ class TrackingTransform:
         if ctype == "text/html":
             found = (html.unescape(m.group(2) if m.group(2) is not None else m.group(3)).strip()
                      for m in _HREF.finditer(body))
-        elif "://" not in body:
-            return []
         else:
-            found = (m.group(0).rstrip(_TRAILING) for m in _TEXT_URL.finditer(body))
+            found = (url.rstrip(_TRAILING) for url in text_urls(body))
         return [url for url in found if self.trackable(url)]
 
     def _url(self, target: TrackTarget, kind: str, index: int, url: str) -> str:

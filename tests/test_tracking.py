@@ -325,3 +325,14 @@ def test_counters_unique_per_person_top_links_and_purge(tmp_path: Path) -> None:
         assert gone["opens_total"] == 0 and gone["top_links"] == []
         assert not list(txn.cursor(db=spool.dbs["tracking.seen"]))
     spool.close()
+
+
+def test_links_in_text_are_found_as_the_pattern_finds_them() -> None:
+    from mta.tracking.rewrite import _TEXT_URL, text_urls
+
+    bodies = ["see HTTPS://a.test/x, and http://b.test/y://z.",
+              "xhttp://c.test no https:// here http:/d.test hhttps://e.test/",
+              "http://f.test/<tag> 'https://g.test/q?a=1' ://h.test", ""]
+    for body in bodies:
+        assert text_urls(body) == [m.group(0) for m in _TEXT_URL.finditer(body)]
+    assert text_urls(bodies[0]) == ["HTTPS://a.test/x,", "http://b.test/y://z."]

@@ -1,10 +1,12 @@
 """A pool's connection workers (mta.delivery.deliverer): an item wakes one idle worker,
 not all (IdleWorkers); a timed-out or cancelled sleeper leaves no trace; a burst of
-items opens connections a few at a time (slow start)."""
+items opens connections a few at a time (slow start); a route with TTL 0 serves the
+connections it opened without a lookup per message."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from mta.delivery.deliverer import OPENING_AT_ONCE, IdleWorkers
 
@@ -122,3 +124,60 @@ def test_a_burst_of_items_opens_connections_a_few_at_a_time() -> None:
     while_held, after_one_up = asyncio.run(scenario())
     assert while_held == (OPENING_AT_ONCE, OPENING_AT_ONCE)
     assert after_one_up == (OPENING_AT_ONCE + 1, OPENING_AT_ONCE + 1)
+
+
+def test_a_route_with_ttl_0_serves_its_open_connection_and_is_looked_up_once_closed(
+        dns_server: Any, asyncio_sink_factory: Any) -> None:
+    """Answers with TTL 0 are not kept, but while a connection their route opened is up,
+    the next message for the domain goes over it without a new lookup (as Postfix finds
+    a cached connection by the domain first); once it is closed, the next one is looked
+    up again. A route with a TTL is the resolver's to keep: not held by the pool."""
+    from mta.config import SHIPPED_SHAPING, Config, DnsConfig
+    from mta.delivery.deliverer import Deliverer
+    from mta.delivery.mx import MxResolver
+    from mta.queue.jobs import new_job
+    from mta.queue.scheduler import Item
+    from mta.throttle.shaping import load_shaping
+    from mta.throttle.shared import LocalBudget
+    from mta.throttle.throttle import Throttle
+    from tests.helpers.delivery import RecordingScheduler
+
+    sink = asyncio_sink_factory(host="127.0.0.8")
+    dns_server.add_mx("zero.test", [(10, "mx.zero.test")], ttl=0)
+    dns_server.add_a("mx.zero.test", "127.0.0.8", ttl=0)
+
+    async def scenario() -> list[int]:
+        cfg = Config()
+        cfg.delivery.port = sink.port
+        cfg.delivery.connection_idle_timeout = 2.0
+        resolver = MxResolver(DnsConfig(nameservers=[dns_server.address]),
+                              allow_loopback_mx=True)
+        scheduler = RecordingScheduler()
+        deliverer = Deliverer(cfg, resolver, Throttle(load_shaping(SHIPPED_SHAPING)),
+                              LocalBudget(), scheduler, [], set(),
+                              None)  # type: ignore[arg-type]
+        mx_queries: list[int] = []
+
+        async def deliver(i: int) -> None:
+            job = new_job(b"Z%d.0" % i, f"Z{i}", "zero.test", "", "", [f"u{i}@zero.test"], 0)
+            deliverer.dispatch(Item(job, {"id": f"Z{i}", "from": "a@b.test", "received": 0.0,
+                                          "data": b"Subject: x\r\n\r\nbody\r\n"}, 0.0))
+            for _ in range(2000):  # bounded: until its outcome is in
+                if f"Z{i}.0" in scheduler.results:
+                    break
+                await asyncio.sleep(0.005)
+            assert [r.code for r in scheduler.results[f"Z{i}.0"]] == [250]
+            mx_queries.append(dns_server.count("zero.test", "MX"))
+
+        await deliver(1)
+        await deliver(2)  # the connection of the first is up and idle
+        (pool,) = deliverer.pools.values()
+        for _ in range(1000):  # bounded: until the idle connection is closed
+            if pool.workers == 0:
+                break
+            await asyncio.sleep(0.01)
+        await deliver(3)
+        await deliverer.close()
+        return mx_queries
+
+    assert asyncio.run(scenario()) == [1, 1, 2]

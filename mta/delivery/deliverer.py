@@ -11,6 +11,10 @@ every message, and told every reply; then the budget shared with other nodes
 before sending, the scheduler's hold check is asked again (a campaign may have been
 paused while the item waited), then the transforms rewrite what is sent, in order.
 
+Routes come from the resolver, which keeps them for their answers' TTL. A route it does
+not keep (TTL 0) is used again without a lookup while a connection of its pool is up, for
+at most ROUTE_REUSE_LIMIT since the lookup (`RouteInUse`).
+
 TLS: each domain's plan (mta/delivery/tls: the mode, DANE, MTA-STS) says which MX hosts
 may be used and what each must offer; hosts it excludes are never contacted, and a
 domain whose plan leaves none is deferred (4.7.x). Pools are keyed by the plan too, so
@@ -65,6 +69,13 @@ PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately op
 # the pace the receiver accepts them, not all at once (a storm of connections from one
 # address is what receivers punish, and each surplus connection stays open).
 OPENING_AT_ONCE = 2
+# A route the resolver does not keep (answers with TTL 0) stays in use, without a new
+# lookup, while a connection of its pool is up, for at most this long since the lookup
+# (Postfix's smtp_connection_reuse_time_limit): mail for such a domain goes on over the
+# open connections, as Postfix's smtp client finds a cached connection by the domain
+# before any DNS lookup. Routes with longer-lived answers are the resolver's to keep.
+ROUTE_REUSE_LIMIT = 300.0
+MAX_ROUTES_IN_USE = 10_000
 
 
 class Resolver(Protocol):
@@ -144,6 +155,13 @@ class Pool:
         return self.pacing > 0 or time.monotonic() - self.paced_at < PACE_MEMORY
 
 
+@dataclass(frozen=True)
+class RouteInUse:
+    route: Route
+    since: float  # when it was looked up (monotonic)
+    pool: Pool  # the pool its last item went to
+
+
 LocalHandler = Callable[[Item], Awaitable[None]]
 
 
@@ -168,6 +186,7 @@ class Deliverer:
         self._closing = False  # set by close(): nothing new starts
         self.open_connections: dict[str, int] = {}  # per destination (provider or domain)
         self._failed_hosts: dict[str, float] = {}  # address -> until when it is tried last
+        self._routes_in_use: dict[str, RouteInUse] = {}  # domain -> its route, while connected
         d = cfg.delivery
         self._settings = ConnectSettings(
             port=d.port, helo=d.helo_name or cfg.engine.hostname,
@@ -196,7 +215,8 @@ class Deliverer:
         if item.domain in self.local_domains:
             await self.local_handler(item)
             return
-        route = await self.resolver.route(item.domain)
+        in_use = self._route_in_use(item.domain)
+        route = in_use.route if in_use else await self.resolver.route(item.domain)
         if isinstance(route, RouteError):
             await self._complete(item, [RcptResult(r, route.code, route.text, route.status)
                                         for r in item.job.waiting()])
@@ -243,7 +263,30 @@ class Deliverer:
                                           LaneQueue(self.cfg.delivery.bulk_min_share),
                                           source=source)
         pool.queue.append(item)
+        if not route.kept:
+            self._keep_in_use(item.domain, RouteInUse(
+                route, in_use.since if in_use else time.monotonic(), pool))
         self._kick(pool)
+
+    def _keep_in_use(self, domain: str, in_use: RouteInUse) -> None:
+        if domain not in self._routes_in_use and len(self._routes_in_use) >= MAX_ROUTES_IN_USE:
+            self._routes_in_use = {d: u for d, u in self._routes_in_use.items()
+                                   if u.pool.workers > u.pool.opening}
+            if len(self._routes_in_use) >= MAX_ROUTES_IN_USE:
+                return
+        self._routes_in_use[domain] = in_use
+
+    def _route_in_use(self, domain: str) -> RouteInUse | None:
+        """The domain's last route while a connection its pool opened is up (and the
+        lookup is not older than ROUTE_REUSE_LIMIT); None: look it up."""
+        in_use = self._routes_in_use.get(domain)
+        if in_use is None:
+            return None
+        connected = in_use.pool.workers > in_use.pool.opening
+        if connected and time.monotonic() - in_use.since < ROUTE_REUSE_LIMIT:
+            return in_use
+        del self._routes_in_use[domain]
+        return None
 
     async def _source(self, item: Item, dest: Destination) -> Source | None:
         """The egress source of `item` (mta.egress.chooser); None when it was held,

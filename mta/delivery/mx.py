@@ -20,6 +20,8 @@ preference is drawn again at each use. A route used in the last tenth of its lif
 looked up again in the background, past the answer cache (`prefetch`), so that the
 destinations in use never wait for their lookup when their answers expire. Identical
 queries in flight at once share one (`MxResolver.lookup`), as routes of one domain do.
+A route whose answers expire at once (TTL 0) is not kept and says so (`Route.kept`): the
+deliverer then uses it for the connections it opened (mta.delivery.deliverer).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import dns.asyncresolver
@@ -80,6 +82,7 @@ class Route:
     hosts: tuple[Host, ...]
     implicit: bool = False  # no MX records: the domain's own A/AAAA
     secure: bool = False  # the MX answer was authenticated (AD from a validating resolver)
+    kept: bool = True  # False: answers that expire at once (TTL 0), not kept by the resolver
 
     def targets(self) -> list[tuple[Host, str]]:
         """(host, address) pairs in the order to try them."""
@@ -225,7 +228,7 @@ def reshuffle_equal(route: Route, rng: random.Random) -> Route:
     if len({host.preference for host in hosts}) == len(hosts):
         return route
     shuffled = sorted(hosts, key=lambda host: (host.preference, rng.random()))
-    return Route(route.domain, tuple(shuffled), route.implicit, route.secure)
+    return replace(route, hosts=tuple(shuffled))
 
 
 @dataclass(frozen=True)
@@ -257,17 +260,19 @@ class RouteCache:
             return None
         return kept
 
-    def put(self, domain: str, route: Route, now: float, expires: float) -> None:
-        """Keep `route` until `expires`; not at all when that is too close (TTL 0)."""
+    def put(self, domain: str, route: Route, now: float, expires: float) -> bool:
+        """Keep `route` until `expires`; not at all when that is too close (TTL 0):
+        False."""
         if expires - now < MIN_ROUTE_LIFE:
             self._routes.pop(domain, None)
-            return
+            return False
         if domain not in self._routes and len(self._routes) >= self.max_size:
             self._routes = {d: k for d, k in self._routes.items() if k.expires > now}
             while len(self._routes) >= self.max_size:
                 del self._routes[next(iter(self._routes))]
         self._routes.pop(domain, None)  # re-inserted: the newest
         self._routes[domain] = KeptRoute(route, now, expires)
+        return True
 
 
 # --- DNS I/O ------------------------------------------------------------------
@@ -373,8 +378,9 @@ class MxResolver:
 
     async def _route_and_keep(self, domain: str, fresh: bool) -> Route | RouteError:
         result, expires = await self._route(domain, fresh)
-        if isinstance(result, Route):
-            self.routes.put(domain, result, time.time(), expires)
+        if isinstance(result, Route) and not self.routes.put(domain, result, time.time(),
+                                                              expires):
+            result = replace(result, kept=False)
         return result
 
     async def _route(self, domain: str, fresh: bool = False

@@ -510,3 +510,22 @@ class TestKeptRoutes:
         found = asyncio.run(many())
         assert all([r.address for r in f.records] == ["192.0.2.7"] for f in found)
         assert dns_server.count("mx.shared.test", "A") == 1
+
+
+def test_only_a_complete_route_with_ttl_0_serves_the_connections_it_opens(
+        dns_server: DnsServer) -> None:
+    """Answers with TTL 0 and nothing failed: the route says it may serve the connections
+    it opens (the deliverer keeps it for them); answers with a TTL are the resolver's to
+    keep, and a route with a failed lookup on the way is looked up again each time."""
+    dns_server.add_mx("zero.test", [(10, "mx.zero.test")], ttl=0)
+    dns_server.add_a("mx.zero.test", "192.0.2.1", ttl=0)
+    dns_server.add_mx("kept.test", [(10, "mx.kept.test")], ttl=300)
+    dns_server.add_a("mx.kept.test", "192.0.2.2", ttl=300)
+    dns_server.add_mx("part.test", [(10, "bad.part.test"), (20, "mx.zero.test")], ttl=0)
+    dns_server.fail("bad.part.test", "servfail")
+    resolver = make_resolver(dns_server)
+    assert ok(route(resolver, "zero.test")).reuse_while_connected
+    assert not ok(route(resolver, "kept.test")).reuse_while_connected
+    partial = ok(route(resolver, "part.test"))
+    assert partial.addresses == ["192.0.2.1"] and not partial.reuse_while_connected
+    assert not ok(route(resolver, "[192.0.2.3]")).reuse_while_connected

@@ -12,8 +12,8 @@ before sending, the scheduler's hold check is asked again (a campaign may have b
 paused while the item waited), then the transforms rewrite what is sent, in order.
 
 Routes come from the resolver, which keeps them for their answers' TTL. A route it does
-not keep (TTL 0) is used again without a lookup while a connection of its pool is up, for
-at most ROUTE_REUSE_LIMIT since the lookup (`RouteInUse`).
+not keep (TTL 0, nothing failed) is used again without a lookup while a connection of its
+pool is up, for at most ROUTE_REUSE_LIMIT since the lookup (`RouteInUse`).
 
 TLS: each domain's plan (mta/delivery/tls: the mode, DANE, MTA-STS) says which MX hosts
 may be used and what each must offer; hosts it excludes are never contacted, and a
@@ -69,11 +69,11 @@ PACE_MEMORY = 1.0  # a pool whose connections waited for the pace this lately op
 # the pace the receiver accepts them, not all at once (a storm of connections from one
 # address is what receivers punish, and each surplus connection stays open).
 OPENING_AT_ONCE = 2
-# A route the resolver does not keep (answers with TTL 0) stays in use, without a new
-# lookup, while a connection of its pool is up, for at most this long since the lookup
-# (Postfix's smtp_connection_reuse_time_limit): mail for such a domain goes on over the
-# open connections, as Postfix's smtp client finds a cached connection by the domain
-# before any DNS lookup. Routes with longer-lived answers are the resolver's to keep.
+# A route the resolver does not keep (answers with TTL 0, none failed) stays in use,
+# without a new lookup, while a connection of its pool is up, for at most this long since
+# the lookup (Postfix's smtp_connection_reuse_time_limit): mail for such a domain goes on
+# over the open connections, as Postfix's smtp client finds a cached connection by the
+# domain before any DNS lookup. Routes with longer-lived answers are the resolver's to keep.
 ROUTE_REUSE_LIMIT = 300.0
 MAX_ROUTES_IN_USE = 10_000
 
@@ -263,7 +263,7 @@ class Deliverer:
                                           LaneQueue(self.cfg.delivery.bulk_min_share),
                                           source=source)
         pool.queue.append(item)
-        if not route.kept:
+        if route.reuse_while_connected:
             self._keep_in_use(item.domain, RouteInUse(
                 route, in_use.since if in_use else time.monotonic(), pool))
         self._kick(pool)

@@ -20,8 +20,9 @@ preference is drawn again at each use. A route used in the last tenth of its lif
 looked up again in the background, past the answer cache (`prefetch`), so that the
 destinations in use never wait for their lookup when their answers expire. Identical
 queries in flight at once share one (`MxResolver.lookup`), as routes of one domain do.
-A route whose answers expire at once (TTL 0) is not kept and says so (`Route.kept`): the
-deliverer then uses it for the connections it opened (mta.delivery.deliverer).
+A route whose answers expire at once (TTL 0) is not kept; when nothing failed on the way
+it says it may serve the connections it opens (`Route.reuse_while_connected`), which the
+deliverer does (mta.delivery.deliverer).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class Route:
     hosts: tuple[Host, ...]
     implicit: bool = False  # no MX records: the domain's own A/AAAA
     secure: bool = False  # the MX answer was authenticated (AD from a validating resolver)
-    kept: bool = True  # False: answers that expire at once (TTL 0), not kept by the resolver
+    # answers that expire at once (TTL 0), none failed: not kept by the resolver, but good
+    # for the connections they open (mta.delivery.deliverer)
+    reuse_while_connected: bool = False
 
     def targets(self) -> list[tuple[Host, str]]:
         """(host, address) pairs in the order to try them."""
@@ -378,9 +381,10 @@ class MxResolver:
 
     async def _route_and_keep(self, domain: str, fresh: bool) -> Route | RouteError:
         result, expires = await self._route(domain, fresh)
-        if isinstance(result, Route) and not self.routes.put(domain, result, time.time(),
-                                                              expires):
-            result = replace(result, kept=False)
+        if isinstance(result, Route):
+            kept = self.routes.put(domain, result, time.time(), expires)
+            if not kept and expires > 0:  # 0: a literal, or a DNS failure on the way
+                result = replace(result, reuse_while_connected=True)
         return result
 
     async def _route(self, domain: str, fresh: bool = False

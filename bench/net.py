@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import subprocess
 import time
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def family(host: str) -> socket.AddressFamily:
@@ -20,16 +22,31 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def free_port(*hosts: str, attempts: int = 50) -> int:
-    """A TCP port that is free on every one of `hosts` (127.0.0.1 if none) right now."""
+def free_port(*hosts: str, attempts: int = 200) -> int:
+    """A TCP port that is free on every one of `hosts` (127.0.0.1 if none) right now.
+
+    Drawn below the kernel's ephemeral range, never from bind(0): a port the kernel hands
+    out can be given again, as the source port of any outgoing connection, between this
+    check and the server's own bind (seen: an engine failing to listen)."""
     hosts = hosts or (LOOPBACK,)
+    low, high = listen_range()
     for _ in range(attempts):
-        with socket.socket(family(hosts[0])) as probe:
-            probe.bind((hosts[0], 0))
-            port: int = probe.getsockname()[1]
-        if all(port_is_free(host, port) for host in hosts[1:]):
+        port = random.randint(low, high)
+        if all(port_is_free(host, port) for host in hosts):
             return port
     raise OSError(errno.EADDRINUSE, f"no TCP port free on all of {list(hosts)}")
+
+
+def listen_range(path: str = EPHEMERAL_RANGE) -> tuple[int, int]:
+    """Ports for listeners: the 12,000 below the ephemeral range (Linux's
+    ip_local_port_range; 32768-60999 when it cannot be read)."""
+    try:
+        with open(path) as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    first = max(first, 2048)
+    return max(1024, first - 12_000), first - 1
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -264,3 +264,21 @@ def test_soak_windows_cut_the_run_and_judge_it() -> None:
     assert rows[0].accepted_rate == 100.0 and rows[0].delivered_rate == 90.0
     assert rows[1].p99_ms == 30.0 and rows[1].memory_mib == 74.0
     assert verdict(rows)[0] == "memory: 60.0 -> 74.0 MiB (+14.0 MiB in 14 s)"
+
+
+def test_free_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
+    """A port the kernel may give an outgoing connection is never handed to a listener."""
+    import socket
+
+    from bench.net import free_port, listen_range
+
+    low, high = listen_range()
+    for _ in range(20):
+        port = free_port("127.0.0.1", "127.0.0.2")
+        assert low <= port <= high
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("40000\t60999\n")
+    assert listen_range(str(ranges)) == (28000, 39999)
+    assert listen_range(str(tmp_path / "missing")) == (20768, 32767)

@@ -192,6 +192,10 @@ class DeliveryConfig:
     max_concurrent_deliveries: int = 2000
     transactional_slots: int = 100  # of max_concurrent_deliveries, kept free of bulk mail
     bulk_min_share: float = 0.2  # of a destination's sends, kept for bulk while both wait
+    # While intake keeps a worker CPU-bound, bulk delivery takes no new work for this long
+    # (0: never yields), then works for deliver_between_yields (mta.queue.intake_first).
+    yield_to_intake: float = 4.0
+    deliver_between_yields: float = 1.0
     connection_idle_timeout: float = 30.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -715,6 +719,18 @@ def _check_operator_address(value: str) -> None:
 def _check_not_negative(value: int) -> None:
     if value < 0:
         raise ValueError("must be 0 (no limit) or more")
+
+
+@_validator("delivery", "yield_to_intake")
+def _check_yield(value: float) -> None:
+    if value < 0:
+        raise ValueError("seconds: 0 (never yields) or more")
+
+
+@_validator("delivery", "deliver_between_yields")
+def _check_between_yields(value: float) -> None:
+    if value <= 0:
+        raise ValueError("seconds: more than 0")
 
 
 @_validator("bounce", "max_report_size")

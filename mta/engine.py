@@ -66,6 +66,7 @@ from mta.metrics import LiveParts
 from mta.outbox.wiring import start_outbox
 from mta.policy import PolicyGuard, check_policy
 from mta.queue.commit import GroupCommitter
+from mta.queue.intake_first import IntakeFirst, LoopBusy
 from mta.queue.rules import RateCache, RuleCheck, RuleExpiry
 from mta.queue.schedule import windows_of
 from mta.queue.scheduler import Scheduler, chain_recorders
@@ -253,7 +254,8 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                           bounce_check=rules, pace=account_paces(ctx, budget),
                           record_events=chain_recorders(
                               record_outcome_events(ctx, local_domains),
-                              source_noter(ctx.spool) if cfg.egress.sources else None))
+                              source_noter(ctx.spool) if cfg.egress.sources else None),
+                          intake_first=intake_first(ctx))
     if ctx.index == 0:  # one worker lifts expired rules
         expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
         expiry.start()
@@ -287,6 +289,17 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
 
     ctx.on_close(close)
     return Delivery(scheduler, deliverer, signer)
+
+
+def intake_first(ctx: WorkerContext) -> IntakeFirst | None:
+    """Bulk delivery's yield to a busy intake, reading the loop's business (None: off)."""
+    cfg = ctx.cfg.delivery
+    if cfg.yield_to_intake <= 0:
+        return None
+    loop_busy = LoopBusy()
+    loop_busy.start()
+    ctx.on_close(loop_busy.close)
+    return IntakeFirst(loop_busy, cfg.yield_to_intake, cfg.deliver_between_yields)
 
 
 def run_worker(cfg: Config, index: int, workers: int) -> None:

@@ -201,6 +201,9 @@ class EngineMetrics:
                                multiprocess_mode="livesum", registry=r)
         self.dkim = Counter("mta_dkim_signatures", "Outgoing messages signed or left unsigned",
                             ["result"], registry=r)
+        self.intake_yields = Counter("mta_delivery_intake_yields",
+                                     "Times bulk delivery yielded to a busy intake "
+                                     "([delivery] yield_to_intake)", registry=r)
         self.commits = Counter("mta_spool_commits", "Spool write transactions (fsyncs)",
                                registry=r)
         self.commit_ops = Counter("mta_spool_commit_operations",
@@ -292,6 +295,9 @@ class EngineMetrics:
             self.in_flight.set(len(live.scheduler.in_flight))
             if live.scheduler.pace is not None:
                 self.sample_paces(live.scheduler.pace)
+            if live.scheduler.intake_first is not None:
+                self._advance("intake_yields", live.scheduler.intake_first.yields,
+                              self.intake_yields)
         if live.signer is not None:
             self._advance("signed", live.signer.signed, self.dkim.labels("signed"))
             self._advance("unsigned", live.signer.unsigned, self.dkim.labels("unsigned"))

@@ -123,14 +123,17 @@ def test_sampled_connections_dkim_and_commits() -> None:
     signer = SimpleNamespace(signed=10, unsigned=1)
     counts = {"refused_suppressed": 2, "pauses": 1}
     guard = SimpleNamespace(metrics=lambda: dict(counts))
-    live = LiveParts(deliverer=deliverer, scheduler=SimpleNamespace(in_flight={b"j1"}, pace=None),
-                     signer=signer, guard=guard)  # type: ignore[arg-type]
+    yields = SimpleNamespace(yields=2)
+    scheduler = SimpleNamespace(in_flight={b"j1"}, pace=None, intake_first=yields)
+    live = LiveParts(deliverer=deliverer, scheduler=scheduler, signer=signer,
+                     guard=guard)  # type: ignore[arg-type]
     ctx = SimpleNamespace(index=0, committer=SimpleNamespace(commits=4, operations=9))
     assert pool_connections(deliverer, m.providers) == {"gmail": 3, "other": 2}
     m.sample(ctx, live)  # type: ignore[arg-type]
     signer.signed = 15
     counts["refused_suppressed"] = 5
     gmail.workers = 0
+    yields.yields = 3
     m.sample(ctx, live)  # type: ignore[arg-type]
     got = families(m.registry)
     assert got["mta_open_connections"] == {(("provider", "gmail"),): 0.0,
@@ -142,6 +145,7 @@ def test_sampled_connections_dkim_and_commits() -> None:
                                                (("action", "refused_suppressed"),): 5.0}
     assert got["mta_spool_commits_total"][()] == 4.0
     assert got["mta_spool_commit_operations_total"][()] == 9.0
+    assert got["mta_delivery_intake_yields_total"][()] == 3.0
 
 
 WRITER = textwrap.dedent("""

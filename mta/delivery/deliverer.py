@@ -148,6 +148,11 @@ class Pool:
     source: Source | None = None  # the egress source its connections bind (None: [delivery])
     paced_at: float = -PACE_MEMORY  # when one last had to wait (monotonic)
 
+    @property
+    def connected(self) -> bool:
+        """At least one of its connections is up (started and past opening)."""
+        return self.workers > self.opening
+
     def pace_bound(self) -> bool:
         """The destination's pace, not the connection count, limits this pool now: one
         more connection could not send sooner (it would only take a connection slot
@@ -271,7 +276,7 @@ class Deliverer:
     def _keep_in_use(self, domain: str, in_use: RouteInUse) -> None:
         if domain not in self._routes_in_use and len(self._routes_in_use) >= MAX_ROUTES_IN_USE:
             self._routes_in_use = {d: u for d, u in self._routes_in_use.items()
-                                   if u.pool.workers > u.pool.opening}
+                                   if u.pool.connected}
             if len(self._routes_in_use) >= MAX_ROUTES_IN_USE:
                 return
         self._routes_in_use[domain] = in_use
@@ -282,8 +287,7 @@ class Deliverer:
         in_use = self._routes_in_use.get(domain)
         if in_use is None:
             return None
-        connected = in_use.pool.workers > in_use.pool.opening
-        if connected and time.monotonic() - in_use.since < ROUTE_REUSE_LIMIT:
+        if in_use.pool.connected and time.monotonic() - in_use.since < ROUTE_REUSE_LIMIT:
             return in_use
         del self._routes_in_use[domain]
         return None

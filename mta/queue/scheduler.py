@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from mta.config import DeliveryConfig
 from mta.queue.commit import GroupCommitter
+from mta.queue.intake_first import IntakeFirst
 from mta.queue.jobs import HoldResult, Job
 from mta.queue.outcome import AttemptOutcome, RcptResult, apply_attempt
 from mta.queue.schedule import Windows
@@ -123,7 +124,8 @@ class Scheduler:
                  windows: Windows | None = None,
                  bounce_check: BounceCheck | None = None,
                  pace: AccountPace | None = None,
-                 record_events: OutcomeRecorder | None = None) -> None:
+                 record_events: OutcomeRecorder | None = None,
+                 intake_first: IntakeFirst | None = None) -> None:
         self.spool = spool
         self.committer = committer
         self.cfg = cfg
@@ -135,6 +137,7 @@ class Scheduler:
         self.bounce_check = bounce_check  # an operator's bounce rule: its reason, or None
         self.pace = pace  # per-account rates: each message waits for its turn
         self.record_events = record_events  # an outcome's events, in its transaction
+        self.intake_first = intake_first  # bulk delivery yields to a busy intake
         self._turns: dict[bytes, float] = {}  # job id -> its reserved turn (time.time())
         self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
@@ -156,6 +159,8 @@ class Scheduler:
 
     def notify_stored(self, message: NewMessage) -> None:
         """Intake stored a message: look at once if any of its domains is ours."""
+        if self.intake_first is not None:
+            self.intake_first.stored()
         if any(self.owns(r.rpartition("@")[2].lower()) for r in message.recipients):
             self._wakeup.set()
 
@@ -211,7 +216,7 @@ class Scheduler:
         with self.spool.read() as txn:
             messages: dict[str, dict[str, Any]] = {}
             items, _ = self._collect(txn, now, b"", capacity, messages, transactional=True)
-            room = capacity - len(items) - reserve
+            room = self._bulk_room(capacity - len(items) - reserve)
             if room > 0:  # else the bulk scan resumes where it was, next time
                 bulk, last_ms = self._collect(txn, now, struct.pack(">Q", start_ms), room,
                                               messages)
@@ -220,6 +225,11 @@ class Scheduler:
         if items:
             self._background(self._start(items))
         return None if items else self._next_due_ms()
+
+    def _bulk_room(self, room: int) -> int:
+        """`room`, or less while bulk delivery yields to a busy intake."""
+        gate = self.intake_first.bulk_room(len(self.in_flight)) if self.intake_first else None
+        return room if gate is None else min(room, gate)
 
     def _collect(self, txn: Any, now: float, start: bytes, capacity: int,
                  messages: dict[str, dict[str, Any]], transactional: bool = False

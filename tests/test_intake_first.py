@@ -1,0 +1,206 @@
+"""Intake first: bulk delivery yields to a busy intake for a bounded time, then delivers
+between yields; never when intake is idle, the loop has CPU to spare, the kernel does not
+say, or a yield did not help intake. Units with a fake clock, then the scheduler on a
+real spool: a yielding gate keeps bulk jobs back and lets transactional ones go."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mta.config import ConfigError, DeliveryConfig, load_config
+from mta.queue.commit import GroupCommitter
+from mta.queue.intake_first import (
+    INTAKE_RECENT,
+    QUIET,
+    RUN_DEPTH,
+    IntakeFirst,
+    LoopBusy,
+    busy_ns,
+)
+from mta.queue.lanes import TRANSACTIONAL
+from mta.queue.scheduler import Item, Scheduler
+from mta.queue.spool import NewMessage, Spool
+
+YIELD_FOR, RUN_FOR = 4.0, 1.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Schedstat:
+    """A thread's /proc/thread-self/schedstat whose busy time the test sets."""
+
+    def __init__(self) -> None:
+        self.busy_ns = 0
+
+    def read(self) -> str:
+        return f"{self.busy_ns} 0 7\n"
+
+
+def _gate(busy: float = 1.0) -> tuple[IntakeFirst, Clock, LoopBusy]:
+    clock = Clock()
+    loop_busy = LoopBusy(read=lambda: "5 0 1", clock=clock)
+    loop_busy.known, loop_busy.share = True, busy
+    return IntakeFirst(loop_busy, YIELD_FOR, RUN_FOR, clock=clock), clock, loop_busy
+
+
+def _intake(gate: IntakeFirst, clock: Clock, seconds: float, rate: float) -> set[int | None]:
+    """Intake stores `rate` messages a second for `seconds`; the scheduler asks the gate
+    every 50 ms meanwhile. What the gate answered."""
+    answers: set[int | None] = set()
+    ask_every = max(1, int(rate * 0.05))
+    for n in range(int(seconds * rate)):
+        clock.now += 1 / rate
+        gate.stored()
+        if n % ask_every == 0:
+            answers.add(gate.bulk_room(0))
+    return answers
+
+
+def test_busy_share_comes_from_the_schedstat_readings() -> None:
+    assert busy_ns("123 456 7\n") == 579
+    clock, stat = Clock(), Schedstat()
+    loop_busy = LoopBusy(read=stat.read, clock=clock)
+    loop_busy.sample()
+    assert loop_busy.known and loop_busy.share == 0.0
+    for _ in range(20):  # running 90 % of the time
+        clock.now += 0.05
+        stat.busy_ns += 45_000_000
+        loop_busy.sample()
+    assert loop_busy.share == pytest.approx(0.9, abs=0.01)
+
+    def missing() -> str:
+        raise FileNotFoundError("/proc/thread-self/schedstat")
+
+    unknown = LoopBusy(read=missing, clock=clock)
+    unknown.sample()
+    assert not unknown.known and unknown.total() is None
+
+
+def test_bulk_yields_to_a_busy_intake_then_delivers_between_yields() -> None:
+    gate, clock, loop_busy = _gate(busy=0.5)
+    assert _intake(gate, clock, 1.0, 1000) == {None}  # the loop has CPU to spare
+    loop_busy.share = 1.0
+    assert gate.bulk_room(500) == 0 and gate.yields == 1
+    assert _intake(gate, clock, YIELD_FOR - 0.5, 3000) == {0}  # intake runs faster
+    clock.now += 0.6
+    gate.stored()
+    assert gate.bulk_room(30) == RUN_DEPTH - 30  # between yields, not at full depth
+    assert gate.bulk_room(RUN_DEPTH + 5) == 0
+    clock.now += RUN_FOR
+    gate.stored()
+    assert gate.bulk_room(0) == 0 and gate.yields == 2  # pressed still: yields again
+
+
+def test_a_yield_ends_when_intake_pauses() -> None:
+    gate, clock, loop_busy = _gate(busy=0.5)
+    _intake(gate, clock, 1.0, 1000)
+    loop_busy.share = 1.0
+    assert _intake(gate, clock, 1.0, 3000) == {0}
+    clock.now += INTAKE_RECENT
+    assert gate.bulk_room(0) == RUN_DEPTH
+    clock.now += RUN_FOR
+    assert gate.bulk_room(0) is None  # intake is idle: full depth
+    assert gate.yields == 1
+
+
+def test_no_yield_without_both_intake_and_a_cpu_bound_loop() -> None:
+    gate, clock, loop_busy = _gate(busy=0.5)
+    assert _intake(gate, clock, 2.0, 1000) == {None}  # the loop has CPU to spare
+    loop_busy.share = 1.0
+    clock.now += 2 * INTAKE_RECENT
+    assert gate.bulk_room(0) is None  # intake is idle
+    loop_busy.known = False
+    assert _intake(gate, clock, 1.0, 1000) == {None}  # the kernel does not say
+    off = IntakeFirst(loop_busy, 0.0, RUN_FOR, clock=clock)
+    loop_busy.known = True
+    assert _intake(off, clock, 1.0, 1000) == {None}  # yield_to_intake = 0
+    assert gate.yields == off.yields == 0
+
+
+def test_a_yield_that_intake_did_not_use_is_not_repeated_for_a_while() -> None:
+    """A client trickling mail into a worker busy with its backlog: the loop is busy with
+    delivery, and yielding does not make intake any faster."""
+    gate, clock, loop_busy = _gate(busy=0.5)
+    _intake(gate, clock, 1.0, 20)
+    loop_busy.share = 1.0
+    assert _intake(gate, clock, YIELD_FOR - 0.1, 20) == {0}
+    assert _intake(gate, clock, 0.2, 20) == {0, RUN_DEPTH}
+    assert _intake(gate, clock, RUN_FOR + 0.2, 20) == {RUN_DEPTH, None}
+    assert _intake(gate, clock, QUIET - RUN_FOR - 0.6, 20) == {None}  # though pressed
+    assert gate.yields == 1
+    assert 0 in _intake(gate, clock, 1.0, 20) and gate.yields == 2
+
+
+def test_delivery_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "mta.toml"
+    for setting in ("yield_to_intake = -1.0", "deliver_between_yields = 0.0"):
+        path.write_text(f"[delivery]\n{setting}\n")
+        with pytest.raises(ConfigError, match=setting.split()[0]):
+            load_config(path)
+    path.write_text("[delivery]\nyield_to_intake = 0.0\n")
+    assert load_config(path).delivery.yield_to_intake == 0.0
+
+
+@pytest.mark.asyncio
+async def test_the_scheduler_holds_bulk_back_while_it_yields(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 64 * 1024**2)
+    committer = GroupCommitter(spool)
+    committer.start()
+    gate, clock, _ = _gate()
+    scheduler = Scheduler(spool, committer, DeliveryConfig(), 0, 1,
+                          on_outcome=lambda item, outcome: None,
+                          build_dsn=lambda message, failed, expired: None, intake_first=gate)
+    dispatched: asyncio.Queue[Item] = asyncio.Queue()
+    bulk = NewMessage("s@shop.test", ["a@x.test"], b"Subject: b\r\n\r\nx\r\n")
+    fast = NewMessage("s@shop.test", ["b@x.test"], b"Subject: t\r\n\r\nx\r\n",
+                      lane=TRANSACTIONAL)
+    try:
+        _intake(gate, clock, 1.0, 1000)
+        assert gate.bulk_room(0) == 0 and gate.yields == 1  # yielding from now on
+        spool.apply([spool.store_op(bulk), spool.store_op(fast)])
+        scheduler.notify_stored(fast)
+        scheduler.start(dispatched.put_nowait)
+        async with asyncio.timeout(10):
+            first = await dispatched.get()
+        assert first.job.msg == fast.id
+        scheduler.scan()
+        assert scheduler.in_flight == {f"{fast.id}.0".encode()}  # bulk stays back
+        clock.now += 2 * INTAKE_RECENT  # intake paused: the yield ends
+        scheduler.wake()
+        async with asyncio.timeout(10):
+            second = await dispatched.get()
+        assert second.job.msg == bulk.id
+    finally:
+        await scheduler.stop()
+        await committer.close()
+        spool.close()
+
+
+@pytest.mark.asyncio
+async def test_loop_busy_reads_on_a_timer_until_closed() -> None:
+    stat = Schedstat()
+    readings: list[int] = []
+
+    def read() -> str:
+        readings.append(stat.busy_ns)
+        return stat.read()
+
+    loop_busy = LoopBusy(read=read, tick=0.001)
+    loop_busy.start()
+    async with asyncio.timeout(10):
+        while len(readings) < 3:
+            await asyncio.sleep(0.001)
+    await loop_busy.close()
+    count = len(readings)
+    for _ in range(5):
+        await asyncio.sleep(0.002)
+    assert loop_busy.known and len(readings) == count

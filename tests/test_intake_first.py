@@ -14,6 +14,7 @@ from mta.config import ConfigError, DeliveryConfig, load_config
 from mta.queue.commit import GroupCommitter
 from mta.queue.intake_first import (
     INTAKE_RECENT,
+    PAUSE,
     QUIET,
     RUN_DEPTH,
     IntakeFirst,
@@ -89,15 +90,28 @@ def test_bulk_yields_to_a_busy_intake_then_delivers_between_yields() -> None:
     gate, clock, loop_busy = _gate(busy=0.5)
     assert _intake(gate, clock, 1.0, 1000) == {None}  # the loop has CPU to spare
     loop_busy.share = 1.0
-    assert gate.bulk_room(500) == 0 and gate.yields == 1
+    assert gate.bulk_room(5) == 0 and gate.yields == 1
     assert _intake(gate, clock, YIELD_FOR - 0.5, 3000) == {0}  # intake runs faster
     clock.now += 0.6
     gate.stored()
-    assert gate.bulk_room(30) == RUN_DEPTH - 30  # between yields, not at full depth
+    assert gate.bulk_room(5) == RUN_DEPTH - 5  # between yields, not at full depth
     assert gate.bulk_room(RUN_DEPTH + 5) == 0
     clock.now += RUN_FOR
     gate.stored()
     assert gate.bulk_room(0) == 0 and gate.yields == 2  # pressed still: yields again
+    clock.now += YIELD_FOR
+    gate.stored()
+    assert gate.bulk_room(0) == RUN_DEPTH - 0  # the episode's depth, as at its start
+
+
+def test_between_yields_delivery_goes_as_deep_as_before_the_first() -> None:
+    """Deliveries waiting on remote servers: as many stay in flight between yields."""
+    gate, clock, loop_busy = _gate(busy=0.5)
+    _intake(gate, clock, 1.0, 1000)
+    loop_busy.share = 1.0
+    assert gate.bulk_room(900) == 0
+    _intake(gate, clock, YIELD_FOR + 0.1, 3000)
+    assert gate.bulk_room(700) == 200
 
 
 def test_a_yield_ends_when_intake_pauses() -> None:
@@ -106,6 +120,8 @@ def test_a_yield_ends_when_intake_pauses() -> None:
     loop_busy.share = 1.0
     assert _intake(gate, clock, 1.0, 3000) == {0}
     clock.now += INTAKE_RECENT
+    assert gate.bulk_room(0) == 0  # a gap between two messages is no pause
+    clock.now += PAUSE
     assert gate.bulk_room(0) == RUN_DEPTH
     clock.now += RUN_FOR
     assert gate.bulk_room(0) is None  # intake is idle: full depth
@@ -174,7 +190,7 @@ async def test_the_scheduler_holds_bulk_back_while_it_yields(tmp_path: Path) -> 
         assert first.job.msg == fast.id
         scheduler.scan()
         assert scheduler.in_flight == {f"{fast.id}.0".encode()}  # bulk stays back
-        clock.now += 2 * INTAKE_RECENT  # intake paused: the yield ends
+        clock.now += PAUSE + 0.01  # intake paused: the yield ends
         scheduler.wake()
         async with asyncio.timeout(10):
             second = await dispatched.get()

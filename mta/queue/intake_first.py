@@ -4,15 +4,16 @@ While a worker's intake stores mail and its event loop is CPU-bound (the loop's 
 running or waiting for a CPU at least `BUSY_SHARE` of the time, from the kernel's
 scheduler statistics), every bulk delivery it starts delays the 250s that its clients
 wait for. Bulk delivery then takes no new work for `[delivery] yield_to_intake` seconds
-(or until intake pauses), then takes work again for `deliver_between_yields` seconds, at
-most `RUN_DEPTH` items deep (a backlog dispatched at full depth would starve intake in
-turn), and so on while the pressure lasts: clients get their replies at intake's speed,
+(or until intake pauses `PAUSE`), then takes work again for `deliver_between_yields`
+seconds, as deep as it was when the first yield began and at least `RUN_DEPTH` deep (the
+backlog taken at full depth would starve intake in turn), and so on while the pressure
+lasts: clients get their replies at intake's speed,
 the spool keeps what they send (as Postfix's smtpd processes accept ahead of its queue
 manager), and delivery keeps a share of the time however long clients go on sending.
 The transactional lane never yields, and deliveries already under way go on.
 
 A yield is repeated only while it is used: if intake stored no faster while bulk
-delivery yielded (`USED`), what kept the loop busy was delivery itself, not intake (a
+delivery yielded (`USED`, judged on yields of `JUDGED_AFTER` or more), what kept the loop busy was delivery itself, not intake (a
 client trickling mail into a worker busy with a backlog), and bulk delivery does not
 yield again for `QUIET` seconds. Where the kernel does not say (no
 /proc/thread-self/schedstat), nothing yields.
@@ -29,11 +30,13 @@ from pathlib import Path
 
 BUSY_SHARE = 0.8  # of the time running or waiting for a CPU: the loop is CPU-bound
 INTAKE_RECENT = 0.1  # seconds since intake stored a message: intake is active
+PAUSE = 0.3  # seconds without a message stored that end a yield: intake paused
+JUDGED_AFTER = 1.0  # a yield this long or longer tells whether intake used it
 USED = 1.2  # a yield is used if intake stores this many times faster during it
 QUIET = 30.0  # seconds without yields after a yield that intake did not use
 RATE_WINDOW = 1.0  # intake's rate before a yield is measured over about this long
 MARK_EVERY = 0.1
-RUN_DEPTH = 100  # bulk items in flight at most between two yields
+RUN_DEPTH = 20  # bulk items in flight at most between two yields, or as many as before
 TICK = 0.05  # seconds between readings of the loop thread's scheduler statistics
 SMOOTHING = 0.5  # weight of the newest reading in the running busy share
 SCHEDSTAT = Path("/proc/thread-self/schedstat")
@@ -115,6 +118,7 @@ class IntakeFirst:
         self._marks: deque[tuple[float, int]] = deque()  # (time, stored_count), 1 s back
         self._yield: Yield | None = None
         self._run_until = float("-inf")
+        self._run_depth = RUN_DEPTH
         self._quiet_until = float("-inf")
 
     def stored(self) -> None:
@@ -124,19 +128,22 @@ class IntakeFirst:
 
     def bulk_room(self, in_flight: int) -> int | None:
         """How many more bulk items delivery may take now: None for no limit of this
-        gate's, 0 while it yields, up to `RUN_DEPTH` in flight between two yields."""
+        gate's, 0 while it yields; between two yields, as many as were in flight when the
+        first of them began, and at least `RUN_DEPTH`."""
         if self.yield_for <= 0:
             return None
         now = self.clock()
         if self._yield is not None:
-            if now < self._yield.until and self._intake_active(now):
+            if now < self._yield.until and now - self._stored_at < PAUSE:
                 return 0
             self._end_yield(now)
         self._mark(now)
         if now < self._run_until:
-            return max(0, RUN_DEPTH - in_flight)
+            return max(0, self._run_depth - in_flight)
         if now < self._quiet_until or not self._pressed(now):
             return None
+        if now - self._run_until > self.run_for:  # not straight after a run: a new episode
+            self._run_depth = max(RUN_DEPTH, in_flight)
         self._yield = Yield(now, now + self.yield_for, self.stored_count, self._recent_rate(now))
         self.yields += 1
         return 0
@@ -161,7 +168,7 @@ class IntakeFirst:
         return (self.stored_count - count) / (now - since) if now > since else 0.0
 
     def _end_yield(self, now: float) -> None:
-        """Delivery takes work again, at most `RUN_DEPTH` deep for `run_for`. If intake
+        """Delivery takes work again for `run_for`, no deeper than before. If intake
         stored no faster while delivery yielded, the yield was not what intake needed
         (or intake stopped): no yield for `QUIET`."""
         done, self._yield = self._yield, None

@@ -184,6 +184,8 @@ def test_suspension_rule_holds_one_destination_and_lifts(tmp_path, dns_server,
         if time.time() < until - 0.1:
             sessions_held = held.sessions
         assert wait_until(lambda: held.accepted == 7, timeout=until - time.time() + 10)
+        assert wait_until(lambda: len([e for e in events(tmp_path, "Delivery")  # recorded
+                                       if e["recipient"].endswith("@held.test")]) == 7)
     finally:
         engine.stop()
 

@@ -122,10 +122,11 @@ def test_a_yield_ends_when_intake_pauses() -> None:
     clock.now += INTAKE_RECENT
     assert gate.bulk_room(0) == 0  # a gap between two messages is no pause
     clock.now += PAUSE
-    assert gate.bulk_room(0) == RUN_DEPTH
+    assert gate.bulk_room(0) is None  # the yield ended; intake paused: full depth
+    gate.stored()
+    assert gate.bulk_room(0) == RUN_DEPTH  # intake again before the run is over: capped
     clock.now += RUN_FOR
-    assert gate.bulk_room(0) is None  # intake is idle: full depth
-    assert gate.yields == 1
+    assert gate.bulk_room(0) is None and gate.yields == 1
 
 
 def test_no_yield_without_both_intake_and_a_cpu_bound_loop() -> None:

@@ -5,9 +5,9 @@ running or waiting for a CPU at least `BUSY_SHARE` of the time, from the kernel'
 scheduler statistics), every bulk delivery it starts delays the 250s that its clients
 wait for. Bulk delivery then takes no new work for `[delivery] yield_to_intake` seconds
 (or until intake pauses `PAUSE`), then takes work again for `deliver_between_yields`
-seconds, as deep as it was when the first yield began and at least `RUN_DEPTH` deep (the
-backlog taken at full depth would starve intake in turn), and so on while the pressure
-lasts: clients get their replies at intake's speed,
+seconds, while intake goes on no deeper than when the first yield began and at least
+`RUN_DEPTH` deep (the backlog taken at full depth would starve intake in turn), and so on
+while the pressure lasts: clients get their replies at intake's speed,
 the spool keeps what they send (as Postfix's smtpd processes accept ahead of its queue
 manager), and delivery keeps a share of the time however long clients go on sending.
 The transactional lane never yields, and deliveries already under way go on.
@@ -128,8 +128,8 @@ class IntakeFirst:
 
     def bulk_room(self, in_flight: int) -> int | None:
         """How many more bulk items delivery may take now: None for no limit of this
-        gate's, 0 while it yields; between two yields, as many as were in flight when the
-        first of them began, and at least `RUN_DEPTH`."""
+        gate's, 0 while it yields; between two yields while intake goes on, as many as
+        were in flight when the first of them began, and at least `RUN_DEPTH`."""
         if self.yield_for <= 0:
             return None
         now = self.clock()
@@ -138,8 +138,9 @@ class IntakeFirst:
                 return 0
             self._end_yield(now)
         self._mark(now)
-        if now < self._run_until:
-            return max(0, self._run_depth - in_flight)
+        if now < self._run_until:  # capped while intake goes on
+            paused = now - self._stored_at >= PAUSE
+            return None if paused else max(0, self._run_depth - in_flight)
         if now < self._quiet_until or not self._pressed(now):
             return None
         if now - self._run_until > self.run_for:  # not straight after a run: a new episode

@@ -7,15 +7,15 @@ wait for. Bulk delivery then takes no new work for `[delivery] yield_to_intake` 
 (or until intake pauses `PAUSE`), then takes work again for `deliver_between_yields`
 seconds, while intake goes on no deeper than when the first yield began and at least
 `RUN_DEPTH` deep (the backlog taken at full depth would starve intake in turn), and so on
-while the pressure lasts: clients get their replies at intake's speed,
-the spool keeps what they send (as Postfix's smtpd processes accept ahead of its queue
+while the pressure lasts: clients get their replies at intake's speed, the spool keeps
+what they send (as Postfix's smtpd processes accept ahead of its queue
 manager), and delivery keeps a share of the time however long clients go on sending.
 The transactional lane never yields, and deliveries already under way go on.
 
 A yield is repeated only while it is used: if intake stored no faster while bulk
-delivery yielded (`USED`, judged on yields of `JUDGED_AFTER` or more), what kept the loop busy was delivery itself, not intake (a
-client trickling mail into a worker busy with a backlog), and bulk delivery does not
-yield again for `QUIET` seconds. Where the kernel does not say (no
+delivery yielded (`USED`), what kept the loop busy was delivery itself, not intake (a
+client trickling mail into a worker busy with a backlog), or intake stopped, and bulk
+delivery does not yield again for `QUIET` seconds. Where the kernel does not say (no
 /proc/thread-self/schedstat), nothing yields.
 """
 
@@ -31,11 +31,10 @@ from pathlib import Path
 BUSY_SHARE = 0.8  # of the time running or waiting for a CPU: the loop is CPU-bound
 INTAKE_RECENT = 0.1  # seconds since intake stored a message: intake is active
 PAUSE = 0.3  # seconds without a message stored that end a yield: intake paused
-JUDGED_AFTER = 1.0  # a yield this long or longer tells whether intake used it
 USED = 1.2  # a yield is used if intake stores this many times faster during it
 QUIET = 30.0  # seconds without yields after a yield that intake did not use
 RATE_WINDOW = 1.0  # intake's rate before a yield is measured over about this long
-MARK_EVERY = 0.1
+MARK_EVERY = 0.1  # seconds between the (time, count) marks intake's rate is taken from
 RUN_DEPTH = 20  # bulk items in flight at most between two yields, or as many as before
 TICK = 0.05  # seconds between readings of the loop thread's scheduler statistics
 SMOOTHING = 0.5  # weight of the newest reading in the running busy share

@@ -41,6 +41,7 @@ from bench.rig.sinks import (
     envelope_address,
     faults_from_json,
     faults_to_json,
+    memory_dir,
     parse_capture,
     parse_counters,
     smtp_sink_command,
@@ -280,6 +281,12 @@ class TestSmtpSink:
         assert message.mail_from.startswith("<sender@src.test>")
         assert [r.split()[0] for r in message.rcpt_tos] == ["<a@dest.test>", "<b@dest.test>"]
         assert message.data == MESSAGE
+        # kept in memory where the machine has room (its per-message temporary files
+        # cost a disk file system as much CPU as the MTA under test)
+        assert sink.capture_file is not None
+        where = memory_dir()
+        if where is not None:
+            assert sink.capture_file.is_relative_to(where)
 
     def test_hard_and_soft_recipient_rejects(self, smtp_sink_factory: SinkFactory) -> None:
         hard: SmtpSink = smtp_sink_factory("127.0.0.2", hard_reject=["RCPT"])

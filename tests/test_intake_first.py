@@ -119,7 +119,7 @@ def test_a_yield_ends_when_intake_pauses() -> None:
     _intake(gate, clock, 1.0, 1000)
     loop_busy.share = 1.0
     assert _intake(gate, clock, 1.0, 3000) == {0}
-    clock.now += INTAKE_RECENT
+    clock.now += PAUSE / 2
     assert gate.bulk_room(0) == 0  # a gap between two messages is no pause
     clock.now += PAUSE
     assert gate.bulk_room(0) is None  # the yield ended; intake paused: full depth

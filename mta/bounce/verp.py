@@ -24,7 +24,6 @@ longer local part is produced (most MTAs accept it).
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import re
 from dataclasses import dataclass
@@ -118,12 +117,17 @@ def decode_token(secret: bytes, token: str) -> VerpToken | None:
 
 
 def _mac(secret: bytes, body: bytes) -> bytes:
-    return hmac.new(secret, _MAC_LABEL + body, hashlib.sha256).digest()[:MAC_BYTES]
+    return hmac.digest(secret, _MAC_LABEL + body, "sha256")[:MAC_BYTES]
+
+
+_BASE32 = re.compile(r"[A-Z2-7]+")
+_HEX_UPPER = re.compile(r"[0-9A-F]+")
+_HEX_LOWER = re.compile(r"[0-9a-f]+")
 
 
 def _b32decode(token: str) -> bytes | None:
     token = token.strip().upper()
-    if not token or not re.fullmatch(r"[A-Z2-7]+", token):
+    if not token or not _BASE32.fullmatch(token):
         return None
     try:
         return base64.b32decode(token + "=" * (-len(token) % 8))
@@ -132,9 +136,9 @@ def _b32decode(token: str) -> bytes | None:
 
 
 def _pack_id(message_id: str) -> tuple[int, bytes]:
-    if message_id and len(message_id) % 2 == 0 and re.fullmatch(r"[0-9A-F]+", message_id):
+    if message_id and len(message_id) % 2 == 0 and _HEX_UPPER.fullmatch(message_id):
         return _ID_HEX_UPPER, bytes.fromhex(message_id)
-    if message_id and len(message_id) % 2 == 0 and re.fullmatch(r"[0-9a-f]+", message_id):
+    if message_id and len(message_id) % 2 == 0 and _HEX_LOWER.fullmatch(message_id):
         return _ID_HEX_LOWER, bytes.fromhex(message_id)
     data = message_id.encode("utf-8")
     if len(data) > 255:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_DEPTH = 5
+_FIELD_START = re.compile(rb"\r\n(?![ \t])")  # a line end not followed by a fold
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _PARAM = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
 
 
@@ -51,7 +53,7 @@ def header_block(data: bytes, start: int, end: int) -> tuple[dict[str, str], int
             raise Unsimple
         block, body = data[start: at + 2], at + 4
     fields: dict[str, str] = {}
-    for line in re.split(rb"\r\n(?![ \t])", block):
+    for line in _FIELD_START.split(block):
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
         if colon and key in (b"content-type", b"content-transfer-encoding",
@@ -66,7 +68,7 @@ def content_type(value: str) -> tuple[str, dict[str, str]]:
     params = {}
     for name, raw in _PARAM.findall(value):
         if raw.startswith('"'):
-            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1])
         params[name.lower()] = raw
     return main, params
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ def _unb64(text: str) -> bytes:
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.new(secret, _MAC_LABEL + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+    return hmac.digest(secret, _MAC_LABEL + payload, "sha256")[:_MAC_BYTES]
 
 
 def make_token(secret: bytes, account: str, campaign: str, recipient: str) -> str:

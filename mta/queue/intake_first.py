@@ -30,7 +30,7 @@ from pathlib import Path
 
 BUSY_SHARE = 0.8  # of the time running or waiting for a CPU: the loop is CPU-bound
 INTAKE_RECENT = 0.1  # seconds since intake stored a message: intake is active
-PAUSE = 0.3  # seconds without a message stored that end a yield: intake paused
+PAUSE = 0.1  # seconds without a message stored that end a yield: intake paused
 USED = 1.2  # a yield is used if intake stores this many times faster during it
 QUIET = 30.0  # seconds without yields after a yield that intake did not use
 RATE_WINDOW = 1.0  # intake's rate before a yield is measured over about this long

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ def _b64(data: bytes) -> str:
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.new(secret, _LABEL + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+    return hmac.digest(secret, _LABEL + payload, "sha256")[:_MAC_BYTES]
 
 
 def make_token(secret: bytes, target: TrackTarget) -> str:

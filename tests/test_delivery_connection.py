@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from bench.rig.sinks import Close, MessageIn, Reply, SinkFaults, SinkSession, StartTls
 from mta.delivery.connection import ConnectFailure, Connection, ConnectSettings, Target, connect
+from mta.delivery.protocol import prepare_data
 
 T = TypeVar("T")
 SENDER = "news@shop.test"
@@ -438,6 +439,47 @@ def test_what_the_server_receives_per_packet(run, pipelining: bool) -> None:
     else:
         assert chunks[:4] == commands.splitlines(keepends=True)
     assert chunks[-1] == b"QUIT\r\n"
+
+
+def test_the_next_transaction_goes_out_with_the_message_before_it(run) -> None:
+    """RFC 2920 3.1: the message may begin a pipelined group: the next MAIL, RCPT and
+    DATA travel with it, while the reply to the message is still to come."""
+    async def session() -> tuple[list[bytes], list[list[Any]]]:
+        async with RecordingServer(pipelining=True) as server:
+            conn = await open_one("127.0.0.2", server.port)
+            server.chunks.clear()
+            first = await conn.submit(SENDER, ["a@d.test"], DATA)
+            assert not first.done() and conn.usable  # its reply is still to come
+            second = await conn.submit(SENDER, ["b@d.test"], DATA)
+            results = [await first, await second]
+            await conn.close()
+            assert [m.rcpt_tos for m in server.messages] == [("a@d.test",), ("b@d.test",)]
+            return server.chunks, results
+
+    chunks, results = run(session())
+    assert [[r.code for r in each] for each in results] == [[250], [250]]
+    body = prepare_data(DATA)
+    second_commands = b"MAIL FROM:<news@shop.test> SIZE=%d\r\nRCPT TO:<b@d.test>\r\nDATA\r\n" % len(DATA)
+    assert body + second_commands in chunks  # one packet: the message, then the next commands
+    assert chunks[-2:] == [body, b"QUIT\r\n"]
+
+
+def test_421_to_a_message_with_the_next_transaction_pipelined(run, asyncio_sink_factory) -> None:
+    """The next transaction's commands were sent, its message was not: it is deferred
+    (4.4.2), never taken for a possible duplicate."""
+    sink = asyncio_sink_factory(host="127.0.0.2",
+                                faults=SinkFaults(dot_reply="421 4.7.0 too many messages"))
+
+    async def session() -> tuple[list[Any], list[Any], bool]:
+        conn = await open_one(sink.host, sink.port)
+        first = await conn.submit(SENDER, ["a@d.test"], DATA)
+        second = await conn.submit(SENDER, ["b@d.test"], DATA)
+        return await first, await second, conn.usable
+
+    first, second, usable = run(session())
+    assert codes(first) == [("a@d.test", 421, "4.7.0", False)]
+    assert [(r.code, r.enhanced, r.possible_duplicate) for r in second] == [(0, "4.4.2", False)]
+    assert not usable
 
 
 def test_ehlo_refused_falls_back_to_helo(run) -> None:

@@ -105,6 +105,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.error = ""  # why the connection cannot be used any more
         self.writes = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._held: list[bytes] = []  # written by write_soon, sent with the next write
 
     # --- asyncio callbacks ---------------------------------------------------------
 
@@ -134,16 +135,36 @@ class SmtpProtocol(asyncio.Protocol):
     # --- used by the connection ---------------------------------------------------
 
     @property
+    def open(self) -> bool:
+        """Connected, and no reason found to stop using the connection."""
+        return (self.transport is not None and not self.closed and not self.error
+                and not self.transport.is_closing())
+
+    @property
     def usable(self) -> bool:
         """Open, in step with the server, nothing unasked-for received."""
-        return (self.transport is not None and not self.closed and not self.error
-                and not self.transport.is_closing() and not self.replies
-                and not self.parser.pending)
+        return self.open and not self.replies and not self.parser.pending
 
     def write(self, data: bytes) -> None:
+        """Send `data` now, after whatever write_soon holds."""
+        if self._held:
+            self._held.append(data)
+            data = b"".join(self._held)
+            self._held.clear()
         if self.transport is not None and not self.transport.is_closing():
             self.writes += 1
             self.transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """Send `data` with the next write, or at the end of the loop's turn: what is
+        written meanwhile goes out in the same segment."""
+        if not self._held:
+            self.loop.call_soon(self._flush)
+        self._held.append(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            self.write(b"")
 
     async def reply(self, timeout: float) -> Reply:
         """The next reply; TimeoutError or _Lost when none comes."""
@@ -192,16 +213,31 @@ class Connection:
         self.sent = 0  # transactions run on this connection
         self._needs_reset = False
         self._busy = False
+        self._retired = False
+        # The transaction whose message is written and whose last reply is still to
+        # come, and the task that reads that reply: meanwhile the next transaction's
+        # commands may go (pipelined behind the message, RFC 2920 3.1).
+        self._tail: tuple[Transaction, asyncio.Future[list[RcptResult]]] | None = None
+        self._tail_reader: asyncio.Task[None] | None = None
 
     @property
     def usable(self) -> bool:
-        return not self._busy and self.protocol.usable
+        if self._busy or self._retired:
+            return False
+        if self._tail_reader is not None:  # the reply to the last message may be in
+            return self.protocol.open
+        return self.protocol.usable
+
+    def retire(self) -> None:
+        """Take no new transaction (the destination asked to slow down)."""
+        self._retired = True
 
     @property
     def pipelining(self) -> bool:
         return "PIPELINING" in self.extensions
 
     async def close(self) -> None:
+        await self.settle()
         protocol = self.protocol
         if protocol.usable:
             protocol.write(b"QUIT\r\n")
@@ -214,14 +250,31 @@ class Connection:
         protocol.abort()
 
     async def send(self, sender: str, recipients: list[str], data: bytes) -> list[RcptResult]:
-        """One transaction; a result for every recipient. Never raises for SMTP trouble."""
+        """One transaction, to its last reply; a result for every recipient. Never
+        raises for SMTP trouble."""
+        future = await self.submit(sender, recipients, data)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the session is out of step
+            self.protocol.abort()
+            raise
+
+    async def submit(self, sender: str, recipients: list[str], data: bytes
+                     ) -> asyncio.Future[list[RcptResult]]:
+        """Start one transaction and return once its message is handed to the wire (or
+        the transaction ended sooner); the future gives a result for every recipient
+        once the last reply is read. With PIPELINING, the reply to the message is read
+        while the next transaction's commands go out behind it. Never raises (nor fails
+        the future) for SMTP trouble."""
         if self._busy:
             raise RuntimeError("one transaction at a time on a connection")
         host = self.target.host
-        if not self.protocol.usable:
+        future: asyncio.Future[list[RcptResult]] = self.protocol.loop.create_future()
+        if not (self.protocol.open if self._tail_reader else self.protocol.usable):
             why = self.protocol.error or "connection is not usable"
-            return [RcptResult(r, 0, why, LOST_STATUS, host, tls=self.tls_fields)
-                    for r in recipients]
+            future.set_result([RcptResult(r, 0, why, LOST_STATUS, host, tls=self.tls_fields)
+                               for r in recipients])
+            return future
         tx = Transaction(sender, recipients, data, extensions=self.extensions, mx=host,
                          reset_first=self._needs_reset)
         self._busy = True
@@ -232,35 +285,76 @@ class Connection:
             raise
         finally:
             self._busy = False
+        self.sent += 1
+        if tx.done:
+            self._finish(tx, future)
+        else:
+            self._tail = (tx, future)
+            self._tail_reader = asyncio.get_running_loop().create_task(self._read_tail())
+        return future
+
+    async def settle(self) -> None:
+        """Wait until the reply to the last message written is read."""
+        if self._tail_reader is not None:
+            with contextlib.suppress(Exception):
+                await self._tail_reader
+
+    def _finish(self, tx: Transaction, future: asyncio.Future[list[RcptResult]]) -> None:
         if tx.close:
             self.protocol.abort()
         self._needs_reset = tx.needs_reset
-        self.sent += 1
         results = tx.results()
         for result in results:
             result.tls = self.tls_fields
-        return results
+        if not future.done():
+            future.set_result(results)
+
+    async def _read_tail(self) -> None:
+        assert self._tail is not None
+        tx, future = self._tail
+        try:
+            reply = await self._reply(tx)
+            if reply is not None:
+                tx.receive(reply)
+        finally:
+            if not tx.done:  # cancelled: the session is out of step
+                tx.lost("delivery was stopped while the server's reply was awaited")
+            self._tail = self._tail_reader = None
+            self._finish(tx, future)
 
     async def _run(self, tx: Transaction) -> None:
         protocol = self.protocol
         out = tx.start()
+        if self._tail_reader is not None:  # first comes the reply to the last message
+            if out:
+                protocol.write(out)  # with that message, if it is still held
+                out = b""
+            await self._tail_reader
         for _ in range(len(tx.recipients) + 6):  # RSET, MAIL, RCPT..., DATA, the dot
+            if tx.awaiting_last_reply and self.pipelining:
+                protocol.write_soon(out)  # the next transaction's commands may join it
+                return
             if out:
                 protocol.write(out)
             if tx.done:
                 return
-            try:
-                reply = await protocol.reply(self.command_timeout)
-            except TimeoutError:
-                after = " to the message (it may have been delivered)" if tx.data_written else ""
-                tx.lost(f"timed out waiting for the remote server's reply{after}")
-                return
-            except _Lost as exc:
-                after = " after the message was sent" if tx.data_written else ""
-                tx.lost(f"{exc}{after}")
+            reply = await self._reply(tx)
+            if reply is None:
                 return
             out = tx.receive(reply)
         tx.lost("the server sent more replies than commands")  # pragma: no cover
+
+    async def _reply(self, tx: Transaction) -> Reply | None:
+        """The next reply for `tx`; None when none came (`tx` is then lost)."""
+        try:
+            return await self.protocol.reply(self.command_timeout)
+        except TimeoutError:
+            after = " to the message (it may have been delivered)" if tx.data_written else ""
+            tx.lost(f"timed out waiting for the remote server's reply{after}")
+        except _Lost as exc:
+            after = " after the message was sent" if tx.data_written else ""
+            tx.lost(f"{exc}{after}")
+        return None
 
 
 # --- opening a connection ----------------------------------------------------------

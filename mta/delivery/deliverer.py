@@ -369,7 +369,14 @@ class Deliverer:
 
     # --- connections --------------------------------------------------------
 
-    async def _next_item(self, pool: Pool) -> Item | None:
+    async def _next_item(self, pool: Pool, conn: Connection | None) -> Item | None:
+        """The pool's next item, once there is one; None after the idle timeout, or when
+        the queue is empty and the connection is not to be used again (closed then, not
+        kept idle)."""
+        if conn is not None and not pool.queue:
+            await conn.settle()  # the last message's reply, and what it says of the pool
+            if not conn.usable:
+                return None
         deadline = time.monotonic() + self.cfg.delivery.connection_idle_timeout
         while not pool.queue:
             remaining = deadline - time.monotonic()
@@ -384,7 +391,7 @@ class Deliverer:
         conn: Connection | None = None
         starting = True  # counted in pool.opening until its first connection is tried
         try:
-            while (item := await self._next_item(pool)) is not None:
+            while (item := await self._next_item(pool, conn)) is not None:
                 if conn is None or not conn.usable or (
                         conn.sent >= self.throttle.messages_per_connection(pool.dest)):
                     if conn is not None:
@@ -544,16 +551,25 @@ class Deliverer:
         return True
 
     async def _send(self, pool: Pool, conn: Connection, item: Item) -> bool:
-        """Send one item; False when the connection should not be used again."""
-        results: list[RcptResult] = []
+        """Hand one item to the connection; its results are taken as the replies come
+        (`_finish`), while the connection goes on with the next item. False when the
+        connection should not be used again."""
+        pending: list[asyncio.Future[list[RcptResult]]] = []
         for recipients in envelopes(item):
             sender, data = self._prepare(item, recipients)
-            results += await conn.send(sender, recipients, data)
+            pending.append(await conn.submit(sender, recipients, data))
+        self._spawn(self._finish(pool, conn, item, pending))
+        return conn.usable
+
+    async def _finish(self, pool: Pool, conn: Connection, item: Item,
+                      pending: list[asyncio.Future[list[RcptResult]]]) -> None:
+        results = [result for future in pending for result in await future]
         if FAILPOINT == "after_remote_accept" and any(r.delivered for r in results):
             os.killpg(0, signal.SIGKILL)  # crash tests: the remote has it, we don't know
         retry_after, keep = self._learn(pool, item, results)
-        self._spawn(self._complete(item, results, retry_after))
-        return keep and conn.usable
+        if not keep:
+            conn.retire()
+        await self._complete(item, results, retry_after)
 
     def _learn(self, pool: Pool, item: Item, results: list[RcptResult]
                ) -> tuple[float | None, bool]:

@@ -201,6 +201,13 @@ class Transaction:
         self._started = False
         self._params, self._utf8 = self._mail_parameters()
 
+    @property
+    def awaiting_last_reply(self) -> bool:
+        """The message (or a lone dot) is written: only the reply to it is still to come,
+        and the session is ready for the next transaction's commands (RFC 2920 3.1: the
+        message content may begin a group of pipelined commands)."""
+        return not self.done and len(self._expected) == 1 and self._expected[0] == DOT
+
     # --- what to write ---------------------------------------------------------
 
     def start(self) -> bytes:

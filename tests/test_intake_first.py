@@ -14,9 +14,11 @@ from mta.config import ConfigError, DeliveryConfig, load_config
 from mta.queue.commit import GroupCommitter
 from mta.queue.intake_first import (
     INTAKE_RECENT,
+    JUDGED_AFTER,
     PAUSE,
     QUIET,
     RUN_DEPTH,
+    STOPPED,
     IntakeFirst,
     LoopBusy,
     busy_ns,
@@ -122,11 +124,11 @@ def test_a_yield_ends_when_intake_pauses() -> None:
     clock.now += PAUSE / 2
     assert gate.bulk_room(0) == 0  # a gap between two messages is no pause
     clock.now += PAUSE
-    assert gate.bulk_room(0) is None  # the yield ended; intake paused: full depth
+    assert 0 < gate.bulk_room(0) <= 2 * RUN_DEPTH  # the yield ended (intake paused): capped
+    clock.now += STOPPED
+    assert gate.bulk_room(0) is None and gate.yields == 1  # intake stopped: full depth
     gate.stored()
-    assert gate.bulk_room(0) == RUN_DEPTH  # intake again before the run is over: capped
-    clock.now += RUN_FOR
-    assert gate.bulk_room(0) is None and gate.yields == 1
+    assert gate.bulk_room(0) == 0 and gate.yields == 2  # intake again, the loop busy
 
 
 def test_no_yield_without_both_intake_and_a_cpu_bound_loop() -> None:
@@ -151,10 +153,39 @@ def test_a_yield_that_intake_did_not_use_is_not_repeated_for_a_while() -> None:
     loop_busy.share = 1.0
     assert _intake(gate, clock, YIELD_FOR - 0.1, 20) == {0}
     assert _intake(gate, clock, 0.2, 20) == {0, RUN_DEPTH}
-    assert _intake(gate, clock, RUN_FOR + 0.2, 20) == {RUN_DEPTH, None}
-    assert _intake(gate, clock, QUIET - RUN_FOR - 0.6, 20) == {None}  # though pressed
+    assert _intake(gate, clock, RUN_FOR + 0.2, 20) == {RUN_DEPTH}
+    # though pressed, no yield: only the depth between yields holds while intake goes on
+    assert _intake(gate, clock, QUIET - RUN_FOR - 0.6, 20) == {RUN_DEPTH}
     assert gate.yields == 1
     assert 0 in _intake(gate, clock, 1.0, 20) and gate.yields == 2
+
+
+def test_a_short_yield_that_intake_paused_is_not_judged() -> None:
+    """Clients that pause as they connect end the first yield at once: that says nothing
+    of whether yielding helps, and must not stop yields for the next 30 s."""
+    gate, clock, loop_busy = _gate(busy=0.5)
+    _intake(gate, clock, 1.0, 1000)
+    loop_busy.share = 1.0
+    assert _intake(gate, clock, JUDGED_AFTER / 2, 1000) == {0}
+    clock.now += PAUSE  # the pause ends the yield, shorter than JUDGED_AFTER
+    assert 0 < gate.bulk_room(0) <= 2 * RUN_DEPTH and gate.yields == 1
+    clock.now += RUN_FOR
+    assert 0 in _intake(gate, clock, 0.5, 1000) and gate.yields == 2  # pressed: yields again
+
+
+def test_while_intake_goes_on_the_depth_grows_only_a_step_a_tick() -> None:
+    """Pressure that lets up for a moment must not let delivery take the whole backlog
+    at once: when intake came back, it would starve (a yield only stops new work)."""
+    gate, clock, loop_busy = _gate(busy=0.5)
+    _intake(gate, clock, 1.0, 1000)
+    loop_busy.share = 1.0
+    assert gate.bulk_room(0) == 0 and gate.yields == 1
+    _intake(gate, clock, YIELD_FOR + 0.1, 3000)
+    loop_busy.share = 0.5  # CPU to spare
+    rooms = _intake(gate, clock, 1.0, 1000)
+    assert None not in rooms and RUN_DEPTH * 5 < max(rooms) <= RUN_DEPTH * 12
+    clock.now += STOPPED + 0.01
+    assert gate.bulk_room(0) is None  # intake stopped: the episode is over
 
 
 def test_delivery_settings_are_checked(tmp_path: Path) -> None:

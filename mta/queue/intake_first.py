@@ -5,17 +5,20 @@ running or waiting for a CPU at least `BUSY_SHARE` of the time, from the kernel'
 scheduler statistics), every bulk delivery it starts delays the 250s that its clients
 wait for. Bulk delivery then takes no new work for `[delivery] yield_to_intake` seconds
 (or until intake pauses `PAUSE`), then takes work again for `deliver_between_yields`
-seconds, while intake goes on no deeper than when the first yield began and at least
-`RUN_DEPTH` deep (the backlog taken at full depth would starve intake in turn), and so on
-while the pressure lasts: clients get their replies at intake's speed, the spool keeps
-what they send (as Postfix's smtpd processes accept ahead of its queue
-manager), and delivery keeps a share of the time however long clients go on sending.
+seconds, and so on while the pressure lasts: clients get their replies at intake's
+speed, the spool keeps what they send (as Postfix's smtpd processes accept ahead of its
+queue manager), and delivery keeps a share of the time however long clients go on
+sending. From the first yield until intake stops (`STOPPED` without a message: the
+episode), delivery goes no deeper than when that yield began, and at least `RUN_DEPTH`
+deep: the backlog taken at once would starve intake in turn, and a yield only stops new
+work. While the loop has CPU to spare in an episode, that depth grows a step a tick.
 The transactional lane never yields, and deliveries already under way go on.
 
 A yield is repeated only while it is used: if intake stored no faster while bulk
 delivery yielded (`USED`), what kept the loop busy was delivery itself, not intake (a
 client trickling mail into a worker busy with a backlog), or intake stopped, and bulk
-delivery does not yield again for `QUIET` seconds. Where the kernel does not say (no
+delivery does not yield again for `QUIET` seconds; a yield that intake's pause ended
+within `JUDGED_AFTER` is not judged. Where the kernel does not say (no
 /proc/thread-self/schedstat), nothing yields.
 """
 
@@ -31,8 +34,13 @@ from pathlib import Path
 BUSY_SHARE = 0.8  # of the time running or waiting for a CPU: the loop is CPU-bound
 INTAKE_RECENT = 0.1  # seconds since intake stored a message: intake is active
 PAUSE = 0.1  # seconds without a message stored that end a yield: intake paused
+# ... and that lift the depth between yields: intake stopped. Longer: a short pause lifts
+# it, delivery takes the whole backlog at once (thousands in flight) and, when intake
+# comes back, starves it until they are done (a yield only stops new work)
+STOPPED = 0.3
 USED = 1.2  # a yield is used if intake stores this many times faster during it
 QUIET = 30.0  # seconds without yields after a yield that intake did not use
+JUDGED_AFTER = 1.0  # a yield that intake's pause ended sooner is not judged (too short)
 RATE_WINDOW = 1.0  # intake's rate before a yield is measured over about this long
 MARK_EVERY = 0.1  # seconds between the (time, count) marks intake's rate is taken from
 RUN_DEPTH = 20  # bulk items in flight at most between two yields, or as many as before
@@ -118,6 +126,8 @@ class IntakeFirst:
         self._yield: Yield | None = None
         self._run_until = float("-inf")
         self._run_depth = RUN_DEPTH
+        self._deepened_at = float("-inf")
+        self._episode = False  # from the first yield until intake stops
         self._quiet_until = float("-inf")
 
     def stored(self) -> None:
@@ -127,8 +137,10 @@ class IntakeFirst:
 
     def bulk_room(self, in_flight: int) -> int | None:
         """How many more bulk items delivery may take now: None for no limit of this
-        gate's, 0 while it yields; between two yields while intake goes on, as many as
-        were in flight when the first of them began, and at least `RUN_DEPTH`."""
+        gate's, 0 while it yields. From the first yield until intake stops (an episode),
+        delivery goes no deeper than when it began (and at least `RUN_DEPTH`): the
+        backlog taken at once would starve intake, and a yield only stops new work.
+        While the loop has CPU to spare meanwhile, that depth grows a step a tick."""
         if self.yield_for <= 0:
             return None
         now = self.clock()
@@ -137,13 +149,23 @@ class IntakeFirst:
                 return 0
             self._end_yield(now)
         self._mark(now)
-        if now < self._run_until:  # capped while intake goes on
-            paused = now - self._stored_at >= PAUSE
-            return None if paused else max(0, self._run_depth - in_flight)
-        if now < self._quiet_until or not self._pressed(now):
-            return None
-        if now - self._run_until > self.run_for:  # not straight after a run: a new episode
+        if self._episode and now - self._stored_at >= STOPPED:
+            self._episode = False  # intake stopped
+        pressed = self._pressed(now)
+        if not self._episode:
+            if not pressed or now < self._quiet_until:
+                return None
+            self._episode = True
             self._run_depth = max(RUN_DEPTH, in_flight)
+            return self._start_yield(now)
+        if pressed and now >= self._run_until and now >= self._quiet_until:
+            return self._start_yield(now)
+        if not pressed and now - self._deepened_at >= MARK_EVERY:
+            self._run_depth = max(self._run_depth, in_flight) + RUN_DEPTH
+            self._deepened_at = now
+        return max(0, self._run_depth - in_flight)
+
+    def _start_yield(self, now: float) -> int:
         self._yield = Yield(now, now + self.yield_for, self.stored_count, self._recent_rate(now))
         self.yields += 1
         return 0
@@ -169,14 +191,16 @@ class IntakeFirst:
 
     def _end_yield(self, now: float) -> None:
         """Delivery takes work again for `run_for`, no deeper than before. If intake
-        stored no faster while delivery yielded, the yield was not what intake needed
-        (or intake stopped): no yield for `QUIET`."""
+        stored no faster during a yield of `JUDGED_AFTER` or more, the yield was not
+        what intake needed (or intake stopped): no yield for `QUIET`. A shorter one
+        (clients that pause as they connect, or a burst that ends) says too little."""
         done, self._yield = self._yield, None
         assert done is not None
         self._run_until = now + self.run_for
         self._marks.clear()
-        rate = (self.stored_count - done.count) / max(now - done.start, MARK_EVERY)
-        if rate < USED * done.rate_before:
+        lasted = now - done.start
+        rate = (self.stored_count - done.count) / max(lasted, MARK_EVERY)
+        if lasted >= JUDGED_AFTER and rate < USED * done.rate_before:
             self._quiet_until = now + QUIET
 
 

@@ -181,7 +181,9 @@ def test_while_intake_goes_on_the_depth_grows_only_a_step_a_tick() -> None:
     loop_busy.share = 1.0
     assert gate.bulk_room(0) == 0 and gate.yields == 1
     _intake(gate, clock, YIELD_FOR + 0.1, 3000)
-    loop_busy.share = 0.5  # CPU to spare
+    loop_busy.share = 0.6  # not CPU-bound, but not idle either: the cap holds
+    assert _intake(gate, clock, 0.5, 1000) == {RUN_DEPTH}
+    loop_busy.share = 0.3  # CPU to spare
     rooms = _intake(gate, clock, 1.0, 1000)
     assert None not in rooms and RUN_DEPTH * 5 < max(rooms) <= RUN_DEPTH * 12
     clock.now += STOPPED + 0.01

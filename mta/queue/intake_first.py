@@ -11,7 +11,8 @@ queue manager), and delivery keeps a share of the time however long clients go o
 sending. From the first yield until intake stops (`STOPPED` without a message: the
 episode), delivery goes no deeper than when that yield began, and at least `RUN_DEPTH`
 deep: the backlog taken at once would starve intake in turn, and a yield only stops new
-work. While the loop has CPU to spare in an episode, that depth grows a step a tick.
+work. While the loop has CPU to spare in an episode (`SPARE_SHARE`), that depth grows
+a step a tick.
 The transactional lane never yields, and deliveries already under way go on.
 
 A yield is repeated only while it is used: if intake stored no faster while bulk
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUSY_SHARE = 0.8  # of the time running or waiting for a CPU: the loop is CPU-bound
+SPARE_SHARE = 0.5  # below this the loop has CPU to spare: the depth cap may grow
 INTAKE_RECENT = 0.1  # seconds since intake stored a message: intake is active
 PAUSE = 0.1  # seconds without a message stored that end a yield: intake paused
 # ... and that lift the depth between yields: intake stopped. Longer: a short pause lifts
@@ -160,7 +162,7 @@ class IntakeFirst:
             return self._start_yield(now)
         if pressed and now >= self._run_until and now >= self._quiet_until:
             return self._start_yield(now)
-        if not pressed and now - self._deepened_at >= MARK_EVERY:
+        if self.loop_busy.share < SPARE_SHARE and now - self._deepened_at >= MARK_EVERY:
             self._run_depth = max(self._run_depth, in_flight) + RUN_DEPTH
             self._deepened_at = now
         return max(0, self._run_depth - in_flight)

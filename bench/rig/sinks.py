@@ -298,11 +298,11 @@ class SmtpSink:
         assert proc.stdout is not None
         tail = b""
         while chunk := os.read(proc.stdout.fileno(), 65536):
-            time.sleep(COUNTER_READ_PAUSE)
             tail = (tail + chunk)[-256:]
             counters = parse_counters(tail[: tail.rfind(b"\r") + 1])
             if counters is not None:
                 self._counters = counters
+            time.sleep(COUNTER_READ_PAUSE)  # the latest counters are out; let more gather
 
     def _stderr(self) -> str:
         if self._workdir is None or not (self._workdir / "stderr").exists():

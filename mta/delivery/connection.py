@@ -214,16 +214,17 @@ class Connection:
         self._needs_reset = False
         self._busy = False
         self._retired = False
-        # The transaction whose message is written and whose last reply is still to
-        # come, and the task that reads that reply: meanwhile the next transaction's
-        # commands may go (pipelined behind the message, RFC 2920 3.1).
-        self._tail: tuple[Transaction, asyncio.Future[list[RcptResult]]] | None = None
+        # Reads the last reply of the transaction whose message is written: meanwhile
+        # the next transaction's commands may go (pipelined behind it, RFC 2920 3.1).
         self._tail_reader: asyncio.Task[None] | None = None
 
     @property
     def usable(self) -> bool:
-        if self._busy or self._retired:
-            return False
+        return not self._busy and not self._retired and self._ready
+
+    @property
+    def _ready(self) -> bool:
+        """The session can take the next transaction's commands."""
         if self._tail_reader is not None:  # the reply to the last message may be in
             return self.protocol.open
         return self.protocol.usable
@@ -270,7 +271,7 @@ class Connection:
             raise RuntimeError("one transaction at a time on a connection")
         host = self.target.host
         future: asyncio.Future[list[RcptResult]] = self.protocol.loop.create_future()
-        if not (self.protocol.open if self._tail_reader else self.protocol.usable):
+        if not self._ready:
             why = self.protocol.error or "connection is not usable"
             future.set_result([RcptResult(r, 0, why, LOST_STATUS, host, tls=self.tls_fields)
                                for r in recipients])
@@ -289,8 +290,8 @@ class Connection:
         if tx.done:
             self._finish(tx, future)
         else:
-            self._tail = (tx, future)
-            self._tail_reader = asyncio.get_running_loop().create_task(self._read_tail())
+            self._tail_reader = asyncio.get_running_loop().create_task(
+                self._read_tail(tx, future))
         return future
 
     async def settle(self) -> None:
@@ -309,9 +310,8 @@ class Connection:
         if not future.done():
             future.set_result(results)
 
-    async def _read_tail(self) -> None:
-        assert self._tail is not None
-        tx, future = self._tail
+    async def _read_tail(self, tx: Transaction,
+                         future: asyncio.Future[list[RcptResult]]) -> None:
         try:
             reply = await self._reply(tx)
             if reply is not None:
@@ -319,7 +319,7 @@ class Connection:
         finally:
             if not tx.done:  # cancelled: the session is out of step
                 tx.lost("delivery was stopped while the server's reply was awaited")
-            self._tail = self._tail_reader = None
+            self._tail_reader = None
             self._finish(tx, future)
 
     async def _run(self, tx: Transaction) -> None:

@@ -139,10 +139,7 @@ class IntakeFirst:
 
     def bulk_room(self, in_flight: int) -> int | None:
         """How many more bulk items delivery may take now: None for no limit of this
-        gate's, 0 while it yields. From the first yield until intake stops (an episode),
-        delivery goes no deeper than when it began (and at least `RUN_DEPTH`): the
-        backlog taken at once would starve intake, and a yield only stops new work.
-        While the loop has CPU to spare meanwhile, that depth grows a step a tick."""
+        gate's, 0 while it yields, else what the episode's depth leaves (module doc)."""
         if self.yield_for <= 0:
             return None
         now = self.clock()

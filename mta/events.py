@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 REOPEN_CHECK = 1.0  # seconds between checks that the file is still the one at `path`
 
 
@@ -49,7 +50,7 @@ class EventLog:
 
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("time", round(time.time(), 3))
-        self._lines.append(json.dumps(event, separators=(",", ":"), default=str))
+        self._lines.append(_encode(event))
         for listener in self.listeners:
             listener(event)
         if self._task is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta.bounce import classify_reply, make_return_path, parse_bounce, parse_return_path
+from mta.bounce import classify_reply, make_return_path, parse_bounce, parse_return_path, verp
 from mta.bounce.verp import MAX_LOCAL_PART, decode_return_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -785,6 +786,35 @@ def test_verp_refuses_forged_or_altered_tokens() -> None:
     assert parse_return_path(SECRET, f"{tampered}@{domain}") is None
     assert parse_return_path(SECRET, "b+notatoken@bounce.example.org") is None
     assert parse_return_path(SECRET, "plain@bounce.example.org") is None
+
+
+def test_verp_tokens_are_rfc4648_base32_of_the_packed_bytes() -> None:
+    # Tokens in flight (bounces come back days later) must keep decoding: the encoding is
+    # RFC 4648 base32, lower case, no padding; recipients a base-41 number with a leading 1.
+    for length in range(0, 41):
+        raw = bytes((i * 37 + length) % 256 for i in range(length))
+        assert verp._b32(raw) == base64.b32encode(raw).decode().rstrip("=").lower()
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789.-_@+"
+    for address in ("a", "ab", "bob@example.net", "x+tag@d0042.bench.test", "é@x", ""):
+        form, packed = verp._pack_recipient(address)
+        if address and set(address) <= set(alphabet):
+            number = 1
+            for char in address:
+                number = number * len(alphabet) + alphabet.index(char)
+            assert (form, int.from_bytes(packed, "big")) == (verp._RCPT_PACKED, number)
+        else:
+            assert (form, packed) == (verp._RCPT_UTF8, address.encode())
+
+
+def test_verp_fits_the_index_form_exactly_at_the_limit() -> None:
+    # the full token is chosen whenever it fits, to the character
+    for length in range(10, 40):
+        rcpt = "r" * (length - 9) + "@ex.test"
+        address = make_return_path(SECRET, "b", "x.test", "018F2A3B4C5DDEADBEEF", rcpt, 3)
+        full = verp.encode_token(SECRET, "018F2A3B4C5DDEADBEEF", rcpt)
+        expected = rcpt if len(full) <= MAX_LOCAL_PART - 2 else "#3"
+        assert parse_return_path(SECRET, address)[1] == expected
+        assert len(address.split("@")[0]) <= max(MAX_LOCAL_PART, len(full) + 2)
 
 
 def test_verp_long_recipient_falls_back_to_index_form() -> None:

@@ -16,6 +16,7 @@ from mta.policy.tokens import make_token
 ONE_CLICK = "List-Unsubscribe=One-Click"
 _OWN_FIELDS = re.compile(rb"(?im)^List-Unsubscribe(?:-Post)?[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n")
 _FORBIDDEN = re.compile(r"[\r\n\0]")
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote() leaves as it is
 
 
 class HeaderInjection(ValueError):
@@ -33,7 +34,8 @@ def unsubscribe_url(base_url: str, path: str, token: str) -> str:
 
 
 def unsubscribe_mailto(mailbox: str, domain: str, token: str) -> str:
-    return safe_value(f"mailto:{mailbox}@{domain}?subject={quote('unsubscribe ' + token)}")
+    quoted = token if _URL_SAFE.fullmatch(token) else quote(token)  # tokens are URL-safe
+    return safe_value(f"mailto:{mailbox}@{domain}?subject=unsubscribe%20{quoted}")
 
 
 def header_fields(url: str, mailto: str) -> bytes:

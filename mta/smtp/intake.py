@@ -599,7 +599,12 @@ class Intake:
             op = with_events(op, events, self.record_events)
         try:
             async with asyncio.timeout(self.cfg.smtp.commit_timeout):
-                await asyncio.shield(self.committer.submit(op))
+                # The committer's own future, awaited directly: each task or shield in
+                # between costs a turn of the (busy) loop before the 250 goes out. A
+                # timeout cancels only the wait; the queued write still commits.
+                result = await self.committer.enqueue(op)
+            if isinstance(result, BaseException):
+                raise result
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"

@@ -599,12 +599,10 @@ class Intake:
             op = with_events(op, events, self.record_events)
         try:
             async with asyncio.timeout(self.cfg.smtp.commit_timeout):
-                # The committer's own future, awaited directly: each task or shield in
-                # between costs a turn of the (busy) loop before the 250 goes out. A
-                # timeout cancels only the wait; the queued write still commits.
-                result = await self.committer.enqueue(op)
-            if isinstance(result, BaseException):
-                raise result
+                # Awaited in this task: a shield would run it in a task of its own, and
+                # each task between the commit and the 250 costs a turn of the (busy)
+                # loop. A timeout cancels only the wait; the queued write still commits.
+                await self.committer.submit(op)
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"

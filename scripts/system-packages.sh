@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the engine's tests and benchmarks talk to:
+# python3-venv (scripts/install.sh makes the venv with Debian's own Python),
 # postfix (smtp-sink as a remote MX, and Postfix itself for bench comparisons),
 # opendkim + opendkim-tools (independent DKIM verification), redis-server
 # (multi-node tests), chromium + chromium-driver (dashboard test), rabbitmq-server
@@ -9,8 +10,8 @@
 # is not installed (it conflicts with postfix): the bench unpacks its .deb itself.
 # Only missing packages are installed; `apt-get update` runs once, when needed.
 set -euo pipefail
-PACKAGES=(postfix opendkim opendkim-tools redis-server chromium chromium-driver rabbitmq-server
-          nodejs)
+PACKAGES=(python3-venv postfix opendkim opendkim-tools redis-server chromium chromium-driver
+          rabbitmq-server nodejs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

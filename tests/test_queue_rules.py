@@ -72,13 +72,12 @@ def test_rules_parse_and_check() -> None:
 
 def test_suspend_holds_lift_releases_and_expiry_lifts(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", map_size=64 * 1024**2)
-    now = time.time()
+    later = time.time() + 3600
     _store(spool,
            NewMessage("s@shop.test", ["a@x.test"], b"m", account="free", campaign="c"),
-           NewMessage("s@shop.test", ["b@y.test"], b"m", account="shop",
-                      send_at=now + 3600),
-           NewMessage("s@shop.test", ["c@x.test"], b"m", account="other",
-                      send_at=now + 3600))
+           NewMessage("s@shop.test", ["b@y.test"], b"m", account="shop", send_at=later),
+           NewMessage("s@shop.test", ["c@x.test"], b"m", account="other", send_at=later))
+    now = time.time()  # after the store: a@x.test, due when stored, is due now
     by_domain = new_rule("suspend", "domain", "x.test", duration=60, now=now)
     [done] = spool.apply([lambda txn: add_rule(spool, txn, by_domain, now)])
     assert done == {"held": 1}  # c@x.test (not due); a@x.test is due: the scheduler holds it

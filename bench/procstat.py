@@ -65,10 +65,12 @@ class ProcessTree:
 
     CPU counts each process's own time and its reaped children's (cutime, cstime), so
     short-lived workers (Postfix's smtpd, smtp) count once they exit too.
-    Memory is read every `MEMORY_EVERY` samples (smaps_rollup costs more than stat).
+    Memory is read every `MEMORY_EVERY` samples: smaps_rollup walks the process's page
+    tables, 6-7 ms of the kernel's time per read of a busy engine worker (its spool's
+    map), and holds the worker's mmap lock meanwhile.
     """
 
-    MEMORY_EVERY = 5  # with samples every 0.1 s (bench.monitor): memory twice a second
+    MEMORY_EVERY = 10  # with samples every 0.1 s (bench.monitor): memory once a second
 
     def __init__(self, roots: Callable[[], list[int]]) -> None:
         self.roots = roots

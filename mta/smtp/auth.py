@@ -3,17 +3,19 @@
 Format: ``scrypt$<log2 N>$<r>$<p>$<salt b64>$<hash b64>``. `mta account
 hash-password` prints one for the config. Verified passwords are remembered
 (as a keyed digest) so a client that authenticates on every connection does
-not cost a full scrypt each time.
+not cost a full scrypt each time, and the same password checked on several
+connections at once costs one (`InFlight`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 _DEFAULT_LOG_N, _DEFAULT_R, _DEFAULT_P = 14, 8, 1
 
@@ -66,7 +68,7 @@ class PasswordChecker:
             # Spend the same time for unknown users as for known ones.
             verify_password(password, self._dummy)
             return False
-        token = self._token(user, password, encoded)
+        token = self.token(user, password)
         if token in self._verified:
             return True
         if verify_password(password, encoded):
@@ -76,12 +78,30 @@ class PasswordChecker:
 
     def known(self, user: str, password: bytes) -> bool:
         """True if this very password was verified before: right, at no scrypt cost."""
-        encoded = self._hashes.get(user)
-        return bool(encoded) and self._token(user, password, encoded) in self._verified
+        return user in self._hashes and self.token(user, password) in self._verified
 
-    def _token(self, user: str, password: bytes, encoded: str) -> bytes:
+    def token(self, user: str, password: bytes) -> bytes:
+        """A keyed digest naming this attempt: the user, the password, the account's hash."""
+        encoded = self._hashes.get(user, "")
         return hmac.digest(self._key, user.encode() + b"\0" + password + encoded.encode(),
                            "sha256")
+
+
+class InFlight:
+    """One run at a time of a check per key: callers that ask while it runs share its
+    result (a sending app opening twenty connections with one password costs one scrypt,
+    not twenty). Nothing is kept once it is over; a caller that goes away does not stop
+    it for the others."""
+
+    def __init__(self) -> None:
+        self._running: dict[bytes, asyncio.Future[bool]] = {}
+
+    async def run(self, key: bytes, check: Callable[[], Awaitable[bool]]) -> bool:
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(check())
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        return await asyncio.shield(running)
 
 
 _DUMMY_HASH = "scrypt$14$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

@@ -31,7 +31,7 @@ from mta.queue.drain import TRACE_FIELD, DrainTrace, parse_trace, received_hold
 from mta.queue.lanes import BULK, LANES, choose_lane
 from mta.queue.schedule import parse_send_at
 from mta.queue.spool import NewMessage, Spool, SpoolFullError, new_message_id
-from mta.smtp.auth import PasswordChecker
+from mta.smtp.auth import InFlight, PasswordChecker
 from mta.smtp.auth_limit import AuthLimit
 from mta.smtp.session import Client, Envelope, Settings
 from mta.text import name_problem, shown
@@ -284,6 +284,7 @@ class Intake:
         self._mailboxes = {"postmaster", *(m.lower() for m in cfg.engine.local_mailboxes)}
         self._operator = self._operator_address(cfg.engine.operator_address)
         self._passwords = PasswordChecker({a.name: a.password_hash for a in cfg.accounts})
+        self._checks = InFlight()
         self._connections: dict[str, int] = {}
         self._total_connections = 0
         self.auth_limit = AuthLimit(spool, committer.submit, cfg.smtp.max_auth_failures,
@@ -359,11 +360,15 @@ class Intake:
 
     async def _verify(self, user: str, password: bytes) -> bool:
         """scrypt, on a small thread pool: it costs tens of milliseconds (more with a high
-        log_n), which must not stall every session of the worker."""
+        log_n), which must not stall every session of the worker. The same password asked
+        on several connections at once is checked once for all of them."""
         if self._auth_pool is None:
             self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._auth_pool, self._passwords.check, user, password)
+        pool = self._auth_pool
+        return await self._checks.run(
+            self._passwords.token(user, password),
+            lambda: asyncio.get_running_loop().run_in_executor(
+                pool, self._passwords.check, user, password))
 
     def auth_checked(self, ip: str, user: str, ok: bool, channel: str = "smtp") -> None:
         """An authentication attempt, for the event and audit logs."""

@@ -202,24 +202,27 @@ class Spool:
 
     def store_op(self, message: NewMessage) -> Callable[[Any], str]:
         """An operation that stores a message and its delivery jobs."""
-
-        def store(txn: Any) -> str:
-            self.put_message(txn, message)
-            return message.id
-
-        return store
+        store = self.store_many_op([message])
+        return lambda txn: store(txn)[0]
 
     def store_many_op(self, messages: list[NewMessage]) -> Callable[[Any], list[str]]:
-        """An operation that stores several messages: all of them or, if it fails, none."""
+        """An operation that stores several messages: all of them or, if it fails, none.
+        Their records are packed now, before the transaction: the write lock (one for
+        every worker on the spool) is then held only to put them."""
+        records = [self.message_records(message) for message in messages]
 
         def store(txn: Any) -> list[str]:
-            for message in messages:
-                self.put_message(txn, message)
+            for each in records:
+                self._put_message_records(txn, each)
             return [m.id for m in messages]
 
         return store
 
     def put_message(self, txn: Any, m: NewMessage) -> None:
+        self._put_message_records(txn, self.message_records(m))
+
+    def message_records(self, m: NewMessage) -> list[tuple[Any, bytes, bytes]]:
+        """(database, key, value) of everything that stores `m`, the message first."""
         by_domain: dict[str, list[str]] = {}
         for rcpt in m.recipients:
             by_domain.setdefault(rcpt_domain(rcpt), []).append(rcpt)
@@ -234,27 +237,37 @@ class Spool:
             record["send_at"] = m.send_at
         if m.lane:
             record["lane"] = m.lane
-        if not txn.put(mid, pack(record), db=self.dbs["msg"], overwrite=False):
-            raise ValueError(f"message {m.id} already in the spool")
+        records = [(self.dbs["msg"], mid, pack(record))]
         if m.account or m.campaign:
-            txn.put(mid, pack([m.account, m.campaign, m.recipients]), db=self.dbs["sent"])
+            records.append((self.dbs["sent"], mid, pack([m.account, m.campaign, m.recipients])))
         now_ms = int(m.received * 1000)
         for n, (domain, rcpts) in enumerate(by_domain.items()):
             job = new_job(b"%s.%d" % (mid, n), m.id, domain, m.account, m.campaign, rcpts,
                           now_ms, int(m.send_at * 1000), m.lane)
-            self.put_job(txn, job, hold=m.hold)
+            records += self._job_records(job, m.hold)
+        return records
+
+    @staticmethod
+    def _put_message_records(txn: Any, records: list[tuple[Any, bytes, bytes]]) -> None:
+        db, mid, value = records[0]
+        if not txn.put(mid, value, db=db, overwrite=False):
+            raise ValueError(f"message {mid.decode()} already in the spool")
+        for db, key, value in records[1:]:
+            txn.put(key, value, db=db)
 
     # Job state changes: called only by mta.queue (the scheduler and mta.queue.jobs).
 
     def put_job(self, txn: Any, job: Job, hold: str = "") -> None:
         """Write a new job and index it as due (or held)."""
+        for db, key, value in self._job_records(job, hold):
+            txn.put(key, value, db=db)
+
+    def _job_records(self, job: Job, hold: str) -> list[tuple[Any, bytes, bytes]]:
         job.held = hold
-        self._write(txn, job)
-        txn.put(dom_key(job.domain, job.id), b"", db=self.dbs["dom"])
-        if hold:
-            txn.put(job.id, hold.encode(), db=self.dbs["held"])
-        else:
-            txn.put(due_key(job.next_ms, job.domain, job.id), b"", db=self._due_db(job))
+        index = (self.dbs["held"], job.id, hold.encode()) if hold else (
+            self._due_db(job), due_key(job.next_ms, job.domain, job.id), b"")
+        return [(self.dbs["job"], job.id, pack(job.to_record())),
+                (self.dbs["dom"], dom_key(job.domain, job.id), b""), index]
 
     def _due_db(self, job: Job) -> Any:
         """The due index of the job's lane."""

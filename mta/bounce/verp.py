@@ -28,6 +28,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
+from mta.macs import hmac_sha256
+
 MAX_LOCAL_PART = 64
 MAC_BYTES = 8
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.-_@+"
@@ -142,7 +144,7 @@ def decode_token(secret: bytes, token: str) -> VerpToken | None:
 
 
 def _mac(secret: bytes, body: bytes) -> bytes:
-    return hmac.digest(secret, _MAC_LABEL + body, "sha256")[:MAC_BYTES]
+    return hmac_sha256(secret, _MAC_LABEL + body)[:MAC_BYTES]
 
 
 _BASE32 = re.compile(r"[A-Z2-7]+")

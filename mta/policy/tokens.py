@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from mta.macs import hmac_sha256
+
 MAX_TOKEN = 2048
 _MAC_LABEL = b"unsub1"
 _MAC_BYTES = 16
@@ -39,7 +41,7 @@ def _unb64(text: str) -> bytes:
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.digest(secret, _MAC_LABEL + payload, "sha256")[:_MAC_BYTES]
+    return hmac_sha256(secret, _MAC_LABEL + payload)[:_MAC_BYTES]
 
 
 def make_token(secret: bytes, account: str, campaign: str, recipient: str) -> str:

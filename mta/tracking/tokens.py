@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from mta.macs import hmac_sha256
+
 _LABEL = b"track1"
 _MAC_BYTES = 16
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{8,6000}\.[A-Za-z0-9_-]{22}")
@@ -45,7 +47,7 @@ def _b64(data: bytes) -> str:
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.digest(secret, _LABEL + payload, "sha256")[:_MAC_BYTES]
+    return hmac_sha256(secret, _LABEL + payload)[:_MAC_BYTES]
 
 
 def make_token(secret: bytes, target: TrackTarget) -> str:

@@ -214,3 +214,51 @@ def test_opening_a_database_while_the_writer_works_does_not_deadlock(tmp_path: P
     done = subprocess.run([sys.executable, "-c", DEADLOCK_PROBE, str(tmp_path / "spool")],
                           capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+
+
+HOLD_WRITE_LOCK = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], map_size=int(sys.argv[2]), max_dbs=64)
+txn = env.begin(write=True)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+txn.abort()
+"""
+
+
+def test_what_queues_while_another_worker_commits_joins_the_next_commit(
+        tmp_path: Path) -> None:
+    """Another process (a worker) holds the spool's write lock: the writer takes its
+    batch only once it has the lock, so everything queued meanwhile, over several turns
+    of the loop, goes in one commit."""
+    import subprocess
+    import sys
+
+    spool = Spool(tmp_path / "spool", map_size=64 * 1024**2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(spool.path),
+                               str(64 * 1024**2)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+
+    async def run() -> tuple[list[bytes], int]:
+        committer = await started(spool)
+        pending = []
+        for i in range(5):  # five turns of the loop, the writer awake after the first
+            pending.append(committer.enqueue(put(b"w%d" % i)))
+            await asyncio.sleep(0.02)
+        assert not any(future.done() for future in pending)
+        assert holder.stdin is not None
+        holder.stdin.close()  # the other worker's transaction ends
+        results = await asyncio.gather(*pending)
+        commits = committer.commits
+        await committer.close()
+        return results, commits
+
+    try:
+        results, commits = asyncio.run(run())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert results == [b"w%d" % i for i in range(5)]
+    assert commits == 1
+    spool.close()

@@ -5,9 +5,11 @@ since the last commit in one LMDB write transaction (one fsync), then wakes
 each caller with its own result. While one commit is on disk the next batch
 gathers, so a burst of N messages costs a handful of fsyncs, not N.
 
-The writer thread takes its next batch itself as soon as a commit is done: it never
-waits for the event loop between two commits (under load the loop may be busy for
-milliseconds before it could hand over the next batch). An idle writer is woken at the
+The writer thread takes its next batch itself as soon as a commit is done, once it
+holds the spool's write lock (which every worker's writer shares: what is queued while
+it waits for the lock goes in this commit, not the next); it never waits for the event
+loop between two commits (under load the loop may be busy for milliseconds before it
+could hand over the next batch). An idle writer is woken at the
 end of the loop's turn, so that what one turn queued goes in one transaction.
 
 Operations queued as `lazy` (the outcomes of delivery attempts) do not call for a
@@ -21,6 +23,7 @@ only the outcome, so the message is delivered again (at least once, never lost).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -124,6 +127,13 @@ class GroupCommitter:
         self._wanted = self._wanted and self._urgent > 0
         return batch
 
+    def _take_into(self, batch: list[_Queued]) -> list[Callable[[Any], Any]]:
+        """Take the next batch (with the spool's write lock held: what was queued while
+        the writer waited for it joins this commit)."""
+        with self._cond:
+            batch.extend(self._take())
+        return [entry.op for entry in batch]
+
     def _write_forever(self) -> None:
         eager = False
         while True:
@@ -133,10 +143,11 @@ class GroupCommitter:
                         return
                     self._cond.wait(self._wait())
                     eager = False
-                batch = self._take()
+            batch: list[_Queued] = []
             try:
-                results = self.spool.apply([entry.op for entry in batch])
+                results = self.spool.apply_taken(functools.partial(self._take_into, batch))
             except Exception as exc:  # the environment itself failed
+                self._take_into(batch)
                 results = [exc] * len(batch)
             self.commits += 1
             self.operations += len(batch)

@@ -163,9 +163,23 @@ class Spool:
         the operation's return value or the exception it raised.
         """
         try:
+            return self.apply_taken(lambda: operations)
+        except Exception as exc:  # no transaction could begin
+            return [_as_full(exc)] * len(operations)
+
+    def apply_taken(self, take: Callable[[], list[Callable[[Any], Any]]]) -> list[Any]:
+        """`apply` to the operations `take()` returns, called once the write lock is held:
+        what was queued while this waited for the lock (every worker's commits share it)
+        goes in this commit, not the next. Raises only if no transaction could begin,
+        before `take` was called."""
+        operations: list[Callable[[Any], Any]] | None = None
+        try:
             with self.env.begin(write=True) as txn:
+                operations = take()
                 return [op(txn) for op in operations]
         except Exception as exc:
+            if operations is None:
+                raise
             if len(operations) == 1:
                 return [_as_full(exc)]
         results: list[Any] = []

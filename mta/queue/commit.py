@@ -9,8 +9,8 @@ The writer thread takes its next batch itself as soon as a commit is done, once 
 holds the spool's write lock (which every worker's writer shares: what is queued while
 it waits for the lock goes in this commit, not the next); it never waits for the event
 loop between two commits (under load the loop may be busy for milliseconds before it
-could hand over the next batch). An idle writer is woken at the
-end of the loop's turn, so that what one turn queued goes in one transaction.
+could hand over the next batch). An idle writer is woken at the end of the loop's turn,
+so that what one turn queued goes in one transaction.
 
 Operations queued as `lazy` (the outcomes of delivery attempts) do not call for a
 commit of their own: they go with the next commit that intake or anything else asks

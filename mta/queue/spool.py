@@ -223,7 +223,7 @@ class Spool:
         """An operation that stores several messages: all of them or, if it fails, none.
         Their records are packed now, before the transaction: the write lock (one for
         every worker on the spool) is then held only to put them."""
-        records = [self.message_records(message) for message in messages]
+        records = [self._message_records(message) for message in messages]
 
         def store(txn: Any) -> list[str]:
             for each in records:
@@ -233,9 +233,9 @@ class Spool:
         return store
 
     def put_message(self, txn: Any, m: NewMessage) -> None:
-        self._put_message_records(txn, self.message_records(m))
+        self._put_message_records(txn, self._message_records(m))
 
-    def message_records(self, m: NewMessage) -> list[tuple[Any, bytes, bytes]]:
+    def _message_records(self, m: NewMessage) -> list[tuple[Any, bytes, bytes]]:
         """(database, key, value) of everything that stores `m`, the message first."""
         by_domain: dict[str, list[str]] = {}
         for rcpt in m.recipients:

@@ -1,7 +1,9 @@
 """Intake first: bulk delivery yields to a busy intake for a bounded time, then delivers
 between yields; never when intake is idle, the loop has CPU to spare, the kernel does not
 say, or a yield did not help intake. Units with a fake clock, then the scheduler on a
-real spool: a yielding gate keeps bulk jobs back and lets transactional ones go."""
+real spool: a yielding gate keeps bulk jobs back and lets transactional ones go, and a
+scan that left due work behind for lack of room scans again once half of what it left
+in flight is done (not at the next poll), unless intake is active."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from mta.queue.intake_first import (
     busy_ns,
 )
 from mta.queue.lanes import TRANSACTIONAL
+from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item, Scheduler
 from mta.queue.spool import NewMessage, Spool
 
@@ -233,6 +236,46 @@ async def test_the_scheduler_holds_bulk_back_while_it_yields(tmp_path: Path) -> 
         await scheduler.stop()
         await committer.close()
         spool.close()
+
+
+async def _one_of_two_done(tmp_path: Path, gate: IntakeFirst | None) -> bool:
+    """Four due messages, room for two: the scan sends two and leaves two behind. One of
+    the two is done: whether that called for a scan at once."""
+    spool = Spool(tmp_path / "spool", 64 * 1024**2)
+    committer = GroupCommitter(spool)
+    committer.start()
+    cfg = DeliveryConfig(max_concurrent_deliveries=2, transactional_slots=0)
+    scheduler = Scheduler(spool, committer, cfg, 0, 1, on_outcome=lambda item, outcome: None,
+                          build_dsn=lambda message, failed, expired: None, intake_first=gate)
+    dispatched: asyncio.Queue[Item] = asyncio.Queue()
+    messages = [NewMessage("s@shop.test", [f"r{n}@x.test"], b"Subject: b\r\n\r\nx\r\n")
+                for n in range(4)]
+    try:
+        spool.apply([spool.store_op(m) for m in messages])
+        scheduler.start(dispatched.put_nowait)
+        async with asyncio.timeout(10):
+            first = await dispatched.get()
+            await dispatched.get()
+        rcpt = first.job.waiting()[0]
+        await scheduler.complete(first, [RcptResult(rcpt, 250, "ok", "2.0.0")])
+        return scheduler._wakeup.is_set()  # checked before the loop runs anything else
+    finally:
+        await scheduler.stop()
+        await committer.close()
+        spool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_scan_short_of_room_scans_again_when_half_is_done(tmp_path: Path) -> None:
+    assert await _one_of_two_done(tmp_path, None)
+
+
+@pytest.mark.asyncio
+async def test_no_early_scan_while_intake_is_active(tmp_path: Path) -> None:
+    gate, _, _ = _gate(busy=0.0)  # a loop with CPU to spare: the gate sets no limit
+    gate.stored()  # the clock stands still: intake stays active
+    assert gate.intake_active()
+    assert not await _one_of_two_done(tmp_path, gate)
 
 
 @pytest.mark.asyncio

@@ -169,11 +169,12 @@ class IntakeFirst:
         self.yields += 1
         return 0
 
-    def _intake_active(self, now: float) -> bool:
-        return now - self._stored_at < INTAKE_RECENT
+    def intake_active(self, now: float | None = None) -> bool:
+        """This worker's intake stored a message within the last `INTAKE_RECENT`."""
+        return (self.clock() if now is None else now) - self._stored_at < INTAKE_RECENT
 
     def _pressed(self, now: float) -> bool:
-        return (self._intake_active(now) and self.loop_busy.known
+        return (self.intake_active(now) and self.loop_busy.known
                 and self.loop_busy.share >= BUSY_SHARE)
 
     def _mark(self, now: float) -> None:

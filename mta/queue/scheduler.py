@@ -141,6 +141,7 @@ class Scheduler:
         self._turns: dict[bytes, float] = {}  # job id -> its reserved turn (time.time())
         self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
+        self._refill_at = -1  # a scan left work behind: scan again once in flight is down here
         self._wakeup = asyncio.Event()
         self._resume_ms = 0
         self._last_full_scan = 0.0
@@ -222,9 +223,19 @@ class Scheduler:
                                               messages)
                 items += bulk
                 self._resume_ms = last_ms or now_ms
+                self._refill_at = len(self.in_flight) // 2 if last_ms else -1
         if items:
             self._background(self._start(items))
         return None if items else self._next_due_ms()
+
+    def _refill_if_low(self) -> None:
+        """The last scan stopped for lack of room (a depth cap, or capacity) and half of
+        what it left in flight is done: scan now, not at the next poll, so that a capped
+        depth stays filled. Not while intake is active: there the cap is also a pace."""
+        if 0 <= len(self.in_flight) <= self._refill_at and not (
+                self.intake_first is not None and self.intake_first.intake_active()):
+            self._refill_at = -1
+            self._wakeup.set()
 
     def _bulk_room(self, room: int) -> int:
         """`room`, or less while bulk delivery yields to a busy intake."""
@@ -405,6 +416,7 @@ class Scheduler:
             outcome = None
         finally:
             self.in_flight.discard(item.job_id)
+            self._refill_if_low()
         if outcome is not None:
             self.on_outcome(item, outcome)
             if outcome.next_attempt_ms is not None and outcome.next_attempt_ms <= now_ms + 1000:

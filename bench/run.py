@@ -20,6 +20,7 @@ Where the parts are:
     bench/targets.py        the MTA under test: engine, a peer, HOST:PORT
     bench/peer_compare.py   --compare: the order of the runs, the medians and ratios
     bench/cgroup.py         CPU of a target's whole process tree (cgroup v2)
+    bench/rig/sched.py      the rig's processes yield the CPU to the MTA under test
     bench/rig/exim.py, haraka.py, peer_install.py   the peers, fetched on first use
     bench/peers/            the peers' configurations, a comment per setting
     bench/accepts.py        the load's side: which message each 250 was for
@@ -45,6 +46,7 @@ from bench.pairs import ab_order, pair_comparison
 from bench.peer_compare import compare_kinds, format_medians, interleaved
 from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
 from bench.rig.dns import DEFAULT_TTL
+from bench.rig.sched import rig_policy
 from bench.scenarios import Scenario, load_scenario
 from bench.sources import with_sources
 from bench.targets import PEERS, check_target
@@ -98,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --webhook: the events the receiver asks for; app (default): "
                              "Delivery, Bounce, Expiration, Complaint, Unsubscribe, "
                              "CampaignPaused; all: Reception and TransientFailure too")
+    parser.add_argument("--rig-sched", choices=["batch", "normal"], default="batch",
+                        help="scheduling policy of the rig's own processes (load generator, "
+                             "sinks, DNS); batch (default): they never preempt the MTA under "
+                             "test when it wakes them (bench/rig/sched.py)")
     parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
                         help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
                              "when offered); the engine target authenticates per account")
@@ -157,6 +163,7 @@ def ab_options(args: argparse.Namespace, scenario: Scenario, opts: Options,
 
 
 def main(args: argparse.Namespace) -> int:
+    rig_policy(args.rig_sched)  # before the rig starts: what it starts inherits it
     stop_on_signals()
     if args.dns_ttl < 0:
         raise SystemExit("--dns-ttl must be 0 or more seconds")

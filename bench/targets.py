@@ -31,6 +31,7 @@ from bench.rig.assembly import Rig
 from bench.rig.exim import EximRelay
 from bench.rig.haraka import HarakaRelay
 from bench.rig.postfix import OpenDkim, PostfixRelay, tuned_settings
+from bench.rig.sched import as_target
 from bench.scenarios import Scenario, Traffic, account_name
 from mta.queue.spool import Spool
 from mta.smtp.auth import hash_password
@@ -114,7 +115,7 @@ class EngineTarget:
         self.cpu = CpuMeter(self.label, ProcessTree(self._roots))
         self.processes: ProcessTree | None = self.cpu.tree
         self.notes = [self.cpu.note]
-        self.engine = EngineProcess(workdir, self.config, workers, preexec=self.cpu.preexec)
+        self.engine = EngineProcess(workdir, self.config, workers, preexec=as_target(self.cpu.preexec))
         self._spool: Spool | None = None
 
     def _base_config(self, rig: Rig, dkim: DkimKey | None) -> dict[str, Any]:
@@ -176,11 +177,11 @@ class PostfixTarget:
         self.notes = [self.cpu.note, ROUTED_BY_TABLE]
         self.dkim = None if dkim is None else OpenDkim(workdir / "opendkim", dkim.domain,
                                                        dkim.selector, dkim.path,
-                                                       preexec=self.cpu.preexec)
+                                                       preexec=as_target(self.cpu.preexec))
         extra = {**(tuned_settings() if tuned else {}), **scenario.postfix}
         self.relay = PostfixRelay(workdir / "postfix", rig.dest.routes, rig.sink_port,
                                   milter=self.dkim.socket if self.dkim else "",
-                                  extra=extra, preexec=self.cpu.preexec)
+                                  extra=extra, preexec=as_target(self.cpu.preexec))
         self.port = self.relay.port
 
     def _roots(self) -> list[int]:
@@ -223,7 +224,7 @@ class PeerTarget:
         self.notes = [self.cpu.note, ROUTED_BY_TABLE]
         relay = EximRelay if kind == "exim" else HarakaRelay
         self.relay: EximRelay | HarakaRelay = relay(workdir / kind, rig.dest.routes,
-                                                    rig.sink_port, preexec=self.cpu.preexec)
+                                                    rig.sink_port, preexec=as_target(self.cpu.preexec))
         self.port = self.relay.port
 
     def _roots(self) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,3 +284,28 @@ def test_free_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
     ranges.write_text("40000\t60999\n")
     assert listen_range(str(ranges)) == (28000, 39999)
     assert listen_range(str(tmp_path / "missing")) == (20768, 32767)
+
+
+# --- the rig's scheduling policy ---------------------------------------------------------
+
+RIG_AND_TARGET = """
+import os, subprocess, sys
+from bench.rig.sched import as_target, rig_policy
+rig_policy(sys.argv[1])
+probe = [sys.executable, "-c",
+         "import os; print(os.sched_getscheduler(0), os.environ.get('JOINED', '-'))"]
+rig = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+target = subprocess.run(probe, capture_output=True, text=True, check=True,
+                        preexec_fn=as_target(lambda: os.environ.update(JOINED="1"))).stdout
+print(rig, target)
+"""
+
+
+@pytest.mark.parametrize("policy", ["batch", "normal"])
+def test_the_rig_yields_to_the_mta_under_test(policy: str) -> None:
+    """What the rig starts has the rig's policy; an MTA under test starts at the normal
+    one whatever the rig's, and what it starts with (its cgroup join: `then`) still runs."""
+    out = subprocess.run([sys.executable, "-c", RIG_AND_TARGET, policy], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    expected_rig = os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER
+    assert out == [str(expected_rig), "-", str(os.SCHED_OTHER), "1"]

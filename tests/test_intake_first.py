@@ -1,9 +1,9 @@
 """Intake first: bulk delivery yields to a busy intake for a bounded time, then delivers
 between yields; never when intake is idle, the loop has CPU to spare, the kernel does not
 say, or a yield did not help intake. Units with a fake clock, then the scheduler on a
-real spool: a yielding gate keeps bulk jobs back and lets transactional ones go, and a
-scan that left due work behind for lack of room scans again once half of what it left
-in flight is done (not at the next poll), unless intake is active."""
+real spool: a yielding gate keeps bulk jobs back and lets transactional ones go; items
+waiting for their outcome's commit do not count against the depth, and once half the
+depth is done a scan comes at once (not at the next poll) unless intake is active."""
 
 from __future__ import annotations
 
@@ -238,44 +238,62 @@ async def test_the_scheduler_holds_bulk_back_while_it_yields(tmp_path: Path) -> 
         spool.close()
 
 
-async def _one_of_two_done(tmp_path: Path, gate: IntakeFirst | None) -> bool:
-    """Four due messages, room for two: the scan sends two and leaves two behind. One of
-    the two is done: whether that called for a scan at once."""
+async def _capped_run(tmp_path: Path, busy: float, intake_goes_on: bool) -> bool:
+    """Thirty due messages; the gate has yielded to intake and intake paused: delivery
+    goes 20 deep (`RUN_DEPTH`). Ten of the twenty are sent and wait for their outcome's
+    commit (held back: lazy operations commit with the next urgent one). The next ten go
+    out all the same (they would wait for those commits if the ten counted against the
+    depth); whether the ten called for a scan at once."""
     spool = Spool(tmp_path / "spool", 64 * 1024**2)
-    committer = GroupCommitter(spool)
+    committer = GroupCommitter(spool, lazy_delay=600.0)
     committer.start()
-    cfg = DeliveryConfig(max_concurrent_deliveries=2, transactional_slots=0)
-    scheduler = Scheduler(spool, committer, cfg, 0, 1, on_outcome=lambda item, outcome: None,
+    gate, clock, loop_busy = _gate()
+    scheduler = Scheduler(spool, committer, DeliveryConfig(), 0, 1,
+                          on_outcome=lambda item, outcome: None,
                           build_dsn=lambda message, failed, expired: None, intake_first=gate)
     dispatched: asyncio.Queue[Item] = asyncio.Queue()
     messages = [NewMessage("s@shop.test", [f"r{n}@x.test"], b"Subject: b\r\n\r\nx\r\n")
-                for n in range(4)]
+                for n in range(30)]
+    outcomes: list[asyncio.Task[object]] = []
     try:
+        _intake(gate, clock, 1.0, 1000)
+        assert gate.bulk_room(0) == 0  # yielding
         spool.apply([spool.store_op(m) for m in messages])
+        clock.now += PAUSE + 0.05  # intake paused (not stopped): the yield ends, depth 20
         scheduler.start(dispatched.put_nowait)
         async with asyncio.timeout(10):
-            first = await dispatched.get()
-            await dispatched.get()
-        rcpt = first.job.waiting()[0]
-        await scheduler.complete(first, [RcptResult(rcpt, 250, "ok", "2.0.0")])
-        return scheduler._wakeup.is_set()  # checked before the loop runs anything else
+            first = [await dispatched.get() for _ in range(RUN_DEPTH)]
+        loop_busy.share = busy
+        if intake_goes_on:
+            gate.stored()
+        outcomes = [asyncio.create_task(scheduler.complete(
+            item, [RcptResult(item.job.waiting()[0], 250, "ok", "2.0.0")])) for item in first[:10]]
+        while scheduler.delivering() > RUN_DEPTH - 10:
+            await asyncio.sleep(0)
+        woken = scheduler._wakeup.is_set()  # before the scheduler's task runs again
+        async with asyncio.timeout(10):  # the next ten, while the ten outcomes still wait
+            for _ in range(10):
+                await dispatched.get()
+        return woken
     finally:
+        await committer.flush()
+        await asyncio.gather(*outcomes)
         await scheduler.stop()
         await committer.close()
         spool.close()
 
 
 @pytest.mark.asyncio
-async def test_a_scan_short_of_room_scans_again_when_half_is_done(tmp_path: Path) -> None:
-    assert await _one_of_two_done(tmp_path, None)
+async def test_outcomes_waiting_for_their_commit_leave_room_and_call_a_scan(
+        tmp_path: Path) -> None:
+    assert await _capped_run(tmp_path, busy=1.0, intake_goes_on=False)  # not the poll's
 
 
 @pytest.mark.asyncio
 async def test_no_early_scan_while_intake_is_active(tmp_path: Path) -> None:
-    gate, _, _ = _gate(busy=0.0)  # a loop with CPU to spare: the gate sets no limit
-    gate.stored()  # the clock stands still: intake stays active
-    assert gate.intake_active()
-    assert not await _one_of_two_done(tmp_path, gate)
+    """Intake active on a loop with CPU to spare (no yield): the next poll fills the
+    depth, no early scan."""
+    assert not await _capped_run(tmp_path, busy=0.0, intake_goes_on=True)
 
 
 @pytest.mark.asyncio

@@ -141,7 +141,8 @@ class Scheduler:
         self._turns: dict[bytes, float] = {}  # job id -> its reserved turn (time.time())
         self._dispatch: Dispatch | None = None
         self.in_flight: set[bytes] = set()
-        self._refill_at = -1  # a scan left work behind: scan again once in flight is down here
+        self._settling = 0  # of those, sent and waiting for their outcome's commit
+        self._refill_at = -1  # a capped scan left work: scan again once delivering is down here
         self._wakeup = asyncio.Event()
         self._resume_ms = 0
         self._last_full_scan = 0.0
@@ -217,29 +218,36 @@ class Scheduler:
         with self.spool.read() as txn:
             messages: dict[str, dict[str, Any]] = {}
             items, _ = self._collect(txn, now, b"", capacity, messages, transactional=True)
-            room = self._bulk_room(capacity - len(items) - reserve)
-            if room > 0:  # else the bulk scan resumes where it was, next time
-                bulk, last_ms = self._collect(txn, now, struct.pack(">Q", start_ms), room,
+            room = capacity - len(items) - reserve
+            gated = self._bulk_room(room)
+            if gated > 0:  # else the bulk scan resumes where it was, next time
+                bulk, last_ms = self._collect(txn, now, struct.pack(">Q", start_ms), gated,
                                               messages)
                 items += bulk
                 self._resume_ms = last_ms or now_ms
-                self._refill_at = len(self.in_flight) // 2 if last_ms else -1
+                self._refill_at = self.delivering() // 2 if last_ms and gated < room else -1
         if items:
             self._background(self._start(items))
         return None if items else self._next_due_ms()
 
+    def delivering(self) -> int:
+        """Items in flight that are still being delivered: not those only waiting for
+        their outcome's commit (a lazy one, up to 50 ms: mta.queue.commit), which take no
+        more work and are not counted against a depth cap."""
+        return len(self.in_flight) - self._settling
+
     def _refill_if_low(self) -> None:
-        """The last scan stopped for lack of room (a depth cap, or capacity) and half of
-        what it left in flight is done: scan now, not at the next poll, so that a capped
-        depth stays filled. Not while intake is active: there the cap is also a pace."""
-        if 0 <= len(self.in_flight) <= self._refill_at and not (
+        """The last scan stopped at intake first's depth cap and half of what it left
+        delivering is done: scan now, not at the next poll, so that the capped depth stays
+        filled as intake stops. Not while intake is active: there the cap is also a pace."""
+        if 0 <= self.delivering() <= self._refill_at and not (
                 self.intake_first is not None and self.intake_first.intake_active()):
             self._refill_at = -1
             self._wakeup.set()
 
     def _bulk_room(self, room: int) -> int:
         """`room`, or less while bulk delivery yields to a busy intake."""
-        gate = self.intake_first.bulk_room(len(self.in_flight)) if self.intake_first else None
+        gate = self.intake_first.bulk_room(self.delivering()) if self.intake_first else None
         return room if gate is None else min(room, gate)
 
     def _collect(self, txn: Any, now: float, start: bytes, capacity: int,
@@ -408,6 +416,8 @@ class Scheduler:
                 self.record_events(txn, item, outcome)
             return outcome
 
+        self._settling += 1  # still in flight (not scanned again), no longer delivering
+        self._refill_if_low()
         try:  # lazy: it joins intake's next commit (mta.queue.commit); lost in a crash,
             # the job is still there, marked as being sent: delivered again, never lost
             outcome = await self.committer.submit(record, lazy=True)
@@ -415,8 +425,8 @@ class Scheduler:
             log.exception("could not record the outcome of %s", item.job_id)
             outcome = None
         finally:
+            self._settling -= 1
             self.in_flight.discard(item.job_id)
-            self._refill_if_low()
         if outcome is not None:
             self.on_outcome(item, outcome)
             if outcome.next_attempt_ms is not None and outcome.next_attempt_ms <= now_ms + 1000:

@@ -9,8 +9,11 @@ SCHED_BATCH processes (sched(7): a woken batch task does not preempt, it waits f
 running one to sleep or use up its slice) the rig does the same work a little later.
 The MTA under test, whichever it is, is started back at the normal policy (`as_target`).
 
-Measured (bench/RESULTS.md, issue 21, eleventh session): the engine's end-to-end rate
-about 8 % higher, tuned Postfix's about the same; `--rig-sched normal` keeps the old way.
+It does not weigh the same on every MTA: a sink's reply now waits for the CPU's current
+task, which costs an MTA that waits on each reply more. Measured (bench/RESULTS.md,
+issue 21, eleventh session): the engine alone, rounds alternating, 10 % faster end to end;
+`--compare postfix` back to back, the engine 4 % faster and tuned Postfix 5 % slower.
+`--rig-sched normal` keeps the old way.
 """
 
 from __future__ import annotations

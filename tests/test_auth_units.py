@@ -1,12 +1,19 @@
-"""Password checks without sockets: one scrypt for the same password asked at once."""
+"""Password checks without sockets: one scrypt for the same password asked at once; a
+failure is counted before it is announced."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mta.config import Config, EngineConfig, SpoolConfig
+from mta.queue.commit import GroupCommitter
+from mta.queue.spool import Spool
 from mta.smtp.auth import InFlight, PasswordChecker, hash_password
+from mta.smtp.intake import Intake
 
 
 def test_the_same_password_asked_at_once_is_checked_once_for_all() -> None:
@@ -43,3 +50,33 @@ def test_attempt_tokens_name_user_password_and_hash() -> None:
     assert len({token, checker.token("shop", b"pw2"), checker.token("other", b"pw")}) == 3
     assert not checker.known("shop", b"pw") and checker.check("shop", b"pw")
     assert checker.known("shop", b"pw") and not checker.known("nobody", b"pw")
+
+
+def test_a_failure_slows_the_next_attempt_before_its_event_is_out(tmp_path: Path) -> None:
+    """Whoever sees the Auth event of a failure (an operator, a test, the audit log) may
+    count on it: the address's next attempt, on any worker, is already slowed."""
+    async def main() -> list[tuple[bool, float | None]]:
+        cfg = Config(spool=SpoolConfig(path=str(tmp_path / "spool"), min_free_disk=0),
+                     engine=EngineConfig(event_log=str(tmp_path / "events.jsonl")))
+        spool = Spool(cfg.spool.path, 1 << 26)
+        committer = GroupCommitter(spool)
+        committer.start()
+        seen: list[tuple[bool, float | None]] = []
+        intake: Intake | None = None
+
+        def emit(event: dict[str, Any]) -> None:
+            if event["type"] == "Auth" and intake is not None:
+                seen.append((event["ok"], intake.auth_delay("192.0.2.7")))
+
+        async def wrong() -> bool:
+            return False
+
+        try:
+            intake = Intake(cfg, spool, committer, emit=emit)
+            assert await intake.check_limited("192.0.2.7", "shop", wrong, "smtp") is False
+            return seen
+        finally:
+            await committer.close()
+            spool.close()
+
+    assert asyncio.run(main()) == [(False, 0.25)]  # one failure counted when announced

@@ -346,16 +346,17 @@ class Intake:
     async def check_limited(self, ip: str, identity: str,
                             verify: Callable[[], Awaitable[bool]], channel: str) -> bool | None:
         """`verify()` under the engine-wide limit of failed attempts per address, its
-        outcome recorded; None: `ip` may not try any more."""
+        outcome recorded, then announced (an Auth event: a failure it reports already
+        slows the address's next attempt); None: `ip` may not try any more."""
         reservation = await self.auth_limit.reserve(ip)
         if reservation is None:
             return None
         ok = False
         try:
             ok = await verify()
-            self.auth_checked(ip, identity, ok, channel)
         finally:
             await self.auth_limit.release(ip, reservation, failed=not ok)
+        self.auth_checked(ip, identity, ok, channel)  # once a failure counts, on every worker
         return ok
 
     async def _verify(self, user: str, password: bytes) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mta.config import ConfigError, DeliveryConfig, load_config
-from mta.queue.commit import GroupCommitter
+from mta.queue.commit import LAZY_DELAY, GroupCommitter
 from mta.queue.intake_first import (
     INTAKE_RECENT,
     JUDGED_AFTER,
@@ -203,15 +203,24 @@ def test_delivery_settings_are_checked(tmp_path: Path) -> None:
     assert load_config(path).delivery.yield_to_intake == 0.0
 
 
+def _spool(tmp_path: Path, lazy_delay: float = LAZY_DELAY) -> tuple[Spool, GroupCommitter]:
+    spool = Spool(tmp_path / "spool", 64 * 1024**2)
+    committer = GroupCommitter(spool, lazy_delay=lazy_delay)
+    committer.start()
+    return spool, committer
+
+
+def _scheduler(spool: Spool, committer: GroupCommitter, gate: IntakeFirst) -> Scheduler:
+    return Scheduler(spool, committer, DeliveryConfig(), 0, 1,
+                     on_outcome=lambda item, outcome: None,
+                     build_dsn=lambda message, failed, expired: None, intake_first=gate)
+
+
 @pytest.mark.asyncio
 async def test_the_scheduler_holds_bulk_back_while_it_yields(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", 64 * 1024**2)
-    committer = GroupCommitter(spool)
-    committer.start()
+    spool, committer = _spool(tmp_path)
     gate, clock, _ = _gate()
-    scheduler = Scheduler(spool, committer, DeliveryConfig(), 0, 1,
-                          on_outcome=lambda item, outcome: None,
-                          build_dsn=lambda message, failed, expired: None, intake_first=gate)
+    scheduler = _scheduler(spool, committer, gate)
     dispatched: asyncio.Queue[Item] = asyncio.Queue()
     bulk = NewMessage("s@shop.test", ["a@x.test"], b"Subject: b\r\n\r\nx\r\n")
     fast = NewMessage("s@shop.test", ["b@x.test"], b"Subject: t\r\n\r\nx\r\n",
@@ -244,13 +253,9 @@ async def _capped_run(tmp_path: Path, busy: float, intake_goes_on: bool) -> bool
     commit (held back: lazy operations commit with the next urgent one). The next ten go
     out all the same (they would wait for those commits if the ten counted against the
     depth); whether the ten called for a scan at once."""
-    spool = Spool(tmp_path / "spool", 64 * 1024**2)
-    committer = GroupCommitter(spool, lazy_delay=600.0)
-    committer.start()
+    spool, committer = _spool(tmp_path, lazy_delay=600.0)
     gate, clock, loop_busy = _gate()
-    scheduler = Scheduler(spool, committer, DeliveryConfig(), 0, 1,
-                          on_outcome=lambda item, outcome: None,
-                          build_dsn=lambda message, failed, expired: None, intake_first=gate)
+    scheduler = _scheduler(spool, committer, gate)
     dispatched: asyncio.Queue[Item] = asyncio.Queue()
     messages = [NewMessage("s@shop.test", [f"r{n}@x.test"], b"Subject: b\r\n\r\nx\r\n")
                 for n in range(30)]
@@ -268,8 +273,9 @@ async def _capped_run(tmp_path: Path, busy: float, intake_goes_on: bool) -> bool
             gate.stored()
         outcomes = [asyncio.create_task(scheduler.complete(
             item, [RcptResult(item.job.waiting()[0], 250, "ok", "2.0.0")])) for item in first[:10]]
-        while scheduler.delivering() > RUN_DEPTH - 10:
-            await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            while scheduler.delivering() > RUN_DEPTH - 10:
+                await asyncio.sleep(0)
         woken = scheduler._wakeup.is_set()  # before the scheduler's task runs again
         async with asyncio.timeout(10):  # the next ten, while the ten outcomes still wait
             for _ in range(10):

@@ -14,7 +14,8 @@ shows each target's median over its rounds, and the engine's ratio to each peer:
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from bench.report import RunResult, percentiles
 
@@ -35,6 +36,37 @@ def compare_kinds(target: str, compare: str | None) -> list[str]:
 def interleaved(kinds: Sequence[str], rounds: int) -> list[str]:
     """Every target once per round, in the same order each round."""
     return [kind for _ in range(max(1, rounds)) for kind in kinds]
+
+
+# ext4 without a journal (this machine's root file system; fs/ext4/ialloc.c
+# recently_deleted) skips inodes freed within the last 60 s when it allocates one, reading
+# each one's inode table block first. A peer that keeps a file per queued message (Postfix,
+# Exim, Haraka) and starts a round within a minute of its last one pays that search for
+# every message: measured here, tuned Postfix at 3.4-3.6 ms of CPU a message right after
+# its own round against 2.6-2.7 after a pause, and 2.6 all through one 30,000-message round
+# (under steady load the freed inodes stay behind the allocator). The slow figure belongs
+# to the rig's back-to-back rounds, not to the MTA: each target's round waits until its
+# last one ended this long ago.
+SETTLE = 65.0
+
+
+class Settle:
+    """When each target's next round may start: `seconds` after its previous one ended."""
+
+    def __init__(self, seconds: float = SETTLE, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._ended: dict[str, float] = {}
+
+    def due_in(self, kind: str) -> float:
+        """Seconds until a round of `kind` may start (0: now)."""
+        ended = self._ended.get(kind)
+        return 0.0 if ended is None else max(0.0, ended + self.seconds - self.clock())
+
+    def ended(self, kind: str) -> None:
+        """A round of `kind` ended now."""
+        self._ended[kind] = self.clock()
 
 
 def _median(values: Sequence[float | None]) -> float | None:

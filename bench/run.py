@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from bench.engine_proc import PROJECT_ROOT
 from bench.interrupts import stop_on_signals
 from bench.orchestrator import Options, run_once
 from bench.pairs import ab_order, pair_comparison
-from bench.peer_compare import compare_kinds, format_medians, interleaved
+from bench.peer_compare import SETTLE, Settle, compare_kinds, format_medians, interleaved
 from bench.report import RunResult, format_comparison, format_report, last_line, save_outputs
 from bench.rig.dns import DEFAULT_TTL
 from bench.rig.sched import rig_policy
@@ -104,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scheduling policy of the rig's own processes (load generator, "
                              "sinks, DNS); batch (default): they never preempt the MTA under "
                              "test when it wakes them (bench/rig/sched.py)")
+    parser.add_argument("--settle", type=float, default=SETTLE, metavar="SECONDS",
+                        help="with --compare: a target's round starts at least this long "
+                             "after its previous one ended (default %(default)s; 0: at once): "
+                             "a file-per-message queue on this machine's ext4 pays for inodes "
+                             "freed within the last minute (bench/peer_compare.py)")
     parser.add_argument("--auth", default="", metavar="USER:PASSWORD",
                         help="AUTH PLAIN as this user at a --target HOST:PORT (after STARTTLS "
                              "when offered); the engine target authenticates per account")
@@ -193,9 +199,16 @@ def main(args: argparse.Namespace) -> int:
             opts, scenario=with_tracking(scenario, tracking))
         runs = [(kind, run_opts) for kind in targets_of(args)]
     results: list[RunResult] = []
+    settle = Settle(args.settle if args.compare else 0.0)
     try:
         for kind, run_opts in runs:
+            wait = settle.due_in(kind)
+            if wait > 0:
+                if not args.quiet:
+                    print(f"{kind}: next round in {wait:.0f} s (--settle)", flush=True)
+                time.sleep(wait)
             results.append(run_once(kind, run_opts))
+            settle.ended(kind)
             print(format_report(results[-1]), flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: everything started has been stopped", file=sys.stderr)

@@ -22,7 +22,7 @@ from dnslib import QTYPE, DNSRecord
 from bench.cgroup import CpuCgroup, CpuMeter
 from bench.orchestrator import Options, run_once
 from bench.pairs import ab_order, pair_comparison, pair_ratios, paired
-from bench.peer_compare import compare_kinds, format_medians, interleaved, medians
+from bench.peer_compare import Settle, compare_kinds, format_medians, interleaved, medians
 from bench.procstat import ProcessTree
 from bench.report import RunResult
 from bench.rig import peer_install
@@ -92,6 +92,21 @@ def test_compare_all_runs_every_peer_after_the_engine_in_interleaved_rounds() ->
         check_target(kind)
     with pytest.raises(SystemExit):
         check_target("sendmail")
+
+
+def test_a_round_starts_once_the_same_targets_last_round_has_settled() -> None:
+    now = [100.0]
+    settle = Settle(65.0, clock=lambda: now[0])
+    assert settle.due_in("postfix") == 0.0  # no round yet
+    settle.ended("postfix")
+    now[0] += 20.0  # the engine's round in between
+    settle.ended("engine")
+    assert settle.due_in("postfix") == pytest.approx(45.0)
+    assert settle.due_in("exim") == 0.0  # each target has its own
+    now[0] += 70.0
+    assert settle.due_in("postfix") == 0.0
+    assert settle.due_in("engine") == 0.0
+    assert Settle(0.0, clock=lambda: now[0]).due_in("postfix") == 0.0
 
 
 def _result(target: str, e2e: float, accept: float, p99_s: float, cpu: float) -> RunResult:

@@ -102,6 +102,11 @@ def check_bindable(key: str, address: str) -> None:
 @dataclass
 class EngineConfig:
     workers: int = 0  # 0: one per core
+    # 0: every worker accepts and delivers. N: the `workers` only accept and N more
+    # processes only deliver, so that delivery never holds up a 250 (as Postfix's smtpd
+    # and smtp are separate processes); "idle": their event loops run under SCHED_IDLE.
+    delivery_workers: int = 0
+    delivery_priority: str = "idle"  # idle | normal
     hostname: str = "mta.localhost"
     # Mail for postmaster (and `local_mailboxes`) at the engine's own names goes here;
     # empty: it stays on the engine, handled as mail to the [bounce] domain.
@@ -914,6 +919,18 @@ def _check_run_length(value: int) -> None:
         raise ValueError("must be a whole number of messages from 1 to 1000")
 
 
+DELIVERY_PRIORITIES = ("idle", "normal")
+
+
+def check_engine(cfg: Config) -> None:
+    engine = cfg.engine
+    if engine.workers < 0 or engine.delivery_workers < 0:
+        raise ConfigError("[engine] workers and delivery_workers must be 0 or more")
+    if engine.delivery_priority not in DELIVERY_PRIORITIES:
+        raise ConfigError(f"[engine] delivery_priority must be idle or normal, got "
+                          f"{engine.delivery_priority!r}")
+
+
 def check_egress(cfg: Config) -> None:
     """The references between [egress] and [[accounts]]: every pool named exists, every
     source a pool lists exists; ConfigError with one line otherwise."""
@@ -1209,6 +1226,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError(f"unknown section [{key}]")
         kwargs[key] = _coerce(value, hints[key], f"[{key}]")
     cfg = Config(**kwargs)
+    check_engine(cfg)
     check_egress(cfg)
     check_amqp(cfg.amqp)
     check_webhooks(cfg)

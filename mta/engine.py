@@ -38,7 +38,7 @@ from mta.cluster.policy import PolicySync
 from mta.cluster.throttle import ClusterThrottle
 from mta.cluster.warmup import RedisRampStore
 from mta.config import Config, ConfigError, StartupError, check_bindable, parse_hostport
-from mta.context import WorkerContext
+from mta.context import Role, Seat, WorkerContext, seats
 from mta.delivery.deliverer import Deliverer, Transform
 from mta.delivery.inbound import InboundHandler, verp_secret, verp_transform
 from mta.delivery.service import (
@@ -132,29 +132,30 @@ class Delivery:
 class Worker:
     """Everything one process runs, assembled in `run` in the order mail flows."""
 
-    def __init__(self, cfg: Config, index: int, workers: int) -> None:
+    def __init__(self, cfg: Config, seat: Seat) -> None:
         self.cfg = cfg
-        self.index = index
-        self.workers = workers
+        self.seat = seat
+        self.index = seat.index
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
         ctx = self.open_context()
+        if self.seat.role is Role.DELIVER and self.cfg.engine.delivery_priority == "idle":
+            run_loop_when_idle()  # the spool's writer, started above, keeps its priority
         ctx.outbox = start_outbox(ctx)  # events for webhooks and AMQP, when configured
         link = await connect_cluster(ctx)  # Redis shared by several nodes, when configured
         guard = await start_guard(ctx, link)  # the sending contract, when enabled
-        delivery = await start_delivery(ctx, guard, link) if self.cfg.delivery.enabled else None
-        intake = Intake(self.cfg, ctx.spool, ctx.committer, policy=guard, emit=ctx.emit,
-                        on_stored=delivery.scheduler.notify_stored if delivery else None,
-                        record_events=ctx.outbox.record if ctx.outbox else None)
-        ctx.on_close(intake.close)
-        await start_inject(ctx, intake)  # the HTTP injection API: the same intake, per worker
+        delivery = (await start_delivery(ctx, guard, link)
+                    if self.cfg.delivery.enabled and self.seat.delivers else None)
+        intake = await self.start_intake(ctx, guard, delivery) if self.seat.accepts else None
         live = LiveParts(delivery.deliverer if delivery else None,
                          delivery.scheduler if delivery else None,
                          delivery.signer if delivery else None, guard, link)
         await start_operators(ctx, GuardOperations(guard) if guard else None, live,
                               await share_engagement(ctx, link))
-        server = await self.listen(intake)
+        server = await self.listen(intake) if intake else None
+        self.stop_on_signals()
+        log.info("worker %d/%d %s", self.index, self.seat.workers, self.seat.role.value)
         settle_garbage_collector()
         await self.stopping.wait()
         in_flight = len(delivery.scheduler.in_flight) if delivery else 0
@@ -163,6 +164,15 @@ class Worker:
         await self.shutdown(ctx, server)
         log.info("worker %d stopped; spool closed cleanly", self.index)
 
+    async def start_intake(self, ctx: WorkerContext, guard: PolicyGuard | None,
+                           delivery: Delivery | None) -> Intake:
+        intake = Intake(self.cfg, ctx.spool, ctx.committer, policy=guard, emit=ctx.emit,
+                        on_stored=delivery.scheduler.notify_stored if delivery else None,
+                        record_events=ctx.outbox.record if ctx.outbox else None)
+        ctx.on_close(intake.close)
+        await start_inject(ctx, intake)  # the HTTP injection API: the same intake, per worker
+        return intake
+
     def open_context(self) -> WorkerContext:
         cfg = self.cfg
         spool = Spool(cfg.spool.path, cfg.spool.map_size)
@@ -170,7 +180,7 @@ class Worker:
         events.start()
         committer = GroupCommitter(spool, cfg.spool.max_batch)
         committer.start()
-        return WorkerContext(cfg, self.index, self.workers, spool, committer, events)
+        return WorkerContext(cfg, self.seat, spool, committer, events)
 
     async def listen(self, intake: Intake) -> asyncio.Server:
         cfg = self.cfg
@@ -179,15 +189,19 @@ class Worker:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: IntakeSMTP(intake, tls), host, port, reuse_port=True, backlog=4096)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        log.info("worker %d/%d listening on %s", self.index, self.workers, cfg.smtp.listen)
+        log.info("worker %d/%d listening on %s", self.index, self.seat.workers, cfg.smtp.listen)
         return server
 
-    async def shutdown(self, ctx: WorkerContext, server: asyncio.Server) -> None:
-        server.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+    def stop_on_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def shutdown(self, ctx: WorkerContext, server: asyncio.Server | None) -> None:
+        if server is not None:
+            server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
         for close in reversed(ctx.closers):
             await close()
         await ctx.committer.close()
@@ -202,11 +216,11 @@ async def start_guard(ctx: WorkerContext, link: RedisLink | None) -> PolicyGuard
         return None
     guard = PolicyGuard(cfg, ctx.spool, ctx.committer, emit=ctx.emit,
                         record_events=ctx.outbox.record if ctx.outbox else None)
-    await guard.start(daily_purge=ctx.index == 0)
+    await guard.start(daily_purge=ctx.seat.leader)
     ctx.listen(guard.on_event)
     ctx.on_close(guard.close)
     if link is not None:  # several nodes: share pauses, counters and limits through Redis
-        sync = PolicySync(guard, link, leader=ctx.index == 0)
+        sync = PolicySync(guard, link, leader=ctx.seat.leader)
         guard.share(sync)
         await sync.start()
         ctx.on_close(sync.close)  # closed before the guard's final flush
@@ -217,7 +231,7 @@ async def share_engagement(ctx: WorkerContext, link: RedisLink | None
                            ) -> EngagementSync | None:
     """Several nodes: the opens and clicks this node serves (worker 0, with the HTTP
     listener) are added to the cluster's counters in Redis, the admin views show those."""
-    if link is None or ctx.index != 0 or not ctx.cfg.http.enabled:
+    if link is None or not ctx.seat.leader or not ctx.cfg.http.enabled:
         return None
     sync = EngagementSync(link, ctx.spool, ctx.committer.submit)
     await sync.start()
@@ -229,7 +243,7 @@ async def share_engagement(ctx: WorkerContext, link: RedisLink | None
 def account_paces(ctx: WorkerContext, budget: SharedBudget) -> AccountPaces:
     """`[[accounts]] max_rate`: one pace per account, shared across nodes by `budget`."""
     rates = {a.name: parse_rate(a.max_rate) for a in ctx.cfg.accounts if a.max_rate}
-    return AccountPaces(rates, budget, ctx.workers, on_wait=lambda account, wait: ctx.emit(
+    return AccountPaces(rates, budget, ctx.seat.sharers, on_wait=lambda account, wait: ctx.emit(
         {"type": "AccountPaced", "account": account, "queue_wait": wait}),
         campaign_rates=RateCache(ctx.spool).get)
 
@@ -238,7 +252,7 @@ def shared_budget(ctx: WorkerContext, link: RedisLink | None, throttle: Throttle
                   ) -> SharedBudget:
     if link is None:
         return LocalBudget()
-    budget = ClusterThrottle(link, throttle, ctx.workers)
+    budget = ClusterThrottle(link, throttle, ctx.seat.sharers)
     budget.start()
     ctx.on_close(budget.close)
     return budget
@@ -254,7 +268,7 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
     throttle = make_throttle(ctx, shared=link is not None)
     budget = shared_budget(ctx, link, throttle)
     rules = RuleCheck(ctx.spool, then=guard.holds if guard else None)  # operators' rules
-    scheduler = Scheduler(ctx.spool, ctx.committer, cfg.delivery, ctx.index, ctx.workers,
+    scheduler = Scheduler(ctx.spool, ctx.committer, cfg.delivery, ctx.seat.share, ctx.seat.sharers,
                           on_outcome=emit_outcomes(ctx, local_domains),
                           build_dsn=make_dsn_builder(cfg),
                           hold_check=rules, windows=windows_of(cfg),
@@ -263,7 +277,7 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
                               record_outcome_events(ctx, local_domains),
                               source_noter(ctx.spool) if cfg.egress.sources else None),
                           intake_first=intake_first(ctx))
-    if ctx.index == 0:  # one worker lifts expired rules
+    if ctx.seat.delivery_leader:  # one worker lifts expired rules
         expiry = RuleExpiry(ctx.spool, ctx.committer.submit, ctx.emit)
         expiry.start()
         ctx.on_close(expiry.close)
@@ -299,9 +313,10 @@ async def start_delivery(ctx: WorkerContext, guard: PolicyGuard | None,
 
 
 def intake_first(ctx: WorkerContext) -> IntakeFirst | None:
-    """Bulk delivery's yield to a busy intake, reading the loop's business (None: off)."""
+    """Bulk delivery's yield to a busy intake on the same loop, reading the loop's
+    business (None: off, or a worker that only delivers)."""
     cfg = ctx.cfg.delivery
-    if cfg.yield_to_intake <= 0:
+    if cfg.yield_to_intake <= 0 or not ctx.seat.accepts:
         return None
     loop_busy = LoopBusy()
     loop_busy.start()
@@ -316,17 +331,47 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def run_worker(cfg: Config, index: int, workers: int) -> None:
+def run_loop_when_idle() -> None:
+    """A delivering worker's event loop runs under SCHED_IDLE: it gets only the CPU the
+    accepting workers leave, and their wake-ups take its CPU at once. Linux sets the
+    policy per thread: the calling one (the loop) and those it starts later."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def spread_intake(seat: Seat) -> None:
+    """With workers of their own for delivery, each accepting worker stays on one CPU of
+    those the engine may use, one after the other: two of them never queue on one core
+    while the other core runs delivery (its wake-ups would land them together)."""
+    if seat.role is not Role.ACCEPT:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[seat.index % len(cpus)]})
+
+
+def run_worker(cfg: Config, seat: Seat) -> None:
+    spread_intake(seat)  # before any thread starts: they all keep the CPU
     _die_with_parent()
+    _name_worker(seat)
     setup_logging(cfg)
-    uvloop.run(Worker(cfg, index, workers).run())
+    uvloop.run(Worker(cfg, seat).run())
 
 
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL this worker when the supervisor dies (kill -9 included)."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _name_worker(seat: Seat) -> None:
+    """top and ps (comm) show what each worker does: mta-intake-0, mta-delivery-2, mta-worker-1."""
+    kind = {Role.ACCEPT: "intake", Role.DELIVER: "delivery"}.get(seat.role, "worker")
+    _prctl(15, f"mta-{kind}-{seat.index}".encode()[:15])  # PR_SET_NAME
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg)
 
 
 def setup_logging(cfg: Config) -> None:
@@ -345,11 +390,12 @@ def serve(cfg: Config, workers: int | None = None) -> int:
 
     metrics_dir = prepare_metrics_dir(cfg)
     n = worker_count(cfg, workers)
-    children: dict[int, int] = {}  # pid -> worker index
+    places = seats(n, cfg.engine.delivery_workers if cfg.delivery.enabled else 0)
+    children: dict[int, Seat] = {}  # pid -> its worker's seat
     stopping = False
     exit_code = 0
 
-    def spawn(index: int) -> None:
+    def spawn(seat: Seat) -> None:
         pid = os.fork()
         if pid == 0:
             # The supervisor's handlers must not run here: until the worker's loop has its
@@ -359,7 +405,7 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             claim.close()  # the supervisor's; it goes when the supervisor goes
             code = 0
             try:
-                run_worker(cfg, index, n)
+                run_worker(cfg, seat)
             except ConfigError as exc:
                 print(f"mta: config error: {exc}", file=sys.stderr)
                 code = 2
@@ -367,10 +413,10 @@ def serve(cfg: Config, workers: int | None = None) -> int:
                 print(f"mta: {exc}", file=sys.stderr)
                 code = 2
             except BaseException:
-                logging.getLogger("mta.engine").exception("worker %d failed", index)
+                logging.getLogger("mta.engine").exception("worker %d failed", seat.index)
                 code = 1
             os._exit(code)
-        children[pid] = index
+        children[pid] = seat
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -381,9 +427,9 @@ def serve(cfg: Config, workers: int | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for index in range(n):
-        spawn(index)
-    log.info("engine started: %d workers, SMTP on %s", n, cfg.smtp.listen)
+    for seat in places:
+        spawn(seat)
+    log.info("engine started: %d workers, SMTP on %s", len(places), cfg.smtp.listen)
     restarts: list[float] = []
     while children:
         try:
@@ -392,9 +438,9 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             break
         except InterruptedError:
             continue
-        index = children.pop(pid, None)
+        seat = children.pop(pid, None)
         metrics_process_dead(pid)  # a dead worker's live gauges stop counting
-        if index is None or stopping:
+        if seat is None or stopping:
             continue
         code = os.waitstatus_to_exitcode(status)
         if code == 2:  # a configuration problem: restarting would fail the same way
@@ -408,8 +454,8 @@ def serve(cfg: Config, workers: int | None = None) -> int:
             exit_code = 1
             stop(signal.SIGTERM, None)
             continue
-        log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
-        spawn(index)
+        log.warning("worker %d (pid %d) exited with %s; restarting", seat.index, pid, code)
+        spawn(seat)
     cleanup_metrics_dir(cfg, metrics_dir)
     claim.close()
     log.info("engine stopped")

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.add_argument("--mx", action="append", default=[], metavar="HOST",
                          help="an MX host of the domain (repeat, in preference order)")
     explain.add_argument("--workers", type=int, default=0,
-                         help="worker processes (default: from the config)")
+                         help="worker processes that deliver (default: from the config)")
     for q in (status, check, explain):
         add_config_arg(q)
     for q in (check, explain):
@@ -124,7 +124,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     shaping = load_shaping(args.shaping or cfg.throttle.shaping_file)
-    workers = args.workers or cfg.engine.workers or 1
+    workers = args.workers or cfg.engine.delivery_workers or cfg.engine.workers or 1
     throttle = Throttle(shaping, worker=0, workers=workers)
     dest = throttle.destination(args.domain, args.mx)
     print(f"{dest.domain}: provider {dest.provider or '-'}; {workers} worker(s)")

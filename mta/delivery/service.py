@@ -118,11 +118,12 @@ def make_resolver(cfg: Config) -> MxResolver:
 
 
 def make_throttle(ctx: WorkerContext, shared: bool) -> Throttle:
-    """This worker's throttle: its share of each budget, or (`shared`: the budget is held
-    across all workers of all nodes, mta.throttle.shared) the whole of it."""
+    """This worker's throttle: its share of each budget (split among the workers that
+    deliver), or (`shared`: the budget is held across all workers of all nodes,
+    mta.throttle.shared) the whole of it."""
     cfg = ctx.cfg
-    return Throttle(load_shaping(cfg.throttle.shaping_file), ctx.index,
-                    1 if shared else ctx.workers,
+    return Throttle(load_shaping(cfg.throttle.shaping_file), ctx.seat.share,
+                    1 if shared else ctx.seat.sharers,
                     on_event=lambda event: ctx.emit({"type": "ThrottleChange", **event}))
 
 

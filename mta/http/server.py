@@ -83,7 +83,7 @@ async def start_operators(ctx: WorkerContext, policy: PolicyOperations | None,
     answers what the spool alone can (`SpoolOperations`)."""
     audit = start_audit(ctx)
     metrics = start_metrics(ctx, live)
-    if ctx.index == 0:
+    if ctx.seat.leader:
         policy = policy or SpoolOperations(ctx.cfg, ctx.spool, ctx.committer.submit, ctx.emit)
         await start_http(ctx, policy, audit, metrics, engagement)
     return metrics

@@ -182,11 +182,11 @@ def start_outbox(ctx: Any) -> OutboxRecorder | None:
     worker 0 (it reads the outbox for all). None when no sink is configured."""
     sinks = build_sinks(ctx.cfg)
     if not sinks:
-        if ctx.index == 0:
+        if ctx.seat.leader:
             warn_of_leftovers(ctx.spool)
         return None
     dispatcher: Dispatcher | None = None
-    if ctx.index == 0:
+    if ctx.seat.leader:
         dispatcher = Dispatcher(ctx.spool, ctx.committer.submit, sinks,
                                 dispatch_settings(ctx.cfg))
         dispatcher.start()

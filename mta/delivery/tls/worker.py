@@ -28,7 +28,7 @@ def check_tls_config(cfg: Config) -> None:
 def start_tls(ctx: WorkerContext, lookup: LookupFn,
               on_stored: Callable[[NewMessage], None] | None = None) -> TlsParts:
     """The worker's TLS plans and session checker; with `[tlsrpt] enabled`, its session
-    counts flushed to LMDB and (worker 0) the daily reports sent."""
+    counts flushed to LMDB and (the first delivering worker) the daily reports sent."""
     store = TlsStore(ctx.spool)
     parts = build_tls(ctx.cfg, lookup, store, ctx.committer.submit)
     tasks: list[asyncio.Task[None]] = []
@@ -37,7 +37,7 @@ def start_tls(ctx: WorkerContext, lookup: LookupFn,
         reporter = TlsReporter(ctx.cfg, store, lookup, parts.https, ctx.committer.submit,
                                on_stored)
         tasks.append(asyncio.get_running_loop().create_task(
-            reporter.run(parts.ledger, ctx.index == 0, ctx.cfg.tlsrpt.check_interval)))
+            reporter.run(parts.ledger, ctx.seat.delivery_leader, ctx.cfg.tlsrpt.check_interval)))
 
     async def close() -> None:
         for task in tasks:

@@ -5,6 +5,7 @@ delivered, duplicated and lost (lost must be 0).
 
     python -m bench chaos [--duration 3600] [--kill-every 60] [--fault-every 20]
                           [--rate 100] [--sessions 20] [--workers 2]
+                          [--delivery-workers 0]
 
 The rig: a DNS server on loopback routing `--domains` test domains to one in-process
 asyncio sink on 127.0.0.2 that records queue ids. Faults cycle through, with a
@@ -76,11 +77,13 @@ class Tally:
         self.accepted.append(queue_id)
 
 
-def engine_config(workdir: Path, dns: DnsServer, sink_port: int) -> dict[str, Any]:
+def engine_config(workdir: Path, dns: DnsServer, sink_port: int,
+                  delivery_workers: int = 0) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "shaping.toml").write_text(SHAPING)
     return {
-        "engine": {"event_log": str(workdir / "events.jsonl"),
+        "engine": {"delivery_workers": delivery_workers,
+                   "event_log": str(workdir / "events.jsonl"),
                    "audit_log": str(workdir / "audit.jsonl"), "log_level": "warning"},
         "smtp": {"listen": f"127.0.0.1:{free_port()}"},
         "spool": {"path": str(workdir / "spool"), "min_free_disk": 0},
@@ -146,7 +149,7 @@ def run_chaos(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         domains = route(dns, args.domains)
         sink = AsyncioSink("127.0.0.2", record=True).start()
         try:
-            config = engine_config(workdir, dns, sink.port)
+            config = engine_config(workdir, dns, sink.port, args.delivery_workers)
             engine = EngineProcess(workdir, config, workers=args.workers).start()
             started = time.monotonic()
             until = started + args.duration
@@ -220,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="offered msg/s")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--delivery-workers", type=int, default=0,
+                        help="[engine] delivery_workers: workers that only deliver")
     parser.add_argument("--domains", type=int, default=20)
     parser.add_argument("--workdir", help="keep the spool, logs and events here "
                                           "(default: a temporary directory)")

@@ -5,9 +5,12 @@ kill -9."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +76,13 @@ def pids_named(engine: HttpEngine, prefix: str) -> list[int]:
     return [pid for pid, name in names(engine).items() if name.startswith(prefix)]
 
 
+def throttle_rows(engine: HttpEngine) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "mta", "throttle", "status", "--json",
+                          "--config", str(engine.config_path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
 def send(engine: HttpEngine, rcpts: list[str], tag: str) -> None:
     with smtplib.SMTP(engine.host, engine.port) as client:
         for i, rcpt in enumerate(rcpts):
@@ -120,6 +130,8 @@ def test_an_engine_with_delivery_workers_accepts_in_some_and_delivers_in_the_oth
         # The HTTP listener is the accepting worker's; its /metrics adds up the others'.
         status, text, _ = call(engine.url + "/metrics", token=None)
         assert status == 200 and "mta_messages_delivered_total" in text
+        # `mta throttle status` names the delivering workers by their own numbers.
+        assert wait_until(lambda: {row["worker"] for row in throttle_rows(engine)} == {1, 2})
 
         # A delivering worker killed: the supervisor starts another in the same seat.
         victim = delivering[0]

@@ -124,7 +124,8 @@ def make_throttle(ctx: WorkerContext, shared: bool) -> Throttle:
     cfg = ctx.cfg
     return Throttle(load_shaping(cfg.throttle.shaping_file), ctx.seat.share,
                     1 if shared else ctx.seat.sharers,
-                    on_event=lambda event: ctx.emit({"type": "ThrottleChange", **event}))
+                    on_event=lambda event: ctx.emit({"type": "ThrottleChange", **event}),
+                    label=ctx.index)
 
 
 def emit_outcomes(ctx: WorkerContext, local_domains: set[str]

@@ -205,10 +205,11 @@ def _excerpt(code: int, enhanced: str | None, text: str) -> str:
 class Throttle:
     def __init__(self, shaping: Shaping, worker: int = 0, workers: int = 1,
                  on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, label: int | None = None) -> None:
         self.shaping = shaping
-        self.worker = worker
+        self.worker = worker  # its number among the `workers` that share each budget
         self.workers = max(1, workers)
+        self.label = worker if label is None else label  # the worker its rows and events name
         self.on_event = on_event
         self.clock = clock
         self.settings = shaping.adapt
@@ -452,7 +453,7 @@ class Throttle:
         holds = [h for h in (sc.suspended, sc.cap) if h]
         until = max((h.until for h in holds), default=None)
         return {
-            "destination": sc.spec.name, "kind": sc.spec.kind, "worker": self.worker,
+            "destination": sc.spec.name, "kind": sc.spec.kind, "worker": self.label,
             "source": sc.spec.source, "state": _state(sc),
             "rate": sc.effective_rate(), "rate_ceiling": sc.rate_ceiling,
             "connections": sc.connections, "max_connections": sc.max_connections(),
@@ -498,7 +499,7 @@ class Throttle:
         sc.changed = now
         if self.on_event is not None:
             self.on_event({
-                "type": "ThrottleChange", "time": now, "worker": self.worker,
+                "type": "ThrottleChange", "time": now, "worker": self.label,
                 "destination": sc.spec.name, "kind": sc.spec.kind, "change": change,
                 **({"source": sc.spec.source} if sc.spec.source else {}),
                 "reason": reason, "rate": sc.effective_rate(), "rate_ceiling": sc.rate_ceiling,

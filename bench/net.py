@@ -7,10 +7,15 @@ import random
 import socket
 import subprocess
 import time
+from collections import deque
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
 EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# The ports this process handed out last: two calls before either port is bound (an
+# engine's SMTP and HTTP addresses, say) must not get the same one (seen: an engine
+# whose HTTP listener took its own SMTP port).
+_handed_out: deque[int] = deque(maxlen=2048)
 
 
 def family(host: str) -> socket.AddressFamily:
@@ -32,7 +37,8 @@ def free_port(*hosts: str, attempts: int = 200) -> int:
     low, high = listen_range()
     for _ in range(attempts):
         port = random.randint(low, high)
-        if all(port_is_free(host, port) for host in hosts):
+        if port not in _handed_out and all(port_is_free(host, port) for host in hosts):
+            _handed_out.append(port)
             return port
     raise OSError(errno.EADDRINUSE, f"no TCP port free on all of {list(hosts)}")
 

@@ -922,6 +922,23 @@ def _check_run_length(value: int) -> None:
 DELIVERY_PRIORITIES = ("idle", "normal")
 
 
+def check_listeners(cfg: Config) -> None:
+    """No two of the engine's listeners on the same address: the second would fail to
+    bind in every worker, over and over."""
+    listeners = [("[smtp] listen", cfg.smtp.listen)]
+    if cfg.http.enabled:
+        listeners.append(("[http] listen", cfg.http.listen))
+    if cfg.inject.listen:
+        listeners.append(("[inject] listen", cfg.inject.listen))
+    seen: dict[tuple[str, int], str] = {}
+    for key, address in listeners:
+        host, port = parse_hostport(address)
+        where = (host.lower().strip("[]"), port)
+        if where in seen:
+            raise ConfigError(f"{key} and {seen[where]} are the same address ({address})")
+        seen[where] = key
+
+
 def check_engine(cfg: Config) -> None:
     engine = cfg.engine
     if engine.workers < 0 or engine.delivery_workers < 0:
@@ -1227,6 +1244,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         kwargs[key] = _coerce(value, hints[key], f"[{key}]")
     cfg = Config(**kwargs)
     check_engine(cfg)
+    check_listeners(cfg)
     check_egress(cfg)
     check_amqp(cfg.amqp)
     check_webhooks(cfg)

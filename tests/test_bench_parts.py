@@ -286,6 +286,16 @@ def test_free_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
     assert listen_range(str(tmp_path / "missing")) == (20768, 32767)
 
 
+def test_free_port_never_hands_out_a_port_twice_before_it_is_bound() -> None:
+    """An engine's SMTP and HTTP addresses are drawn one after the other, neither bound
+    yet: 400 draws from 12,000 ports would repeat one almost surely (birthday odds
+    above 99 %) if the draws did not remember what they gave."""
+    from bench.net import free_port
+
+    ports = [free_port() for _ in range(400)]
+    assert len(set(ports)) == len(ports)
+
+
 # --- the rig's scheduling policy ---------------------------------------------------------
 
 RIG_AND_TARGET = """

@@ -1,7 +1,7 @@
 """Workers of their own for delivery (`[engine] delivery_workers`): the seats the engine
 hands out, and a real engine whose accepting and delivering workers are separate
 processes, delivering through loopback DNS to a sink, surviving a delivering worker's
-kill -9."""
+kill -9; and the one-line stop when two listeners share an address."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def test_bad_worker_settings_stop_the_engine_with_one_line(tmp_path: Path, line:
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert str(exc.value).startswith(problem) and "\n" not in str(exc.value)
+
+
+def test_two_listeners_on_one_address_stop_the_engine_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "mta.toml"
+    path.write_text('[smtp]\nlisten = "127.0.0.1:2600"\n[http]\nlisten = "127.0.0.1:2600"\n')
+    with pytest.raises(ConfigError, match=r"^\[http\] listen and \[smtp\] listen are the same "
+                                          r"address \(127.0.0.1:2600\)$"):
+        load_config(path)
+    path.write_text('[http]\nenabled = false\nlisten = "127.0.0.1:2525"\n')
+    assert load_config(path).smtp.listen == "127.0.0.1:2525"  # no HTTP listener: no clash
 
 
 def names(engine: HttpEngine) -> dict[int, str]:

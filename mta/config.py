@@ -933,7 +933,7 @@ def check_listeners(cfg: Config) -> None:
     seen: dict[tuple[str, int], str] = {}
     for key, address in listeners:
         host, port = parse_hostport(address)
-        where = (host.lower().strip("[]"), port)
+        where = (host.lower(), port)
         if where in seen:
             raise ConfigError(f"{key} and {seen[where]} are the same address ({address})")
         seen[where] = key
@@ -944,8 +944,8 @@ def check_engine(cfg: Config) -> None:
     if engine.workers < 0 or engine.delivery_workers < 0:
         raise ConfigError("[engine] workers and delivery_workers must be 0 or more")
     if engine.delivery_priority not in DELIVERY_PRIORITIES:
-        raise ConfigError(f"[engine] delivery_priority must be idle or normal, got "
-                          f"{engine.delivery_priority!r}")
+        raise ConfigError(f"[engine] delivery_priority must be "
+                          f"{' or '.join(DELIVERY_PRIORITIES)}, got {engine.delivery_priority!r}")
 
 
 def check_egress(cfg: Config) -> None:

@@ -85,10 +85,6 @@ class WorkerContext:
     def index(self) -> int:
         return self.seat.index
 
-    @property
-    def workers(self) -> int:
-        return self.seat.workers
-
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("worker", self.index)
         self.events.emit(event)

@@ -135,7 +135,6 @@ class Worker:
     def __init__(self, cfg: Config, seat: Seat) -> None:
         self.cfg = cfg
         self.seat = seat
-        self.index = seat.index
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -155,14 +154,14 @@ class Worker:
                               await share_engagement(ctx, link))
         server = await self.listen(intake) if intake else None
         self.stop_on_signals()
-        log.info("worker %d/%d %s", self.index, self.seat.workers, self.seat.role.value)
+        log.info("worker %d/%d %s", self.seat.index, self.seat.workers, self.seat.role.value)
         settle_garbage_collector()
         await self.stopping.wait()
         in_flight = len(delivery.scheduler.in_flight) if delivery else 0
         log.info("worker %d stopping: %d deliveries in flight (they go out again after a "
-                 "restart if they were cut off)", self.index, in_flight)
+                 "restart if they were cut off)", self.seat.index, in_flight)
         await self.shutdown(ctx, server)
-        log.info("worker %d stopped; spool closed cleanly", self.index)
+        log.info("worker %d stopped; spool closed cleanly", self.seat.index)
 
     async def start_intake(self, ctx: WorkerContext, guard: PolicyGuard | None,
                            delivery: Delivery | None) -> Intake:
@@ -189,7 +188,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: IntakeSMTP(intake, tls), host, port, reuse_port=True, backlog=4096)
-        log.info("worker %d/%d listening on %s", self.index, self.seat.workers, cfg.smtp.listen)
+        log.info("worker %d/%d listening on %s", self.seat.index, self.seat.workers, cfg.smtp.listen)
         return server
 
     def stop_on_signals(self) -> None:

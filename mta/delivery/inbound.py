@@ -76,7 +76,9 @@ def with_cfbl(data: bytes, address: str, token: str) -> bytes:
     end = data.find(b"\r\n\r\n")
     head, body = (data, b"") if end < 0 else (data[: end + 2], data[end + 2:])
     fields = f"CFBL-Address: {address}; report=arf\r\nCFBL-Feedback-ID: {token}\r\n"
-    return fields.encode("ascii") + _CFBL_FIELDS.sub(b"", head) + body
+    if b"cfbl-" in head.lower():  # the regex walks every byte: only if needed
+        head = _CFBL_FIELDS.sub(b"", head)
+    return fields.encode("ascii") + head + body
 
 
 def unverified_event(rcpt: str, result: BounceResult, client: str) -> dict[str, Any]:

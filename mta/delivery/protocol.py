@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mta.queue.outcome import RcptResult, enhanced_status
+from mta.wire import crlf_only
 
 MAX_LINE = 8192  # longest reply line accepted (RFC 5321 says 512; servers stretch it)
 MAX_REPLY = 65536  # longest multi-line reply accepted, all lines together
@@ -144,8 +145,7 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
 def prepare_data(data: bytes) -> bytes:
     """The message as it goes on the wire after 354: CRLF line ends, dot-stuffed,
     ending in CRLF "." CRLF. Bare CR or LF is made CRLF (no end-of-data smuggling)."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+    if not crlf_only(data):
         data = _LINE_ENDS.sub(b"\r\n", data)
     if data.startswith(b"."):
         data = b"." + data

@@ -40,6 +40,7 @@ from enum import Enum, IntEnum
 from typing import Protocol
 
 from mta.address import Address, AddressError, parse_path
+from mta.wire import crlf_only
 
 log = logging.getLogger("mta.smtp")
 
@@ -716,8 +717,7 @@ _TAKE: dict[Input, Callable[[ServerSession], bool]] = {
 
 def is_clean_data(data: bytes) -> bool:
     """True if every CR and LF in data is part of a CRLF pair and there is no NUL."""
-    crlf = data.count(b"\r\n")
-    return b"\0" not in data and data.count(b"\r") == crlf and data.count(b"\n") == crlf
+    return b"\0" not in data and crlf_only(data)
 
 
 def unstuff(data: bytes) -> bytes:

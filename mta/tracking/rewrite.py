@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from mta.config import Config
@@ -58,15 +59,24 @@ def base_url(public_url: str, path: str) -> str:
     return f"{public_url.rstrip('/')}/{path.strip('/')}/"
 
 
-def header_pattern(name: str) -> re.Pattern[bytes]:
-    return re.compile(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n")
+@dataclass(frozen=True)
+class HeaderName:
+    lowered: bytes  # looked for first: the pattern walks every byte of the header block
+    pattern: re.Pattern[bytes]
 
 
-def take_header(data: bytes, pattern: re.Pattern[bytes]) -> tuple[bytes, str | None]:
+def header_name(name: str) -> HeaderName:
+    return HeaderName(name.lower().encode(), re.compile(
+        rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n"))
+
+
+def take_header(data: bytes, name: HeaderName) -> tuple[bytes, str | None]:
     """The message without the per-campaign tracking header, and its value (None: none)."""
     end = data.find(b"\r\n\r\n")
     head = data if end < 0 else data[: end + 2]
-    found = pattern.search(head)
+    if name.lowered not in head.lower():
+        return data, None
+    found = name.pattern.search(head)
     if found is None:
         return data, None
     value = found.group(1).decode("latin-1").strip().lower()
@@ -83,7 +93,7 @@ class TrackingTransform:
         self.skip = (base_url(cfg.http.public_url, cfg.policy.unsubscribe_path),
                      self.click_base, self.open_base)
         self.off = {a.name for a in cfg.accounts if not a.tracking}
-        self.header = header_pattern(self.tc.header) if self.tc.header else None
+        self.header = header_name(self.tc.header) if self.tc.header else None
 
     def __call__(self, item: Item, recipients: list[str], sender: str, data: bytes
                  ) -> tuple[str, bytes]:

@@ -15,8 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+from mta.outbox.codec import encode as encode_json
+
 REOPEN_CHECK = 1.0  # seconds between checks that the file is still the one at `path`
+_ascii_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    """One line: orjson's (ten times the standard library's speed, and every message
+    logs two events) when it is ASCII, else the standard library's, which escapes every
+    other character, so that no bidi override or C1 control from a header reaches an
+    operator's terminal raw."""
+    line = encode_json(event)
+    return line if line.isascii() else _ascii_json(event).encode()
 
 
 class EventLog:
@@ -25,7 +36,7 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
         self._checked = time.monotonic()
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._interval = flush_interval
         self._task: asyncio.Task[None] | None = None
         self.listeners: list[Any] = []
@@ -66,7 +77,7 @@ class EventLog:
 
     def flush(self) -> None:
         if self._lines:
-            data = ("\n".join(self._lines) + "\n").encode()
+            data = b"\n".join(self._lines) + b"\n"
             self._lines.clear()
             self._reopen_if_moved()
             os.write(self._fd, data)

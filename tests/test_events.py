@@ -25,6 +25,25 @@ def test_lines_are_json_with_a_time(tmp_path: Path) -> None:
     assert event["type"] == "Reception" and event["time"] > 0 and seen == [event]
 
 
+def test_lines_stay_ascii_whatever_a_value_holds(tmp_path: Path) -> None:
+    """A header's bidi override or C1 control is escaped in the file, never written raw
+    for a terminal to act on; a lone surrogate (a header decoded with surrogateescape) and
+    an integer past 64 bits are logged too."""
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    hostile = "Pay\u202eevil\x9b[31m caf\u00e9"
+    log.emit({"type": "Bounce", "text": hostile, "id": "a"})
+    log.emit({"type": "Bounce", "text": "x\udcff", "big": 2**70, "id": "b"})
+    log.emit({"type": "Delivery", "id": "c", 7: "key"})
+    log.close()
+    raw = path.read_bytes()
+    assert raw.isascii() and b"\\u202e" in raw and b"\\u009b" in raw
+    first, second, third = lines(path)
+    assert first["text"] == hostile
+    assert second["text"] == "x\udcff" and second["big"] == 2**70
+    assert third["7"] == "key"
+
+
 @pytest.mark.parametrize("move", ["rename", "unlink"])
 def test_reopens_a_file_moved_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    move: str) -> None:

@@ -116,6 +116,7 @@ async def drive(target: Target, rig: Rig, traffic: Traffic, tracker: ArrivalTrac
                 opts: Options) -> RunResult:
     """The load through the target, then the wait for the sinks, watched throughout."""
     scenario = opts.scenario
+    traffic.prepare(scenario.load.count)
     accepts = AcceptLog(traffic.submission)
     monitor = Monitor(target, accepts, tracker, rig, Progress(opts.progress))
     stop = asyncio.Event()

@@ -75,8 +75,27 @@ def prepare_metrics_dir(cfg: Any) -> str:
     remove_rings(path)
     os.environ[MULTIPROC_ENV] = path
     # prometheus-client picks its value class when first imported; pick it again.
-    prometheus_values.ValueClass = prometheus_values.get_value_class()
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue(current_pid)
     return path
+
+
+class _Pid:
+    """This process's id, kept: prometheus-client's multiprocess values ask for it on
+    every update, to notice a fork, and os.getpid is a system call each time (glibc
+    stopped caching it). It changes only in a forked child, which refreshes it."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.refresh)
+
+
+def current_pid() -> int:
+    return _Pid.value
 
 
 def metrics_process_dead(pid: int) -> None:

@@ -47,6 +47,28 @@ def test_every_shipped_scenario_loads_and_makes_messages(name: str) -> None:
     assert traffic.plan[7].recipients + traffic.plan[7].throttled <= len(sub.recipients)
 
 
+def test_prepared_submissions_are_those_composed_in_order_and_planned() -> None:
+    """Composed before the clock starts, the messages are what composing them one by one
+    during the run gives (same seed, same order), and the plan already knows them."""
+    scenario = load_scenario("steady")
+    prepared, live = (Traffic(scenario, destinations(scenario), run_id="r1") for _ in "ab")
+    prepared.prepare(50)
+    assert len(prepared.plan) == 50
+    for i in range(60):  # past the prepared ones, composing goes on from the same draws
+        a, b = prepared.submission(i), live.submission(i)
+        assert (a.sender, a.recipients, index_of(a.data)) == (b.sender, b.recipients, i)
+        assert a.data.split(b"Date:")[0] == b.data.split(b"Date:")[0]
+    assert prepared.plan == live.plan
+
+
+def test_submissions_over_the_memory_budget_are_composed_during_the_run() -> None:
+    scenario = load_scenario("steady")
+    traffic = Traffic(scenario, destinations(scenario))
+    traffic.prepare(1000, budget=100 * 4096)
+    assert traffic.plan == {}
+    assert index_of(traffic.submission(3).data) == 3
+
+
 def test_the_five_scenarios_of_the_issue_are_there() -> None:
     assert {"steady", "burst", "campaigns", "throttled", "bounces"} <= set(list_scenarios())
 

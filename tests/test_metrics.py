@@ -187,3 +187,38 @@ def test_worker_processes_add_up_and_dead_workers_leave_live_gauges(
 
         monkeypatch.delenv(MULTIPROC_ENV, raising=False)
         values.ValueClass = values.get_value_class()
+
+
+def test_forked_workers_each_count_in_their_own_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine forks its workers after prepare_metrics_dir: each child must notice it
+    is a new process (the id is kept, not asked for on every update) and write its own
+    file, or the workers would overwrite each other's counts."""
+    cfg = Config()
+    cfg.http.metrics_dir = str(tmp_path / "metrics")
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    try:
+        path = prepare_metrics_dir(cfg)
+        children = []
+        for received in (3, 4):
+            pid = os.fork()
+            if pid == 0:  # the child counts, and leaves without pytest's cleanup
+                status = 0
+                try:
+                    m = EngineMetrics()
+                    for _ in range(received):
+                        m.on_event({"type": "Reception", "recipients": 1})
+                except BaseException:
+                    status = 1
+                os._exit(status)
+            children.append(pid)
+        for pid in children:
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        counters = {name for name in os.listdir(path) if name.startswith("counter_")}
+        assert counters == {f"counter_{pid}.db" for pid in children}
+        assert families(None)["mta_messages_received_total"][()] == 7.0
+    finally:
+        from prometheus_client import values
+
+        monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+        values.ValueClass = values.get_value_class()

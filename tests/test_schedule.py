@@ -23,7 +23,8 @@ from mta.queue import jobs
 from mta.queue.outcome import RcptResult
 from mta.queue.schedule import Window, Windows, parse_send_at, windows_of
 from mta.queue.spool import NewMessage, Spool
-from mta.smtp.intake import read_send_at, without_field
+from mta.smtp.intake import read_send_at
+from mta.wire import without_fields
 from tests.helpers.engine import engine_config, wait_until
 from tests.helpers.http import call, start_http_engine
 from tests.test_delivery import events
@@ -67,9 +68,9 @@ def test_header_read_once_and_removed_with_its_folds() -> None:
     twice = b"X-Send-At: 1\r\nX-Send-At: 2\r\n"
     assert read_send_at(twice, "X-Send-At")[1].startswith("550 5.6.0 X-Send-At: appears 2")
     content = headers + b"\r\nX-Send-At: in the body stays\r\n"
-    assert without_field(content, "X-Send-At") == (
+    assert without_fields(content, "X-Send-At") == (
         b"From: a@b.test\r\nSubject: x\r\n\r\nX-Send-At: in the body stays\r\n")
-    assert without_field(b"X-Send-At: 1\r\nX-Send-Atx: 2\r\n\r\nb", "X-Send-At") == (
+    assert without_fields(b"X-Send-At: 1\r\nX-Send-Atx: 2\r\n\r\nb", "X-Send-At") == (
         b"X-Send-Atx: 2\r\n\r\nb")
 
 

@@ -287,6 +287,8 @@ def test_per_campaign_header_and_account_switch() -> None:
     assert "/o/" not in html and "/c/" in html and "/c/" in text
     plain = run("shop", "off", campaign="")  # not campaign mail: only the header goes
     assert b"X-MTA-Tracking" not in plain and b"/c/" not in plain
+    twice = run("shop", "off\r\nx-mta-tracking: clicks")  # the first counts, none is sent
+    assert twice == original
 
 
 def test_counters_unique_per_person_top_links_and_purge(tmp_path: Path) -> None:

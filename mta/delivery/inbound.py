@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from mta.egress.counters import name_sources
 from mta.queue.outcome import RcptResult
 from mta.queue.scheduler import Item
 from mta.queue.spool import SentOrigin, Spool
+from mta.wire import without_fields
 
 log = logging.getLogger("mta.inbound")
 
@@ -67,18 +67,11 @@ def verp_transform(cfg: Config, secret: bytes) -> Transform:
     return transform
 
 
-_CFBL_FIELDS = re.compile(rb"(?im)^CFBL-(?:Address|Feedback-ID)[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n")
-
-
 def with_cfbl(data: bytes, address: str, token: str) -> bytes:
     """RFC 9477 fields (replacing any the message brought): where complaints go, and the
     token a feedback loop quotes back (it proves the message and recipient)."""
-    end = data.find(b"\r\n\r\n")
-    head, body = (data, b"") if end < 0 else (data[: end + 2], data[end + 2:])
     fields = f"CFBL-Address: {address}; report=arf\r\nCFBL-Feedback-ID: {token}\r\n"
-    if b"cfbl-" in head.lower():  # the regex walks every byte: only if needed
-        head = _CFBL_FIELDS.sub(b"", head)
-    return fields.encode("ascii") + head + body
+    return fields.encode("ascii") + without_fields(data, "CFBL-Address", "CFBL-Feedback-ID")
 
 
 def unverified_event(rcpt: str, result: BounceResult, client: str) -> dict[str, Any]:

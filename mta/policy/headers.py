@@ -12,9 +12,9 @@ import re
 from urllib.parse import quote
 
 from mta.policy.tokens import make_token
+from mta.wire import without_fields
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
-_OWN_FIELDS = re.compile(rb"(?im)^List-Unsubscribe(?:-Post)?[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n")
 _FORBIDDEN = re.compile(r"[\r\n\0]")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote() leaves as it is
 
@@ -47,16 +47,7 @@ def header_fields(url: str, mailto: str) -> bytes:
 
 def set_list_unsubscribe(data: bytes, fields: bytes) -> bytes:
     """The message with its List-Unsubscribe fields replaced by `fields` (at the top)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    if end < 0:  # headers only, no body
-        head, body = data, b""
-    else:
-        head, body = data[: end + 2], data[end + 2:]
-    if b"list-unsubscribe" in head.lower():  # the regex walks every byte: only if needed
-        head = _OWN_FIELDS.sub(b"", head)
-    return fields + head + body
+    return fields + without_fields(data, "List-Unsubscribe", "List-Unsubscribe-Post")
 
 
 class Unsubscriber:

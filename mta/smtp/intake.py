@@ -35,6 +35,7 @@ from mta.smtp.auth import InFlight, PasswordChecker
 from mta.smtp.auth_limit import AuthLimit
 from mta.smtp.session import Client, Envelope, Settings
 from mta.text import name_problem, shown
+from mta.wire import without_fields
 
 log = logging.getLogger("mta.intake")
 T = TypeVar("T")
@@ -157,20 +158,6 @@ def read_send_at(headers: bytes, header: str) -> tuple[float, str | None]:
         return 0.0, (f"550 5.6.0 {name}: not a date-time (RFC 3339, like "
                      "2026-12-06T09:00:00+01:00) nor Unix seconds")
     return when, None
-
-
-def without_field(content: bytes, name: str) -> bytes:
-    """`content` without any header field `name` (its folds too); the body untouched."""
-    end = content.find(b"\r\n\r\n")
-    head, body = (content, b"") if end < 0 else (content[: end + 2], content[end + 2:])
-    pattern = _strip_field_re(name.encode())
-    return pattern.sub(b"", head) + body
-
-
-@functools.cache
-def _strip_field_re(name: bytes) -> re.Pattern[bytes]:
-    return re.compile(rb"(?is)(?:\A|(?<=\r\n))" + re.escape(name)
-                      + rb"[ \t]*:.*?(?:\r\n(?![ \t])|\Z)")
 
 
 def unquoted(local: str) -> str:
@@ -504,17 +491,17 @@ class Intake:
         if refusal:
             return refusal
         if header_send_at:  # the field is for the engine only: never sent on
-            content = without_field(content, self.cfg.smtp.send_at_header)
+            content = without_fields(content, self.cfg.smtp.send_at_header)
         drained = self._drained(client, headers)  # mail handed over by a drained node
         if raw_field_values(headers, TRACE_FIELD.encode()):
-            content = without_field(content, TRACE_FIELD)
+            content = without_fields(content, TRACE_FIELD)
         if drained is not None:
             campaign = drained.campaign
         lane, refusal = self._lane(headers)
         if refusal:
             return refusal
         if lane is not None:  # the field was there: for the engine only, never sent on
-            content = without_field(content, self.cfg.smtp.lane_header)
+            content = without_fields(content, self.cfg.smtp.lane_header)
         pool_header = self.cfg.egress.campaign_pool_header
         pool_values = raw_field_values(headers, pool_header.encode())
         asked_pool, refusal = check_pool_field(
@@ -522,7 +509,7 @@ class Intake:
         if refusal:
             return refusal
         if pool_values:  # the campaign's pool (mta.egress): for the engine only
-            content = without_field(content, pool_header)
+            content = without_fields(content, pool_header)
         if self._sender_rules_apply(client):  # the From: domain picks the DKIM key
             for domain in sorted(from_domains(headers)):
                 if not self.sender_domain_allowed(client, domain):

@@ -19,7 +19,6 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from mta.config import Config
@@ -27,6 +26,7 @@ from mta.policy.footer import parse, replace_body, serialize, text_bodies, with_
 from mta.policy.mimeparts import Leaf, change_text_parts
 from mta.queue.scheduler import Item
 from mta.tracking.tokens import CLICK, HIDDEN, OPEN, TrackTarget, make_token
+from mta.wire import take_fields
 
 log = logging.getLogger("mta.tracking")
 
@@ -59,28 +59,11 @@ def base_url(public_url: str, path: str) -> str:
     return f"{public_url.rstrip('/')}/{path.strip('/')}/"
 
 
-@dataclass(frozen=True)
-class HeaderName:
-    lowered: bytes  # looked for first: the pattern walks every byte of the header block
-    pattern: re.Pattern[bytes]
-
-
-def header_name(name: str) -> HeaderName:
-    return HeaderName(name.lower().encode(), re.compile(
-        rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n"))
-
-
-def take_header(data: bytes, name: HeaderName) -> tuple[bytes, str | None]:
-    """The message without the per-campaign tracking header, and its value (None: none)."""
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
-    if name.lowered not in head.lower():
-        return data, None
-    found = name.pattern.search(head)
-    if found is None:
-        return data, None
-    value = found.group(1).decode("latin-1").strip().lower()
-    return data[: found.start()] + data[found.end():], value
+def take_header(data: bytes, name: str) -> tuple[bytes, str | None]:
+    """The message without the per-campaign tracking header, and its (first) value
+    (None: none)."""
+    data, values = take_fields(data, name)
+    return data, values[0].decode("latin-1").strip().lower() if values else None
 
 
 class TrackingTransform:
@@ -93,13 +76,12 @@ class TrackingTransform:
         self.skip = (base_url(cfg.http.public_url, cfg.policy.unsubscribe_path),
                      self.click_base, self.open_base)
         self.off = {a.name for a in cfg.accounts if not a.tracking}
-        self.header = header_name(self.tc.header) if self.tc.header else None
 
     def __call__(self, item: Item, recipients: list[str], sender: str, data: bytes
                  ) -> tuple[str, bytes]:
         wanted = None
-        if self.header is not None:
-            data, wanted = take_header(data, self.header)
+        if self.tc.header:
+            data, wanted = take_header(data, self.tc.header)
         message = item.message
         account, campaign = message.get("account", ""), message.get("campaign", "")
         if (not sender or message.get("notice") or message.get("dsn_for") or not campaign

@@ -281,7 +281,7 @@ def test_drain_to_another_node_survives_kill9_of_either(tmp_path, dns_server,
             status, done, _ = call(f"http://{b_config['http']['listen']}/api/v1/queue/resume",
                                    "POST", body={"scope": "domain", "value": domain})
             assert status == 200, done
-        assert wait_until(lambda: len({m.rcpt_tos[0] for m in sink.received}) >= count,
+        assert wait_until(lambda: len({m.rcpt_tos[0] for m in sink.snapshot()}) >= count,
                           timeout=180)
     finally:
         a.stop()

@@ -132,7 +132,7 @@ def test_transactional_overtakes_a_50k_bulk_backlog(tmp_path, dns_server,
                                 f"From: s@shop.test\r\nX-MTA-Lane: transactional\r\n"
                                 f"Subject: t{n}\r\n\r\nx\r\n")
                 accepted[f"t{n}@lane.test"] = (before + time.time()) / 2
-        assert wait_until(lambda: sum(m.rcpt_tos[0].startswith("t") for m in sink.received)
+        assert wait_until(lambda: sum(m.rcpt_tos[0].startswith("t") for m in sink.snapshot())
                           == 10, timeout=60)
         backlog = BULK_COUNT + 10 - sink.messages
     received = list(sink.received)

@@ -810,6 +810,11 @@ class AsyncioSink(_CountingSink):
             message.accepted and not self.faults.drop_after_dot, protocol.session.helo,
         ))
 
+    def snapshot(self) -> list[ReceivedMessage]:
+        """The messages received so far, copied in one step: iterating `received` while
+        the sink's thread appends to it raises "deque mutated during iteration"."""
+        return list(self.received)
+
     def reset(self) -> None:
         """Zero the counters and forget received messages."""
         self.received.clear()

@@ -22,15 +22,10 @@ def crlf_only(data: bytes) -> bool:
     return b"\r" not in rest and b"\n" not in rest
 
 
-def split_head(data: bytes) -> tuple[bytes, bytes]:
-    """(the header block with its last line end, the rest from the empty line on); a
-    message without an empty line is all header. Lines end in CRLF here, or (mail that
-    did not come through intake's check) in LF throughout."""
-    end = _head_end(data)
-    return data[:end], data[end:]
-
-
 def _head_end(data: bytes) -> int:
+    """Where the header block ends (after its last line end; the empty line and the
+    body follow); a message without an empty line is all header. Lines end in CRLF
+    here, or (mail that did not come through intake's check) in LF throughout."""
     end = data.find(b"\r\n\r\n")
     if end >= 0:
         return end + 2

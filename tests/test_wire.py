@@ -3,7 +3,7 @@ header fields taken out by name."""
 
 import pytest
 
-from mta.wire import crlf_only, split_head, take_fields, without_fields
+from mta.wire import crlf_only, take_fields, without_fields
 
 
 @pytest.mark.parametrize("data", [b"", b"a", b"a\r\nb\r\n", b"\r\n\r\n", b"\r\n.\r\n"])
@@ -39,5 +39,4 @@ def test_several_names_at_once_and_nothing_to_take() -> None:
 def test_a_header_only_message_and_one_whose_lines_end_in_lf() -> None:
     assert take_fields(b"From: a\r\nX-Lane: bulk", "X-Lane") == (b"From: a\r\n", [b" bulk"])
     lf = b"From: a\nX-Lane: bulk\n  more\nTo: b\n\nX-Lane: body\n"
-    assert split_head(lf) == (b"From: a\nX-Lane: bulk\n  more\nTo: b\n", b"\nX-Lane: body\n")
     assert take_fields(lf, "X-Lane") == (b"From: a\nTo: b\n\nX-Lane: body\n", [b" bulk\n  more"])

@@ -37,8 +37,6 @@ _INDEX = {c: i for i, c in enumerate(_ALPHABET)}
 _PACKABLE = re.compile("[" + re.escape(_ALPHABET) + "]+")
 _PAIR_BASE = len(_ALPHABET) ** 2
 _PAIR_VALUE = {a + b: _INDEX[a] * len(_ALPHABET) + _INDEX[b] for a in _ALPHABET for b in _ALPHABET}
-_B32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
-_B32_PAIRS = [a + b for a in _B32_ALPHABET for b in _B32_ALPHABET]  # ten bits each
 _ID_HEX_UPPER, _ID_HEX_LOWER, _ID_ASCII = 0, 1, 2
 _RCPT_PACKED, _RCPT_UTF8, _RCPT_INDEX = 0, 1, 2
 _TOKEN_RE = re.compile(r"[a-z2-7]{20,200}")
@@ -61,13 +59,13 @@ def make_return_path(
     recipient_index: int | None = None,
 ) -> str:
     """``<prefix>+<token>@<domain>`` whose token names ``message_id`` and ``recipient``."""
-    if not secret:
-        raise ValueError("VERP secret must not be empty")
-    raw = _token_bytes(secret, message_id, recipient)
     room = MAX_LOCAL_PART - len(prefix) - 1
-    if _b32_length(raw) > room and recipient_index is not None:
-        raw = _token_bytes(secret, message_id, None, recipient_index)
-    return f"{prefix}+{_b32(raw)}@{domain}"
+    id_form, id_bytes = _pack_id(message_id)
+    rcpt_form, rcpt_bytes = _pack_recipient(recipient)
+    if recipient_index is not None and _b32_length(
+            2 + len(id_bytes) + len(rcpt_bytes) + MAC_BYTES) > room:
+        rcpt_form, rcpt_bytes = _RCPT_INDEX, _pack_index(recipient_index)
+    return f"{prefix}+{_b32(_signed(secret, id_form, id_bytes, rcpt_form, rcpt_bytes))}@{domain}"
 
 
 def parse_return_path(secret: bytes, address: str) -> tuple[str, str] | None:
@@ -105,29 +103,35 @@ def _token_bytes(
 ) -> bytes:
     id_form, id_bytes = _pack_id(message_id)
     if recipient is None:
-        if recipient_index is None or not 0 <= recipient_index < 65536:
+        if recipient_index is None:
             raise ValueError("recipient_index must be in 0..65535")
-        rcpt_form, rcpt_bytes = _RCPT_INDEX, recipient_index.to_bytes(2, "big")
+        rcpt_form, rcpt_bytes = _RCPT_INDEX, _pack_index(recipient_index)
     else:
         rcpt_form, rcpt_bytes = _pack_recipient(recipient)
-    header = bytes([(id_form << 4) | (rcpt_form << 2), len(id_bytes)])
-    body = header + id_bytes + rcpt_bytes
+    return _signed(secret, id_form, id_bytes, rcpt_form, rcpt_bytes)
+
+
+def _signed(secret: bytes, id_form: int, id_bytes: bytes, rcpt_form: int,
+            rcpt_bytes: bytes) -> bytes:
+    if not secret:
+        raise ValueError("VERP secret must not be empty")
+    body = bytes([(id_form << 4) | (rcpt_form << 2), len(id_bytes)]) + id_bytes + rcpt_bytes
     return body + _mac(secret, body)
 
 
-def _b32_length(raw: bytes) -> int:
-    return (len(raw) * 8 + 4) // 5
+def _pack_index(recipient_index: int) -> bytes:
+    if not 0 <= recipient_index < 65536:
+        raise ValueError("recipient_index must be in 0..65535")
+    return recipient_index.to_bytes(2, "big")
+
+
+def _b32_length(raw_length: int) -> int:
+    return (raw_length * 8 + 4) // 5
 
 
 def _b32(raw: bytes) -> str:
-    """Lower-case base32 without padding: what base64.b32encode gives, lowered and
-    stripped, from one integer ten bits at a time (the stdlib's is pure Python too, and
-    slower: this runs for every message sent)."""
-    pad = -len(raw) % 5
-    number = int.from_bytes(raw + bytes(pad), "big")
-    top = (len(raw) + pad) * 8 - 10
-    text = "".join([_B32_PAIRS[(number >> shift) & 0x3FF] for shift in range(top, -1, -10)])
-    return text[: _b32_length(raw)]
+    """Lower-case base32 without padding."""
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
 def decode_token(secret: bytes, token: str) -> VerpToken | None:

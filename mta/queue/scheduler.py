@@ -153,9 +153,6 @@ class Scheduler:
     def owns(self, domain: str) -> bool:
         return domain_hash(domain) % self.workers == self.index
 
-    def _mine(self, dhash: int) -> bool:
-        return dhash % self.workers == self.index
-
     def wake(self) -> None:
         self._wakeup.set()
 
@@ -256,10 +253,9 @@ class Scheduler:
         """Due items of one lane, up to `capacity`, marked in flight; and the due time
         where the scan stopped for lack of capacity (0: it did not)."""
         items: list[Item] = []
-        for _, when, job_id in self.spool.due(txn, int(now * 1000), start, self._mine,
-                                              transactional):
-            if job_id in self.in_flight:
-                continue
+        for _, when, job_id in self.spool.due(txn, int(now * 1000), start,
+                                              (self.index, self.workers), transactional,
+                                              skip=self.in_flight):
             job = self.spool.get_job(txn, job_id)
             if job is None:
                 continue

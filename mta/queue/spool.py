@@ -33,7 +33,7 @@ import random
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,22 +378,29 @@ class Spool:
         txn.put(message_id.encode(), pack(record), db=db)
 
     def due(self, txn: Any, now_ms: int, start: bytes = b"",
-            accept: Callable[[int], bool] | None = None, transactional: bool = False
-            ) -> Iterator[tuple[bytes, int, bytes]]:
+            share: tuple[int, int] | None = None, transactional: bool = False,
+            skip: Container[bytes] = ()) -> Iterator[tuple[bytes, int, bytes]]:
         """(due key, due ms, job id) for jobs due at or before now_ms, from `start` on (of
-        the transactional lane's index, or the bulk one's)."""
+        the transactional lane's index, or the bulk one's); with `share` (index, of) only
+        those whose domain hash modulo `of` is `index`; none whose job id is in `skip`.
+        A scheduler passes over its jobs in flight and another worker's here, in one
+        tight loop: a scan walks tens of them for every job it takes."""
         db = self.dbs["due_t" if transactional else "due"]
         if db is None:
             return
         cursor = txn.cursor(db=db)
         if not cursor.set_range(start):
             return
+        index, of = share or (0, 1)
+        read, size = _DUE.unpack_from, _DUE.size
         for key in cursor.iternext(keys=True, values=False):
-            when, dhash, job_id = split_due_key(key)
+            when, dhash = read(key)
             if when > now_ms:
                 return
-            if accept is None or accept(dhash):
-                yield key, when, job_id
+            if dhash % of == index:
+                job_id = key[size:]
+                if job_id not in skip:
+                    yield key, when, job_id
 
     def next_due_ms(self, txn: Any) -> int | None:
         found = []

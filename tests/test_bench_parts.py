@@ -16,7 +16,7 @@ from bench.arrivals import CaptureReader, header, split_partial_separator
 from bench.procstat import ProcessTree
 from bench.report import RunResult, Sample, last_line, percentile, percentiles, rates
 from bench.rig.postfix import main_cf, master_cf, opendkim_conf, transport_table
-from bench.rig.sinks import CAPTURE_SEPARATOR
+from bench.rig.sinks import CAPTURE_SEPARATOR, capture_head
 from bench.scenarios import (
     ScenarioError,
     Traffic,
@@ -341,3 +341,17 @@ def test_the_rig_yields_to_the_mta_under_test(policy: str) -> None:
                          text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
     expected_rig = os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER
     assert out == [str(expected_rig), "-", str(os.SCHED_OTHER), "1"]
+
+
+def test_capture_head_is_the_header_block_and_the_rcpt_count() -> None:
+    # What the arrival tracker reads of each delivered message: the header block in CRLF
+    # form (never a line of the body) and how many RCPT TO the sink took.
+    chunk = capture(4, rcpts=2).removeprefix(SEP).replace(
+        b"Subject: s\n", b"Subject: s\n t\n") + b"X-Bench-Index: 99\n"
+    head, rcpts = capture_head(chunk)
+    assert head == b"X-Bench-Index: 4\r\nSubject: s\r\n t\r\n\r\n" and rcpts == 2
+    assert index_of(head) == 4 and header(head, b"Subject") == "s"
+    headless = b"X-Rcpt-Args: <a@b>\nReceived: x\n\ty\n\tz\n\nX-Bench-Index: 5\n"
+    assert capture_head(headless) == (b"\r\n\r\n", 1)
+    assert index_of(capture_head(headless)[0]) is None
+    assert capture_head(b"X-Client-Addr: 127.0.0.1\n") == (b"", 0)

@@ -5,13 +5,15 @@ the next commit or, alone, committed within their delay, order kept, flush at st
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import pytest
 
-from mta.queue.commit import GroupCommitter
+from mta.queue.commit import Deadlines, GroupCommitter
 from mta.queue.spool import Spool, SpoolFullError
 
 
@@ -261,4 +263,47 @@ def test_what_queues_while_another_worker_commits_joins_the_next_commit(
         holder.wait()
     assert results == [b"w%d" % i for i in range(5)]
     assert commits == 1
+    spool.close()
+
+
+def test_deadlines_end_late_waits_on_one_timer() -> None:
+    # A wait past its timeout ends with TimeoutError, a shorter timeout asked later ends
+    # first, and a future done in time is never touched.
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines()
+        long, done_in_time, short = (loop.create_future() for _ in range(3))
+        deadlines.watch(long, 60.0)
+        deadlines.watch(done_in_time, 0.01)
+        deadlines.watch(short, 0.02)
+        done_in_time.set_result("kept")
+        with pytest.raises(TimeoutError):
+            await short
+        assert done_in_time.result() == "kept" and not long.done()
+        long.set_result("late is fine")
+
+    asyncio.run(run())
+
+
+def test_a_commit_wait_past_its_timeout_ends_but_the_write_still_commits(
+        tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    gate = threading.Event()
+
+    def slow(txn: Any) -> bytes:
+        gate.wait(10)  # the writer is stuck until the wait has ended
+        txn.put(b"late", b"v")
+        return b"late"
+
+    async def run() -> None:
+        committer = await started(spool)
+        with pytest.raises(TimeoutError):
+            await committer.submit(slow, timeout=0.05)
+        gate.set()
+        await committer.flush()
+        await committer.close()
+
+    asyncio.run(run())
+    with spool.read() as txn:
+        assert txn.get(b"late") == b"v"
     spool.close()

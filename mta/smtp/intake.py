@@ -591,11 +591,10 @@ class Intake:
         if self.record_events is not None:
             op = with_events(op, events, self.record_events)
         try:
-            async with asyncio.timeout(self.cfg.smtp.commit_timeout):
-                # Awaited in this task: a shield would run it in a task of its own, and
-                # each task between the commit and the 250 costs a turn of the (busy)
-                # loop. A timeout cancels only the wait; the queued write still commits.
-                await self.committer.submit(op)
+            # Awaited in this task: a shield would run it in a task of its own, and each
+            # task between the commit and the 250 costs a turn of the (busy) loop. A
+            # timeout ends only the wait; the queued write still commits.
+            await self.committer.submit(op, timeout=self.cfg.smtp.commit_timeout)
         except SpoolFullError:
             self.guard.commit_failed()
             return "452 4.3.1 Insufficient system storage, try again later"

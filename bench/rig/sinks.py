@@ -192,34 +192,38 @@ def capture_head(chunk: bytes) -> tuple[bytes, int]:
     """(the header block of one captured message, CRLF line ends and ending in the empty
     line; its number of RCPT TO), read without copying its body: the bench reads every
     message it delivers while the MTA it measures runs on the same machine."""
-    received = 0 if chunk.startswith(b"Received: ") else chunk.find(b"\nReceived: ")
-    if received < 0:
+    split = _split_capture(chunk)
+    if split is None:
         return b"", 0
-    received += received > 0  # past the line end before it
-    rcpts = chunk.count(b"\nX-Rcpt-Args: ", 0, received) + chunk.startswith(b"X-Rcpt-Args: ")
-    start = received
-    for _ in range(3):  # Received: is three lines
-        start = _line_end(chunk, start) + 1
+    x_lines, start = split
+    rcpts = x_lines.count(b"\nX-Rcpt-Args: ") + x_lines.startswith(b"X-Rcpt-Args: ")
     end = start if chunk.startswith(b"\n", start) else chunk.find(b"\n\n", start)
     head = chunk[start: end if end >= 0 else len(chunk)].removesuffix(b"\n")
     return head.replace(b"\n", b"\r\n") + b"\r\n\r\n", rcpts
 
 
-def _line_end(chunk: bytes, at: int) -> int:
-    end = chunk.find(b"\n", at)
-    return len(chunk) if end < 0 else end
+def _split_capture(chunk: bytes) -> tuple[bytes, int] | None:
+    """(smtp-sink's X- lines, where the message data starts: after the three lines of
+    its Received:) of one captured message; None without a Received: line."""
+    received = 0 if chunk.startswith(b"Received: ") else chunk.find(b"\nReceived: ")
+    if received < 0:
+        return None
+    received += received > 0  # past the line end before it
+    start = received
+    for _ in range(3):  # Received: is three lines
+        end = chunk.find(b"\n", start)
+        start = len(chunk) if end < 0 else end + 1
+    return chunk[:received], start
 
 
 def _parse_one(chunk: bytes) -> CapturedMessage:
-    lines = chunk.split(b"\n")
+    split = _split_capture(chunk)
+    x_lines, start = split if split is not None else (chunk, len(chunk))
     fields: dict[str, list[str]] = {}
-    index = 0
-    while index < len(lines) and not lines[index].startswith(b"Received: "):
-        name, _, value = lines[index].decode("utf-8", "replace").partition(": ")
+    for line in x_lines.removesuffix(b"\n").split(b"\n"):
+        name, _, value = line.decode("utf-8", "replace").partition(": ")
         fields.setdefault(name, []).append(value)
-        index += 1
-    body = b"\n".join(lines[index + 3 :])  # Received: is three lines
-    body = body.removesuffix(b"\n")  # the final dot's line end
+    body = chunk[start:].removesuffix(b"\n")  # the final dot's line end
     return CapturedMessage(
         client_address=fields.get("X-Client-Addr", [""])[0],
         helo=fields.get("X-Helo-Args", [""])[0],
